@@ -1,0 +1,4 @@
+//! The `raftsan` daemon's library side: node configuration (TOML or tgt `targets.conf`), the admin
+//! surface, and, with the cluster issue, Raft replication.
+
+pub mod config;
