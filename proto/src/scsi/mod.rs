@@ -1,1 +1,3 @@
-//! (in progress)
+//! SCSI wire formats (SPC-4, SBC-3): CDB decoding, sense data, VPD and mode pages.
+
+pub mod sense;
