@@ -204,6 +204,15 @@ impl Bhs {
     fn lun(&self) -> u64 {
         lun_from_wire(self.lun_raw())
     }
+    /// Fills the sequence numbers of a target-to-initiator status PDU at their common offsets
+    /// (§11.4, §11.7, §11.8, ...): StatSN when given (reserved otherwise), ExpCmdSN, MaxCmdSN.
+    pub fn set_sequence(&mut self, statsn: Option<u32>, exp_cmdsn: u32, max_cmdsn: u32) {
+        if let Some(sn) = statsn {
+            self.set_u32(OFF_24, sn);
+        }
+        self.set_u32(OFF_28, exp_cmdsn);
+        self.set_u32(OFF_32, max_cmdsn);
+    }
     fn set_lun(&mut self, lun: u64) {
         self.0[OFF_LUN..OFF_LUN + 8].copy_from_slice(&lun_to_wire(lun));
     }

@@ -9,4 +9,5 @@
 pub mod backing;
 pub mod catalog;
 pub mod lu;
+pub mod metrics;
 pub mod portal;
