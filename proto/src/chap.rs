@@ -162,7 +162,7 @@ fn decode_base64(body: &str) -> Result<Vec<u8>, ChapError> {
         .map_or(&bytes[..0], |last| &bytes[..=last]);
     let padding = bytes.len() - unpadded.len();
     // Padding only completes the last quantum (RFC 4648 §4): at most two '='.
-    if padding > 2 || (padding > 0 && bytes.len() % 4 != 0) || unpadded.len() % 4 == 1 {
+    if padding > 2 || (padding > 0 && !bytes.len().is_multiple_of(4)) || unpadded.len() % 4 == 1 {
         return Err(ChapError::InvalidBase64);
     }
     if unpadded.len() / 4 * 3 > MAX_BINARY_LEN + 3 {
@@ -215,7 +215,10 @@ mod tests {
         // hashlib over bytes([1]) + b"secretsecret" + bytes.fromhex("0011..eeff").
         let cases = [
             (ChapAlgorithm::Md5, "3d3d7f13199a65926f355637d73daf5c"),
-            (ChapAlgorithm::Sha1, "49e1aa2619e4e569c7225d7cd5c1f61a55ca4345"),
+            (
+                ChapAlgorithm::Sha1,
+                "49e1aa2619e4e569c7225d7cd5c1f61a55ca4345",
+            ),
             (
                 ChapAlgorithm::Sha256,
                 "257057db4d4b74df190de053df3e0a4c7f0eff17c7d88ed0e20f53eb1c0d4a73",

@@ -182,7 +182,10 @@ impl TargetLimits {
     /// Checks every field against its RFC 7143 range; the message names the field and range.
     pub fn validate(&self) -> Result<(), String> {
         let lengths = [
-            ("max_recv_data_segment_length", self.max_recv_data_segment_length),
+            (
+                "max_recv_data_segment_length",
+                self.max_recv_data_segment_length,
+            ),
             ("max_burst_length", self.max_burst_length),
             ("first_burst_length", self.first_burst_length),
         ];
@@ -573,7 +576,10 @@ mod tests {
             parse(b"A=1\0B=x=y\0\0\0").unwrap(),
             pairs(&[("A", "1"), ("B", "x=y")])
         );
-        assert_eq!(parse(b"A=1\0B=2").unwrap(), pairs(&[("A", "1"), ("B", "2")]));
+        assert_eq!(
+            parse(b"A=1\0B=2").unwrap(),
+            pairs(&[("A", "1"), ("B", "2")])
+        );
         assert_eq!(parse(b"A=\0").unwrap(), pairs(&[("A", "")]));
         assert_eq!(parse(b"").unwrap(), Vec::new());
         assert_eq!(parse(b"\0\0\0\0").unwrap(), Vec::new());
@@ -581,7 +587,10 @@ mod tests {
 
     #[test]
     fn parse_malformed() {
-        assert_eq!(parse(b"A=1\0B\0"), Err(TextError::MissingEquals { index: 1 }));
+        assert_eq!(
+            parse(b"A=1\0B\0"),
+            Err(TextError::MissingEquals { index: 1 })
+        );
         assert_eq!(parse(b"=1\0"), Err(TextError::EmptyKey { index: 0 }));
         assert_eq!(parse(b"A=\xff\0"), Err(TextError::NotUtf8 { index: 0 }));
         let long_key = format!("{}=1", "K".repeat(MAX_KEY_LEN + 1));
@@ -605,7 +614,10 @@ mod tests {
     #[test]
     fn encode_exact_bytes() {
         let mut out = Vec::new();
-        encode(&[("HeaderDigest", "None"), ("MaxBurstLength", "512")], &mut out);
+        encode(
+            &[("HeaderDigest", "None"), ("MaxBurstLength", "512")],
+            &mut out,
+        );
         assert_eq!(out, b"HeaderDigest=None\0MaxBurstLength=512\0");
     }
 
@@ -694,7 +706,10 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
         assert!(!p.header_digest && p.data_digest);
         assert_eq!(p.initiator_max_recv_data_segment_length, 262_144);
         assert_eq!(p.target_max_recv_data_segment_length, 262_144);
-        assert_eq!((p.max_burst_length, p.first_burst_length), (1_048_576, 262_144));
+        assert_eq!(
+            (p.max_burst_length, p.first_burst_length),
+            (1_048_576, 262_144)
+        );
         assert_eq!((p.default_time2wait, p.default_time2retain), (2, 0));
         assert!(!p.initial_r2t && p.immediate_data);
         assert_eq!((p.max_outstanding_r2t, p.max_connections), (1, 1));
@@ -833,7 +848,9 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
         let mut n = normal();
         assert_eq!(
             n.respond(&pairs(&[("MaxRecvDataSegmentLength", "511")])),
-            Err(NegotiationError::InvalidMaxRecvDataSegmentLength("511".into()))
+            Err(NegotiationError::InvalidMaxRecvDataSegmentLength(
+                "511".into()
+            ))
         );
     }
 
