@@ -100,6 +100,19 @@ pub struct TargetAuth {
     pub tpgt: u16,
 }
 
+/// Shows account names, never secrets.
+impl std::fmt::Debug for TargetAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let accounts: Vec<&str> = self.accounts.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("TargetAuth")
+            .field("accounts", &accounts)
+            .field("mutual", &self.mutual.as_ref().map(|(n, _)| n.as_str()))
+            .field("target_alias", &self.target_alias)
+            .field("tpgt", &self.tpgt)
+            .finish()
+    }
+}
+
 /// Fields of a Login Request PDU that matter (RFC 7143 §11.12).
 pub struct LoginRequest<'a> {
     pub transit: bool,
@@ -979,6 +992,39 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
                 LoginFailure::AuthenticationFailed
             )
         );
+    }
+
+    #[test]
+    fn auth_method_and_chap_a_in_one_request() {
+        // RFC 7143 §12.1.3: CHAP_A may accompany AuthMethod; the target answers both.
+        let mut l = login();
+        let c = with_chap(false);
+        let first = cat(&[&identity_text(), b"AuthMethod=CHAP\0CHAP_A=8,7,6,5\0"]);
+        let r = cont(l.on_request(&req(0, 1, true, &first), &c));
+        assert_eq!(
+            r,
+            resp(
+                0,
+                false,
+                0,
+                b"AuthMethod=CHAP\0CHAP_A=8\0CHAP_I=1\0CHAP_C=0x00112233445566778899aabbccddeeff\0\
+TargetPortalGroupTag=2\0"
+            )
+        );
+        // hashlib.sha3_256(bytes([1]) + b"secretsecret" + CHALLENGE)
+        let answer = b"CHAP_N=user\0\
+CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
+        assert_eq!(
+            cont(l.on_request(&req(0, 1, true, answer), &c)),
+            resp(0, true, 1, b"")
+        );
+    }
+
+    #[test]
+    fn target_auth_debug_hides_secrets() {
+        let text = format!("{:?}", with_chap(true).auth);
+        assert!(text.contains("user") && text.contains("target"));
+        assert!(!text.contains("secret"), "{text}");
     }
 
     #[test]
