@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use raftsan_cluster::config::{self, NodeConfig};
-use raftsan_target::portal::{PortalServer, PortalSettings, ShowState};
+use raftsan_target::portal::{PortalServer, PortalSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
@@ -313,6 +313,5 @@ mod tests {
         assert!(out.contains("CHAP account: diskuser"), "{out}");
         assert!(out.contains("        127.0.0.1/32"), "{out}");
         assert!(out.contains("size_bytes: 1048576"), "{out}");
-        let _: Option<ShowState> = None;
     }
 }
