@@ -69,9 +69,7 @@ pub fn page_bytes(
             let mut b = vec![0u8; CACHING_LEN];
             b[0] = page::CACHING;
             b[1] = (CACHING_LEN - 2) as u8;
-            if changeable {
-                b[2] = CACHING_WCE;
-            } else if p.wce {
+            if changeable || p.wce {
                 b[2] = CACHING_WCE;
             }
             b

@@ -426,7 +426,7 @@ fn compare_and_write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> C
     }
     let lba = cdb::u64_at(c, 2);
     let blocks = cdb::u8_at(c, 13);
-    if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
+    if u32::from(blocks) > u32::from(MAX_COMPARE_AND_WRITE_BLOCKS) {
         return Err(bad_cdb(13, None));
     }
     let n = usize::from(blocks) * d.block_size as usize;
