@@ -49,6 +49,10 @@ pub(crate) fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u32> {
 
 pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResult {
     let c = cmd.cdb;
+    if is_write(c[0]) {
+        // Before any field or Data-Out check: a read-only LU refuses every write the same way.
+        check_writable(d)?;
+    }
     if let Some(n) = data_out_len(c, d.block_size)
         && cmd.data_out.len() < n as usize
     {
@@ -78,6 +82,24 @@ pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResul
         op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Vec::new()),
         _ => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
     }
+}
+
+/// Commands that modify the medium.
+fn is_write(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_AND_VERIFY_10
+            | op::WRITE_AND_VERIFY_12
+            | op::WRITE_AND_VERIFY_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::UNMAP
+            | op::COMPARE_AND_WRITE
+    )
 }
 
 /// LBA OUT OF RANGE unless `lba..lba+blocks` lies on the medium (SBC-3 §4.5).
@@ -322,6 +344,10 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
     }
     if b1 & 0x06 != 0 {
         return Err(bad_cdb(1, Some(2)));
+    }
+    if unmap && !d.def.thin {
+        // LBPWS = LBPWS10 = 0: no unmap through WRITE SAME (SBC-3 §5.41).
+        return Err(bad_cdb(1, Some(3)));
     }
     if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
         return Err(bad_cdb(len_byte, None));
