@@ -11,5 +11,497 @@
 //!
 //! Errors are `std::io::Error`: the logical unit turns them into MEDIUM ERROR / HARDWARE ERROR
 //! sense and never hides them.
-//!
-//! (in progress: implementations)
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+/// A logical unit's storage. See the module documentation for the contract.
+pub trait BackingStore: Send + Sync {
+    fn size_bytes(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    fn flush(&self) -> io::Result<()>;
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// `(mapped, run_len)`: whether `offset` is allocated and how many bytes from `offset` (at
+    /// most `len`) share that state.
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)>;
+    /// For `raftsan show`: what this store is.
+    fn describe(&self) -> String;
+}
+
+/// Writes zeroes over a range in bounded chunks (the fallback of `punch_hole`).
+fn write_zeroes(
+    store: &dyn Fn(&[u8], u64) -> io::Result<()>,
+    offset: u64,
+    len: u64,
+) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done) as usize;
+        store(&zeroes[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// A regular file or a block device.
+pub struct FileStore {
+    file: File,
+    path: PathBuf,
+    size_bytes: u64,
+    block_device: bool,
+    /// Cleared after the first `EOPNOTSUPP` from fallocate: zeroes are written from then on.
+    can_punch: AtomicBool,
+}
+
+impl FileStore {
+    /// Opens `path` read-write (read-only when `read_only`). The size is the file's length or, for
+    /// a block device, its capacity.
+    pub fn open(path: &Path, read_only: bool) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let meta = file.metadata()?;
+        let block_device = meta.file_type().is_block_device();
+        let size_bytes = if block_device {
+            file.seek(SeekFrom::End(0))?
+        } else {
+            meta.len()
+        };
+        Ok(FileStore {
+            file,
+            path: path.to_path_buf(),
+            size_bytes,
+            block_device,
+            can_punch: AtomicBool::new(true),
+        })
+    }
+}
+
+impl BackingStore for FileStore {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.block_device && self.can_punch.load(Ordering::Relaxed) {
+            let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
+            else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "range beyond off_t",
+                ));
+            };
+            // SAFETY: fallocate on an fd we own, with plain integer arguments.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off,
+                    l,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    self.can_punch.store(false, Ordering::Relaxed)
+                }
+                _ => return Err(err),
+            }
+        }
+        write_zeroes(&|b, o| self.write_at(b, o), offset, len)
+    }
+
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        if self.block_device {
+            return Ok((true, len));
+        }
+        let fd = self.file.as_raw_fd();
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok((true, len));
+        };
+        // SAFETY: lseek on an fd we own; SEEK_DATA/SEEK_HOLE do not touch memory.
+        let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // No data from `offset` to the end: all hole.
+                Some(libc::ENXIO) => Ok((false, len)),
+                // The file system cannot tell: report mapped.
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok((true, len)),
+                _ => Err(err),
+            };
+        }
+        let data = data as u64;
+        if data > offset {
+            return Ok((false, (data - offset).min(len)));
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((
+            true,
+            (hole as u64)
+                .saturating_sub(offset)
+                .clamp(1, len.max(1))
+                .min(len),
+        ))
+    }
+
+    fn describe(&self) -> String {
+        let kind = if self.block_device {
+            "block device"
+        } else {
+            "file"
+        };
+        format!("{kind} {}", self.path.display())
+    }
+}
+
+/// Memory, with hole tracking at `granularity` (the block size): a punched range reads as zeroes
+/// and reports deallocated.
+pub struct MemStore {
+    data: RwLock<Vec<u8>>,
+    /// One flag per granule: allocated.
+    mapped: RwLock<Vec<bool>>,
+    granularity: u64,
+}
+
+impl MemStore {
+    pub fn new(size_bytes: u64) -> Self {
+        Self::with_granularity(size_bytes, 512)
+    }
+
+    pub fn with_granularity(size_bytes: u64, granularity: u64) -> Self {
+        let granularity = granularity.max(1);
+        let granules = size_bytes.div_ceil(granularity) as usize;
+        MemStore {
+            data: RwLock::new(vec![0; size_bytes as usize]),
+            mapped: RwLock::new(vec![false; granules]),
+            granularity,
+        }
+    }
+
+    fn check(&self, offset: u64, len: u64) -> io::Result<(usize, usize)> {
+        let size = self.size_bytes();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok((offset as usize, end as usize)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "range beyond the end of the store",
+            )),
+        }
+    }
+}
+
+impl BackingStore for MemStore {
+    fn size_bytes(&self) -> u64 {
+        self.data.read().map(|d| d.len() as u64).unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let (a, b) = self.check(offset, buf.len() as u64)?;
+        let d = self.data.read().map_err(|_| io::Error::other("poisoned"))?;
+        buf.copy_from_slice(&d[a..b]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let (a, b) = self.check(offset, buf.len() as u64)?;
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        d[a..b].copy_from_slice(buf);
+        if b > a {
+            let mut m = self
+                .mapped
+                .write()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            let g = self.granularity as usize;
+            m[a / g..b.div_ceil(g)].fill(true);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (a, b) = self.check(offset, len)?;
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        d[a..b].fill(0);
+        // Only whole granules become holes (like a file system's blocks).
+        let g = self.granularity as usize;
+        let (first, last) = (a.div_ceil(g), b / g);
+        if first < last {
+            let mut m = self
+                .mapped
+                .write()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            m[first..last].fill(false);
+        }
+        Ok(())
+    }
+
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        let (a, b) = self.check(offset, len)?;
+        if a == b {
+            return Ok((true, 0));
+        }
+        let m = self
+            .mapped
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let g = self.granularity as usize;
+        let state = m[a / g];
+        let mut end = (a / g + 1) * g;
+        while end < b && m[end / g] == state {
+            end += g;
+        }
+        Ok((state, (end.min(b) - a) as u64))
+    }
+
+    fn describe(&self) -> String {
+        format!("memory ({} bytes)", self.size_bytes())
+    }
+}
+
+/// Which operation a fault applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    Read,
+    Write,
+    Flush,
+}
+
+/// A programmed fault: fail `op` after `after_ops` successful operations of that kind, optionally
+/// only when the I/O overlaps `range` (byte offsets, end exclusive).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub op: FaultOp,
+    pub after_ops: u64,
+    pub range: Option<(u64, u64)>,
+    /// The errno to fail with (e.g. `libc::EIO`).
+    pub errno: i32,
+}
+
+/// Wraps a store and fails chosen operations (tests and the chaos tier). Faults stay armed until
+/// [`FaultyStore::clear`].
+pub struct FaultyStore<S> {
+    inner: S,
+    faults: Mutex<Vec<Fault>>,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl<S: BackingStore> FaultyStore<S> {
+    pub fn new(inner: S) -> Self {
+        FaultyStore {
+            inner,
+            faults: Mutex::new(Vec::new()),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        if let Ok(mut f) = self.faults.lock() {
+            f.push(fault);
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Ok(mut f) = self.faults.lock() {
+            f.clear();
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    fn check(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<()> {
+        let counter = match op {
+            FaultOp::Read => &self.reads,
+            FaultOp::Write => &self.writes,
+            FaultOp::Flush => &self.flushes,
+        };
+        let n = counter.fetch_add(1, Ordering::Relaxed);
+        let Ok(faults) = self.faults.lock() else {
+            return Ok(());
+        };
+        for f in faults.iter().filter(|f| f.op == op) {
+            let overlaps = match f.range {
+                None => true,
+                Some((a, b)) => offset < b && offset.saturating_add(len.max(1)) > a,
+            };
+            if overlaps && n >= f.after_ops {
+                return Err(io::Error::from_raw_os_error(f.errno));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: BackingStore> BackingStore for FaultyStore<S> {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.check(FaultOp::Read, offset, buf.len() as u64)?;
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check(FaultOp::Write, offset, buf.len() as u64)?;
+        self.inner.write_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.check(FaultOp::Flush, 0, 0)?;
+        self.inner.flush()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check(FaultOp::Write, offset, len)?;
+        self.inner.punch_hole(offset, len)
+    }
+
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.inner.is_mapped(offset, len)
+    }
+
+    fn describe(&self) -> String {
+        format!("faulty {}", self.inner.describe())
+    }
+}
+
+impl<T: BackingStore + ?Sized> BackingStore for std::sync::Arc<T> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).punch_hole(offset, len)
+    }
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        (**self).is_mapped(offset, len)
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_store_round_trip_and_hole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lu.img");
+        let f = File::create(&path).unwrap();
+        f.set_len(1 << 20).unwrap();
+        drop(f);
+        let s = FileStore::open(&path, false).unwrap();
+        assert_eq!(s.size_bytes(), 1 << 20);
+        s.write_at(&[7u8; 65536], 0).unwrap();
+        let mut b = [0u8; 4];
+        s.read_at(&mut b, 65532).unwrap();
+        assert_eq!(b, [7; 4]);
+        assert!(s.is_mapped(0, 4096).unwrap().0);
+        s.punch_hole(0, 65536).unwrap();
+        s.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [0; 4]);
+        // Holes only where the file system supports them (tmpfs, ext4, xfs, btrfs do).
+        let (mapped, run) = s.is_mapped(0, 65536).unwrap();
+        if !mapped {
+            assert_eq!(run, 65536);
+        }
+        assert!(
+            FileStore::open(&path, true)
+                .unwrap()
+                .write_at(&[1], 0)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn mem_store_tracks_holes() {
+        let s = MemStore::with_granularity(8192, 512);
+        assert_eq!(s.is_mapped(0, 8192).unwrap(), (false, 8192));
+        s.write_at(&[1; 1024], 1024).unwrap();
+        assert_eq!(s.is_mapped(0, 8192).unwrap(), (false, 1024));
+        assert_eq!(s.is_mapped(1024, 7168).unwrap(), (true, 1024));
+        s.punch_hole(1024, 512).unwrap();
+        assert_eq!(s.is_mapped(1024, 7168).unwrap(), (false, 512));
+        assert!(s.read_at(&mut [0; 2], 8191).is_err());
+    }
+
+    #[test]
+    fn faulty_store_fails_on_schedule() {
+        let s = FaultyStore::new(MemStore::new(4096));
+        s.inject(Fault {
+            op: FaultOp::Write,
+            after_ops: 1,
+            range: None,
+            errno: libc::EIO,
+        });
+        s.write_at(&[1], 0).unwrap();
+        assert_eq!(
+            s.write_at(&[1], 0).unwrap_err().raw_os_error(),
+            Some(libc::EIO)
+        );
+        s.inject(Fault {
+            op: FaultOp::Read,
+            after_ops: 0,
+            range: Some((1024, 2048)),
+            errno: libc::EIO,
+        });
+        s.read_at(&mut [0; 10], 0).unwrap();
+        assert!(s.read_at(&mut [0; 10], 1020).is_err());
+        s.clear();
+        s.read_at(&mut [0; 10], 1020).unwrap();
+    }
+}

@@ -1,0 +1,483 @@
+//! SBC-3 block commands over the backing store.
+
+use std::sync::atomic::Ordering;
+
+use raftsan_proto::scsi::cdb::{self, op, sa};
+use raftsan_proto::scsi::sense::{self, Sense};
+
+use super::spc::{
+    MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+};
+use super::{CmdResult, Command, Disk, Fail, LogicalUnit, bad_cdb, truncate};
+
+/// The Data-Out byte count a CDB calls for (SPDTL), or `None` for commands without Data-Out.
+pub(crate) fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u32> {
+    let bs = u64::from(block_size);
+    let n: u64 = match cdb::u8_at(cdb, 0) {
+        op::WRITE_6
+        | op::WRITE_10
+        | op::WRITE_12
+        | op::WRITE_16
+        | op::WRITE_AND_VERIFY_10
+        | op::WRITE_AND_VERIFY_12
+        | op::WRITE_AND_VERIFY_16 => u64::from(cdb::block_io(cdb)?.blocks) * bs,
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
+            let io = cdb::block_io(cdb)?;
+            match io.bytchk {
+                1 => u64::from(io.blocks) * bs,
+                3 if io.blocks > 0 => bs,
+                _ => return None,
+            }
+        }
+        op::WRITE_SAME_10 => bs,
+        op::WRITE_SAME_16 => {
+            if cdb::u8_at(cdb, 1) & 0x01 != 0 {
+                0
+            } else {
+                bs
+            }
+        }
+        op::COMPARE_AND_WRITE => 2 * u64::from(cdb::u8_at(cdb, 13)) * bs,
+        op::UNMAP => u64::from(cdb::u16_at(cdb, 7)),
+        op::MODE_SELECT_6 => u64::from(cdb::u8_at(cdb, 4)),
+        op::MODE_SELECT_10 => u64::from(cdb::u16_at(cdb, 7)),
+        op::PERSISTENT_RESERVE_OUT => u64::from(cdb::u32_at(cdb, 5)),
+        _ => return None,
+    };
+    Some(u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResult {
+    let c = cmd.cdb;
+    if is_write(c[0]) {
+        // Before any field or Data-Out check: a read-only LU refuses every write the same way.
+        check_writable(d)?;
+    }
+    if let Some(n) = data_out_len(c, d.block_size)
+        && cmd.data_out.len() < n as usize
+    {
+        // Less Data-Out than the CDB describes: transfer nothing (FCP-4 §9.4.2 b).
+        return Err(sense::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT.into());
+    }
+    match c[0] {
+        op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => read(d, c),
+        op::WRITE_6
+        | op::WRITE_10
+        | op::WRITE_12
+        | op::WRITE_16
+        | op::WRITE_AND_VERIFY_10
+        | op::WRITE_AND_VERIFY_12
+        | op::WRITE_AND_VERIFY_16 => write(lu, d, c, cmd.data_out),
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => verify(d, c, cmd.data_out),
+        op::READ_CAPACITY_10 => read_capacity10(d, c),
+        op::SERVICE_ACTION_IN_16 => match u16::from(c[1] & 0x1f) {
+            sa::READ_CAPACITY_16 => read_capacity16(d, c),
+            sa::GET_LBA_STATUS => get_lba_status(d, c),
+            _ => Err(bad_cdb(1, Some(4))),
+        },
+        op::SYNCHRONIZE_CACHE_10 | op::SYNCHRONIZE_CACHE_16 => synchronize_cache(d, c),
+        op::WRITE_SAME_10 | op::WRITE_SAME_16 => write_same(lu, d, c, cmd.data_out),
+        op::UNMAP => unmap(d, c, cmd.data_out),
+        op::COMPARE_AND_WRITE => compare_and_write(lu, d, c, cmd.data_out),
+        op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Vec::new()),
+        _ => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
+    }
+}
+
+/// Commands that modify the medium.
+fn is_write(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_AND_VERIFY_10
+            | op::WRITE_AND_VERIFY_12
+            | op::WRITE_AND_VERIFY_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::UNMAP
+            | op::COMPARE_AND_WRITE
+    )
+}
+
+/// LBA OUT OF RANGE unless `lba..lba+blocks` lies on the medium (SBC-3 §4.5).
+fn check_range(d: &Disk, lba: u64, blocks: u64) -> Result<(), Fail> {
+    match lba.checked_add(blocks) {
+        Some(end) if end <= d.blocks => Ok(()),
+        _ => Err(sense::LBA_OUT_OF_RANGE.into()),
+    }
+}
+
+fn check_transfer(d: &Disk, blocks: u32, len_byte: u16) -> Result<(), Fail> {
+    if u64::from(blocks) * u64::from(d.block_size) > MAX_TRANSFER_BYTES {
+        return Err(bad_cdb(len_byte, None));
+    }
+    Ok(())
+}
+
+fn transfer_len_byte(opcode: u8) -> u16 {
+    match opcode {
+        op::READ_6 | op::WRITE_6 => 4,
+        op::READ_12 | op::WRITE_12 | op::VERIFY_12 | op::WRITE_AND_VERIFY_12 => 6,
+        op::READ_16 | op::WRITE_16 | op::VERIFY_16 | op::WRITE_AND_VERIFY_16 => 10,
+        _ => 7,
+    }
+}
+
+fn byte_offset(d: &Disk, lba: u64) -> u64 {
+    lba * u64::from(d.block_size)
+}
+
+fn read_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
+    tracing::error!(lun = d.def.lun, offset, error = %e, "backing store read failed");
+    sense::UNRECOVERED_READ_ERROR.into()
+}
+
+fn write_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
+    tracing::error!(lun = d.def.lun, offset, error = %e, "backing store write failed");
+    sense::WRITE_ERROR.into()
+}
+
+fn read_blocks(d: &Disk, lba: u64, blocks: u64) -> Result<Vec<u8>, Fail> {
+    let offset = byte_offset(d, lba);
+    let mut buf = vec![0u8; (blocks * u64::from(d.block_size)) as usize];
+    d.store
+        .read_at(&mut buf, offset)
+        .map_err(|e| read_error(d, e, offset))?;
+    Ok(buf)
+}
+
+fn read(d: &Disk, c: &[u8]) -> CmdResult {
+    let Some(io) = cdb::block_io(c) else {
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    };
+    if io.protect != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    check_range(d, io.lba, u64::from(io.blocks))?;
+    check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
+    read_blocks(d, io.lba, u64::from(io.blocks))
+}
+
+fn check_writable(d: &Disk) -> Result<(), Fail> {
+    if d.def.read_only {
+        Err(sense::WRITE_PROTECTED.into())
+    } else {
+        Ok(())
+    }
+}
+
+/// Makes a write durable when FUA asks or the reported cache is write-through (WCE = 0).
+fn maybe_flush(lu: &LogicalUnit, d: &Disk, fua: bool) -> Result<(), Fail> {
+    if fua || !lu.wce.load(Ordering::Relaxed) {
+        d.store.flush().map_err(|e| write_error(d, e, 0))?;
+    }
+    Ok(())
+}
+
+fn write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let Some(io) = cdb::block_io(c) else {
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    };
+    if io.protect != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    check_writable(d)?;
+    check_range(d, io.lba, u64::from(io.blocks))?;
+    check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
+    let n = io.blocks as usize * d.block_size as usize;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let offset = byte_offset(d, io.lba);
+    {
+        let _shared = d
+            .atomic
+            .read()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        d.store
+            .write_at(&data_out[..n], offset)
+            .map_err(|e| write_error(d, e, offset))?;
+    }
+    maybe_flush(lu, d, io.fua)?;
+    Ok(Vec::new())
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+fn miscompare(offset: usize) -> Fail {
+    Sense::from(sense::MISCOMPARE_DURING_VERIFY)
+        .with_information(offset as u64)
+        .into()
+}
+
+/// VERIFY (SBC-3 §5.29): BYTCHK 00b checks the range only, 01b compares the Data-Out, 11b
+/// compares one Data-Out block against every block.
+fn verify(d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let Some(io) = cdb::block_io(c) else {
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    };
+    if io.protect != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    if io.bytchk == 2 {
+        return Err(bad_cdb(1, Some(2)));
+    }
+    check_range(d, io.lba, u64::from(io.blocks))?;
+    check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
+    if io.bytchk == 0 || io.blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let medium = read_blocks(d, io.lba, u64::from(io.blocks))?;
+    let bs = d.block_size as usize;
+    let diff = if io.bytchk == 1 {
+        first_difference(&medium, &data_out[..medium.len()])
+    } else {
+        medium
+            .chunks(bs)
+            .enumerate()
+            .find_map(|(i, blk)| first_difference(blk, &data_out[..bs]).map(|o| i * bs + o))
+    };
+    match diff {
+        Some(o) => Err(miscompare(o)),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// READ CAPACITY(10) (SBC-3 §5.15): FFFFFFFFh when the last LBA does not fit.
+fn read_capacity10(d: &Disk, c: &[u8]) -> CmdResult {
+    let pmi = cdb::u8_at(c, 8) & 0x01 != 0;
+    if !pmi && cdb::u32_at(c, 2) != 0 {
+        return Err(bad_cdb(2, None));
+    }
+    let last = d.blocks.saturating_sub(1);
+    let mut data = Vec::with_capacity(8);
+    data.extend_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
+    data.extend_from_slice(&d.block_size.to_be_bytes());
+    Ok(data)
+}
+
+/// READ CAPACITY(16) parameter data (SBC-3 §5.16): LBPME and LBPRZ when thin.
+pub(crate) fn read_capacity16_data(d: &Disk) -> Vec<u8> {
+    let mut data = vec![0u8; 32];
+    data[0..8].copy_from_slice(&d.blocks.saturating_sub(1).to_be_bytes());
+    data[8..12].copy_from_slice(&d.block_size.to_be_bytes());
+    if d.def.thin {
+        data[14] = 0x80 | 0x40;
+    }
+    data
+}
+
+fn read_capacity16(d: &Disk, c: &[u8]) -> CmdResult {
+    Ok(truncate(
+        read_capacity16_data(d),
+        cdb::u32_at(c, 10) as usize,
+    ))
+}
+
+/// GET LBA STATUS (SBC-3 §5.6): mapped/deallocated extents from the backing store.
+fn get_lba_status(d: &Disk, c: &[u8]) -> CmdResult {
+    let lba = cdb::u64_at(c, 2);
+    let alloc = cdb::u32_at(c, 10) as usize;
+    if lba >= d.blocks {
+        return Err(sense::LBA_OUT_OF_RANGE.into());
+    }
+    let bs = u64::from(d.block_size);
+    let max_descriptors = (alloc.saturating_sub(8) / 16).clamp(1, 64);
+    let mut data = vec![0u8; 8];
+    let mut at = lba;
+    while at < d.blocks && (data.len() - 8) / 16 < max_descriptors {
+        let remaining = (d.blocks - at).min(u64::from(u32::MAX));
+        let (mapped, run) = d
+            .store
+            .is_mapped(at * bs, remaining * bs)
+            .map_err(|e| read_error(d, e, at * bs))?;
+        let blocks = (run / bs).clamp(1, remaining);
+        data.extend_from_slice(&at.to_be_bytes());
+        data.extend_from_slice(&(blocks as u32).to_be_bytes());
+        data.push(if mapped { 0 } else { 1 });
+        data.extend_from_slice(&[0, 0, 0]);
+        at += blocks;
+    }
+    let n = (data.len() - 4) as u32;
+    data[0..4].copy_from_slice(&n.to_be_bytes());
+    Ok(truncate(data, alloc))
+}
+
+/// SYNCHRONIZE CACHE(10)/(16) (SBC-3 §5.22): range checked, then the whole store is flushed.
+fn synchronize_cache(d: &Disk, c: &[u8]) -> CmdResult {
+    let (lba, blocks) = if c[0] == op::SYNCHRONIZE_CACHE_10 {
+        (u64::from(cdb::u32_at(c, 2)), u64::from(cdb::u16_at(c, 7)))
+    } else {
+        (cdb::u64_at(c, 2), u64::from(cdb::u32_at(c, 10)))
+    };
+    check_range(d, lba, blocks)?;
+    d.store.flush().map_err(|e| write_error(d, e, 0))?;
+    Ok(Vec::new())
+}
+
+/// WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42). WSNZ = 1: zero blocks is refused.
+fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let ten = c[0] == op::WRITE_SAME_10;
+    let b1 = cdb::u8_at(c, 1);
+    let (lba, blocks, len_byte) = if ten {
+        (
+            u64::from(cdb::u32_at(c, 2)),
+            u64::from(cdb::u16_at(c, 7)),
+            7,
+        )
+    } else {
+        (cdb::u64_at(c, 2), u64::from(cdb::u32_at(c, 10)), 10)
+    };
+    let unmap = b1 & 0x08 != 0;
+    let ndob = !ten && b1 & 0x01 != 0;
+    if b1 >> 5 != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    if b1 & 0x10 != 0 {
+        // ANCHOR: anchored state not supported (ANC_SUP = 0).
+        return Err(bad_cdb(1, Some(4)));
+    }
+    if b1 & 0x06 != 0 {
+        return Err(bad_cdb(1, Some(2)));
+    }
+    if unmap && !d.def.thin {
+        // LBPWS = LBPWS10 = 0: no unmap through WRITE SAME (SBC-3 §5.41).
+        return Err(bad_cdb(1, Some(3)));
+    }
+    if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
+        return Err(bad_cdb(len_byte, None));
+    }
+    let bs = d.block_size as usize;
+    if !ndob && data_out.len() != bs {
+        return Err(bad_cdb(len_byte, None));
+    }
+    check_writable(d)?;
+    check_range(d, lba, blocks)?;
+    let block: Vec<u8> = if ndob {
+        vec![0; bs]
+    } else {
+        data_out[..bs].to_vec()
+    };
+    let offset = byte_offset(d, lba);
+    let len = blocks * bs as u64;
+    let _shared = d
+        .atomic
+        .read()
+        .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+    if unmap && d.def.thin && block.iter().all(|&b| b == 0) {
+        d.store
+            .punch_hole(offset, len)
+            .map_err(|e| write_error(d, e, offset))?;
+    } else {
+        const CHUNK_BLOCKS: u64 = 256;
+        let chunk: Vec<u8> = block
+            .iter()
+            .copied()
+            .cycle()
+            .take(bs * CHUNK_BLOCKS.min(blocks) as usize)
+            .collect();
+        let mut done = 0u64;
+        while done < blocks {
+            let n = CHUNK_BLOCKS.min(blocks - done);
+            let at = offset + done * bs as u64;
+            d.store
+                .write_at(&chunk[..n as usize * bs], at)
+                .map_err(|e| write_error(d, e, at))?;
+            done += n;
+        }
+    }
+    drop(_shared);
+    maybe_flush(lu, d, false)?;
+    Ok(Vec::new())
+}
+
+/// UNMAP (SBC-3 §5.28).
+fn unmap(d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    if !d.def.thin {
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    }
+    if cdb::u8_at(c, 1) & 0x01 != 0 {
+        return Err(bad_cdb(1, Some(0)));
+    }
+    let len = usize::from(cdb::u16_at(c, 7));
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    check_writable(d)?;
+    let p = &data_out[..len];
+    if len < 8 {
+        return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let descriptors_len = usize::from(u16::from_be_bytes([p[2], p[3]]));
+    if descriptors_len % 16 != 0 || 8 + descriptors_len > len {
+        return Err(sense::PARAMETER_LIST_LENGTH_ERROR.into());
+    }
+    let count = descriptors_len / 16;
+    if count > MAX_UNMAP_DESCRIPTORS as usize {
+        return Err(Sense::param_field(sense::INVALID_FIELD_IN_PARAMETER_LIST, 2, None).into());
+    }
+    let ranges: Vec<(u64, u64)> = p[8..8 + descriptors_len]
+        .chunks_exact(16)
+        .map(|x| (cdb::u64_at(x, 0), u64::from(cdb::u32_at(x, 8))))
+        .collect();
+    for &(lba, blocks) in &ranges {
+        check_range(d, lba, blocks)?;
+    }
+    let bs = u64::from(d.block_size);
+    let _shared = d
+        .atomic
+        .read()
+        .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+    for (lba, blocks) in ranges {
+        if blocks > 0 {
+            d.store
+                .punch_hole(lba * bs, blocks * bs)
+                .map_err(|e| write_error(d, e, lba * bs))?;
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// COMPARE AND WRITE (SBC-3 §5.2): atomic against every other write to the LU; MISCOMPARE
+/// reports the offset of the first differing byte in INFORMATION.
+fn compare_and_write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let b1 = cdb::u8_at(c, 1);
+    if b1 >> 5 != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    let lba = cdb::u64_at(c, 2);
+    let blocks = cdb::u8_at(c, 13);
+    if u32::from(blocks) > u32::from(MAX_COMPARE_AND_WRITE_BLOCKS) {
+        return Err(bad_cdb(13, None));
+    }
+    let n = usize::from(blocks) * d.block_size as usize;
+    if data_out.len() != 2 * n {
+        return Err(bad_cdb(13, None));
+    }
+    check_writable(d)?;
+    check_range(d, lba, u64::from(blocks))?;
+    if blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let offset = byte_offset(d, lba);
+    {
+        let _exclusive = d
+            .atomic
+            .write()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        let medium = read_blocks(d, lba, u64::from(blocks))?;
+        if let Some(o) = first_difference(&medium, &data_out[..n]) {
+            return Err(miscompare(o));
+        }
+        d.store
+            .write_at(&data_out[n..2 * n], offset)
+            .map_err(|e| write_error(d, e, offset))?;
+    }
+    maybe_flush(lu, d, b1 & 0x08 != 0)?;
+    Ok(Vec::new())
+}
