@@ -1327,3 +1327,908 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P1: &str = "iqn.2024-01.test:init1,i,0x23d000000001";
+    const P2: &str = "iqn.2024-01.test:init2,i,0x23d000000002";
+    const K1: u64 = 0x1111_2222_3333_4444;
+    const K2: u64 = 0x5555_6666_7777_8888;
+
+    fn nx(port: &str, rtp: u16) -> PrNexus<'_> {
+        PrNexus {
+            initiator_port: port,
+            initiator_name: port.split(',').next().unwrap_or(port),
+            isid: [0x23, 0xd0, 0, 0, 0, 1],
+            relative_target_port: rtp,
+        }
+    }
+
+    fn prin_cdb(sa: u8) -> [u8; 10] {
+        [PERSISTENT_RESERVE_IN, sa, 0, 0, 0, 0, 0, 0x40, 0x00, 0]
+    }
+
+    fn prout_cdb(sa: u8, pr_type: u8, len: u32) -> [u8; 10] {
+        let l = len.to_be_bytes();
+        [
+            PERSISTENT_RESERVE_OUT,
+            sa,
+            pr_type,
+            0,
+            0,
+            l[0],
+            l[1],
+            l[2],
+            l[3],
+            0,
+        ]
+    }
+
+    fn basic(rk: u64, sark: u64, flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&rk.to_be_bytes());
+        p[8..16].copy_from_slice(&sark.to_be_bytes());
+        p[20] = flags;
+        p
+    }
+
+    fn out(
+        pr: &PersistentReservations,
+        n: &PrNexus<'_>,
+        sa: u8,
+        t: u8,
+        rk: u64,
+        sark: u64,
+    ) -> Result<Vec<UaTarget>, PrError> {
+        pr.reserve_out(n, &prout_cdb(sa, t, 24), &basic(rk, sark, 0))
+    }
+
+    fn reg(pr: &PersistentReservations, n: &PrNexus<'_>, k: u64) {
+        out(pr, n, prout_sa::REGISTER_AND_IGNORE_EXISTING_KEY, 0, 0, k).expect("register");
+    }
+
+    fn keys(pr: &PersistentReservations) -> (u32, Vec<u64>) {
+        let d = pr
+            .reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::READ_KEYS))
+            .expect("read keys");
+        let gen_ = be_u32(&d, 0);
+        let n = be_u32(&d, 4) as usize / 8;
+        (gen_, (0..n).map(|i| be_u64(&d, 8 + 8 * i)).collect())
+    }
+
+    fn read_res(pr: &PersistentReservations) -> Vec<u8> {
+        pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::READ_RESERVATION))
+            .expect("read res")
+    }
+
+    fn fresh() -> PersistentReservations {
+        PersistentReservations::open(None).expect("open")
+    }
+
+    const READ10: [u8; 10] = [0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0];
+    const WRITE10: [u8; 10] = [0x2a, 0, 0, 0, 0, 1, 0, 0, 1, 0];
+
+    // ---- PERSISTENT RESERVE IN data layouts ----
+
+    /// SPC-4 §6.15.2 table 168: PRgeneration, ADDITIONAL LENGTH, keys.
+    #[test]
+    fn read_keys_exact_bytes() {
+        let pr = fresh();
+        assert_eq!(
+            pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::READ_KEYS)),
+            Ok(vec![0, 0, 0, 0, 0, 0, 0, 0])
+        );
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        assert_eq!(
+            pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::READ_KEYS)),
+            Ok(vec![
+                0, 0, 0, 2, 0, 0, 0, 16, //
+                0x11, 0x11, 0x22, 0x22, 0x33, 0x33, 0x44, 0x44, //
+                0x55, 0x55, 0x66, 0x66, 0x77, 0x77, 0x88, 0x88,
+            ])
+        );
+    }
+
+    /// SPC-4 §6.15.3 tables 169 and 170; all-registrants types report key 0 (§5.13.10).
+    #[test]
+    fn read_reservation_exact_bytes() {
+        let pr = fresh();
+        assert_eq!(read_res(&pr), vec![0, 0, 0, 0, 0, 0, 0, 0]);
+        reg(&pr, &nx(P1, 1), K1);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 3, K1, 0).expect("reserve");
+        assert_eq!(
+            read_res(&pr),
+            vec![
+                0, 0, 0, 1, 0, 0, 0, 16, //
+                0x11, 0x11, 0x22, 0x22, 0x33, 0x33, 0x44, 0x44, //
+                0, 0, 0, 0, 0, 0x03, 0, 0,
+            ]
+        );
+        out(&pr, &nx(P1, 1), prout_sa::RELEASE, 3, K1, 0).expect("release");
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 8, K1, 0).expect("reserve EA-AR");
+        assert_eq!(
+            read_res(&pr),
+            vec![
+                0, 0, 0, 1, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x08, 0, 0
+            ]
+        );
+    }
+
+    /// SPC-4 §6.15.4 table 171: CRH, SIP_C, ATP_C, PTPL_C (only with a file), TMV, ALLOW
+    /// COMMANDS 011b, PTPL_A, and the type mask of all six types (table 172).
+    #[test]
+    fn report_capabilities_exact_bytes() {
+        let pr = fresh();
+        let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
+        assert_eq!(
+            caps,
+            Ok(vec![0x00, 0x08, 0x1c, 0xb0, 0xea, 0x01, 0x00, 0x00])
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pr = PersistentReservations::open(Some(dir.path().join("pr"))).expect("open");
+        let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
+        assert_eq!(
+            caps,
+            Ok(vec![0x00, 0x08, 0x1d, 0xb0, 0xea, 0x01, 0x00, 0x00])
+        );
+        pr.reserve_out(
+            &nx(P1, 1),
+            &prout_cdb(prout_sa::REGISTER, 0, 24),
+            &basic(0, K1, param_off::APTPL),
+        )
+        .expect("register aptpl");
+        let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
+        assert_eq!(
+            caps,
+            Ok(vec![0x00, 0x08, 0x1d, 0xb1, 0xea, 0x01, 0x00, 0x00])
+        );
+    }
+
+    /// SPC-4 §6.15.5 tables 173/174 with an iSCSI initiator-port TransportID (§7.6.4.6).
+    #[test]
+    fn read_full_status_exact_bytes() {
+        let pr = fresh();
+        let port = "iqn.x,i,0x000000000001"; // 22 bytes + NUL → 24, padded: additional 24
+        reg(&pr, &nx(port, 2), K1);
+        out(&pr, &nx(port, 2), prout_sa::RESERVE, 1, K1, 0).expect("reserve");
+        pr.reserve_out(
+            &nx(P2, 3),
+            &prout_cdb(prout_sa::REGISTER, 0, 24),
+            &basic(0, K2, param_off::ALL_TG_PT),
+        )
+        .expect("register all_tg_pt");
+        let d = pr
+            .reserve_in(&nx(port, 2), &prin_cdb(prin_sa::READ_FULL_STATUS))
+            .expect("rfs");
+        let mut want = vec![0, 0, 0, 2];
+        let d1_len = 24 + 4 + 24;
+        let p2_tid = 4 + (P2.len() + 1).div_ceil(4) * 4;
+        want.extend_from_slice(&((d1_len + 24 + p2_tid) as u32).to_be_bytes());
+        want.extend_from_slice(&K1.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 0x01, 0x01, 0, 0, 0, 0, 0, 2, 0, 0, 0, 28]);
+        want.extend_from_slice(&[0x45, 0, 0, 24]);
+        want.extend_from_slice(port.as_bytes());
+        want.extend_from_slice(&[0, 0]);
+        want.extend_from_slice(&K2.to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 0x02, 0x00, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&(p2_tid as u32).to_be_bytes());
+        want.extend_from_slice(&[0x45, 0, 0, (p2_tid - 4) as u8]);
+        want.extend_from_slice(P2.as_bytes());
+        want.resize(want.len() + p2_tid - 4 - P2.len(), 0);
+        assert_eq!(d, want);
+    }
+
+    /// libiscsi PrinServiceactionRange: SA 0..=3 work, 4..0x1f are INVALID FIELD IN CDB.
+    #[test]
+    fn prin_service_action_range() {
+        let pr = fresh();
+        for sa in 0..4 {
+            assert!(pr.reserve_in(&nx(P1, 1), &prin_cdb(sa)).is_ok(), "sa {sa}");
+        }
+        for sa in 4..0x20 {
+            assert_eq!(
+                pr.reserve_in(&nx(P1, 1), &prin_cdb(sa)),
+                Err(PrError::Check(sense::INVALID_FIELD_IN_CDB))
+            );
+        }
+    }
+
+    // ---- PERSISTENT RESERVE OUT ----
+
+    /// SPC-4 §5.13.7 tables 50/51 (libiscsi ProutRegister.Simple) and the generation rules
+    /// of §6.15.2.
+    #[test]
+    fn register_reregister_unregister() {
+        let pr = fresh();
+        let n1 = nx(P1, 1);
+        // Unregistered nexus with a non-zero RESERVATION KEY: conflict.
+        assert_eq!(
+            out(&pr, &n1, prout_sa::REGISTER, 0, 7, K1),
+            Err(PrError::Conflict)
+        );
+        // Unregistered, SARK 0: GOOD, nothing happens, generation unchanged.
+        assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, 0, 0), Ok(vec![]));
+        assert_eq!(keys(&pr), (0, vec![]));
+        reg(&pr, &n1, K1);
+        assert_eq!(keys(&pr), (1, vec![K1]));
+        // REGISTER with RESERVATION KEY 0 while registered with K1: conflict.
+        assert_eq!(
+            out(&pr, &n1, prout_sa::REGISTER, 0, 0, K1 + 1),
+            Err(PrError::Conflict)
+        );
+        assert_eq!(keys(&pr), (1, vec![K1]));
+        // Key change.
+        assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, K1, K2), Ok(vec![]));
+        assert_eq!(keys(&pr), (2, vec![K2]));
+        // REGISTER AND IGNORE EXISTING KEY.
+        reg(&pr, &n1, K1);
+        assert_eq!(keys(&pr), (3, vec![K1]));
+        // Unregister.
+        assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, K1, 0), Ok(vec![]));
+        assert_eq!(keys(&pr), (4, vec![]));
+        // Another target port is another I_T nexus.
+        reg(&pr, &nx(P1, 2), K2);
+        assert_eq!(
+            out(&pr, &n1, prout_sa::RESERVE, 1, K2, 0),
+            Err(PrError::Conflict)
+        );
+        // RESERVE and RELEASE leave the generation alone.
+        out(&pr, &nx(P1, 2), prout_sa::RESERVE, 1, K2, 0).expect("reserve");
+        out(&pr, &nx(P1, 2), prout_sa::RELEASE, 1, K2, 0).expect("release");
+        assert_eq!(keys(&pr).0, 5);
+    }
+
+    /// SPC-4 §6.16.1: a parameter list other than 24 bytes is PARAMETER LIST LENGTH ERROR.
+    #[test]
+    fn parameter_list_length_must_be_24() {
+        let pr = fresh();
+        for len in [0u32, 23, 25, 32] {
+            let params = vec![0u8; len as usize];
+            assert_eq!(
+                pr.reserve_out(&nx(P1, 1), &prout_cdb(prout_sa::REGISTER, 0, len), &params),
+                Err(PrError::Check(sense::PARAMETER_LIST_LENGTH_ERROR)),
+                "len {len}"
+            );
+        }
+        // Fewer bytes delivered than the CDB announces.
+        assert_eq!(
+            pr.reserve_out(&nx(P1, 1), &prout_cdb(prout_sa::REGISTER, 0, 24), &[0; 10]),
+            Err(PrError::Check(sense::PARAMETER_LIST_LENGTH_ERROR))
+        );
+    }
+
+    /// SPC-4 §6.16.2: invalid TYPE or SCOPE → INVALID FIELD IN CDB; unknown SA too.
+    #[test]
+    fn invalid_type_scope_service_action() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        for t in [0u8, 2, 4, 9, 0xf] {
+            assert_eq!(
+                out(&pr, &nx(P1, 1), prout_sa::RESERVE, t, K1, 0),
+                Err(PrError::Check(sense::INVALID_FIELD_IN_CDB)),
+                "type {t}"
+            );
+        }
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 0x21, K1, 0),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_CDB))
+        );
+        assert_eq!(
+            out(&pr, &nx(P1, 1), 0x08, 1, K1, 0),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_CDB))
+        );
+        // CLEAR ignores TYPE (libiscsi sends 0).
+        assert_eq!(out(&pr, &nx(P1, 1), prout_sa::CLEAR, 0, K1, 0), Ok(vec![]));
+    }
+
+    /// SPC-4 §5.13.1 table 64: an unregistered nexus, or one with the wrong key, gets
+    /// RESERVATION CONFLICT for RESERVE, RELEASE, CLEAR, PREEMPT.
+    #[test]
+    fn unregistered_or_wrong_key_conflicts() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        for sa in [
+            prout_sa::RESERVE,
+            prout_sa::RELEASE,
+            prout_sa::CLEAR,
+            prout_sa::PREEMPT,
+        ] {
+            assert_eq!(out(&pr, &nx(P2, 1), sa, 1, K2, K1), Err(PrError::Conflict));
+            assert_eq!(out(&pr, &nx(P1, 1), sa, 1, K2, K1), Err(PrError::Conflict));
+        }
+    }
+
+    /// SPC-4 §5.13.9: a second RESERVE by another registrant conflicts; the holder's repeat of
+    /// the same type is GOOD, of another type conflicts.
+    #[test]
+    fn reserve_rules() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve");
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0),
+            Ok(vec![])
+        );
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 3, K1, 0),
+            Err(PrError::Conflict)
+        );
+        assert_eq!(
+            out(&pr, &nx(P2, 1), prout_sa::RESERVE, 1, K2, 0),
+            Err(PrError::Conflict)
+        );
+    }
+
+    /// SPC-4 §5.13.11.2.2: RELEASE by a non-holder is GOOD without effect; by the holder with
+    /// another type is INVALID RELEASE OF PERSISTENT RESERVATION; RO/AR releases tell the other
+    /// registrants RESERVATIONS RELEASED.
+    #[test]
+    fn release_rules() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 5, K1, 0).expect("reserve WE-RO");
+        assert_eq!(
+            out(&pr, &nx(P2, 1), prout_sa::RELEASE, 5, K2, 0),
+            Ok(vec![])
+        );
+        assert_eq!(read_res(&pr)[21], 0x05);
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
+            Err(PrError::Check(INVALID_RELEASE_OF_PERSISTENT_RESERVATION))
+        );
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 5, K1, 0),
+            Ok(vec![UaTarget {
+                initiator_port: P2.into(),
+                relative_target_port: Some(1),
+                sense: sense::RESERVATIONS_RELEASED,
+            }])
+        );
+        assert_eq!(read_res(&pr), vec![0, 0, 0, 2, 0, 0, 0, 0]);
+        // WE and EA releases raise no unit attention.
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve WE");
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
+            Ok(vec![])
+        );
+        // No reservation: GOOD.
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
+            Ok(vec![])
+        );
+    }
+
+    /// libiscsi ProutClear.Simple and SPC-4 §5.13.11.2.6: CLEAR drops everything, +1
+    /// generation, RESERVATIONS PREEMPTED for the other registrants.
+    #[test]
+    fn clear_flow() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 3, K1, 0).expect("reserve");
+        let (g, _) = keys(&pr);
+        assert_eq!(
+            out(&pr, &nx(P1, 1), prout_sa::CLEAR, 0, K1, 0),
+            Ok(vec![UaTarget {
+                initiator_port: P2.into(),
+                relative_target_port: Some(1),
+                sense: sense::RESERVATIONS_PREEMPTED,
+            }])
+        );
+        assert_eq!(keys(&pr), (g + 1, vec![]));
+        assert_eq!(read_res(&pr), vec![0, 0, 0, 3, 0, 0, 0, 0]);
+    }
+
+    /// libiscsi ProutPreempt.RemoveRegistration: with no reservation, PREEMPT removes the
+    /// registrations holding SARK, +1 generation, REGISTRATIONS PREEMPTED (SPC-4 §5.13.11.4.4).
+    #[test]
+    fn preempt_removes_registration() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        let (g, _) = keys(&pr);
+        assert_eq!(
+            out(&pr, &nx(P2, 1), prout_sa::PREEMPT, 3, K2, K1),
+            Ok(vec![UaTarget {
+                initiator_port: P1.into(),
+                relative_target_port: Some(1),
+                sense: sense::REGISTRATIONS_PREEMPTED,
+            }])
+        );
+        assert_eq!(keys(&pr), (g + 1, vec![K2]));
+        // Nothing registered under SARK: conflict; SARK 0 without reservation: 26/00.
+        assert_eq!(
+            out(&pr, &nx(P2, 1), prout_sa::PREEMPT, 3, K2, K1),
+            Err(PrError::Conflict)
+        );
+        assert_eq!(
+            out(&pr, &nx(P2, 1), prout_sa::PREEMPT, 3, K2, 0),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))
+        );
+    }
+
+    /// SPC-4 §5.13.11.4.3: preempting the holder moves the reservation (new type), removes the
+    /// holder's registration, REGISTRATIONS PREEMPTED to it and RESERVATIONS RELEASED to the
+    /// other registrants when the type changed. PREEMPT AND ABORT behaves the same here.
+    #[test]
+    fn preempt_holder_moves_reservation() {
+        for sa in [prout_sa::PREEMPT, prout_sa::PREEMPT_AND_ABORT] {
+            let pr = fresh();
+            let p3 = "iqn.2024-01.test:init3,i,0x000000000003";
+            reg(&pr, &nx(P1, 1), K1);
+            reg(&pr, &nx(P2, 1), K2);
+            reg(&pr, &nx(p3, 1), 3);
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve");
+            let uas = out(&pr, &nx(P2, 1), sa, 3, K2, K1).expect("preempt");
+            assert_eq!(
+                uas,
+                vec![
+                    UaTarget {
+                        initiator_port: P1.into(),
+                        relative_target_port: Some(1),
+                        sense: sense::REGISTRATIONS_PREEMPTED,
+                    },
+                    UaTarget {
+                        initiator_port: p3.into(),
+                        relative_target_port: Some(1),
+                        sense: sense::RESERVATIONS_RELEASED,
+                    },
+                ]
+            );
+            let r = read_res(&pr);
+            assert_eq!(be_u64(&r, 8), K2);
+            assert_eq!(r[21], 0x03);
+            assert_eq!(keys(&pr), (4, vec![K2, 3]));
+            // Non-zero SARK is required against a non-AR reservation.
+            assert_eq!(
+                out(&pr, &nx(p3, 1), sa, 3, 3, 0),
+                Err(PrError::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))
+            );
+        }
+    }
+
+    /// SPC-4 §5.13.11.4.3: against an all-registrants reservation, SARK 0 removes every other
+    /// registration and the preempting nexus holds the new reservation.
+    #[test]
+    fn preempt_all_registrants_with_zero_key() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        reg(&pr, &nx(P2, 1), K2);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 7, K1, 0).expect("reserve WE-AR");
+        let uas = out(&pr, &nx(P2, 1), prout_sa::PREEMPT, 1, K2, 0).expect("preempt");
+        assert_eq!(uas.len(), 1);
+        assert_eq!(uas[0].sense, sense::REGISTRATIONS_PREEMPTED);
+        assert_eq!(keys(&pr).1, vec![K2]);
+        let r = read_res(&pr);
+        assert_eq!((be_u64(&r, 8), r[21]), (K2, 0x01));
+    }
+
+    /// libiscsi ProutReserve.Ownership*: unregistering the holder releases WE/EA/WE-RO/EA-RO
+    /// (RO types tell the other registrants, SPC-4 §5.13.11.2.3); AR reservations stay while a
+    /// registrant remains and that registrant may release them.
+    #[test]
+    fn ownership_when_holder_unregisters() {
+        for (t, shared) in [
+            (1u8, false),
+            (3, false),
+            (5, false),
+            (6, false),
+            (7, true),
+            (8, true),
+        ] {
+            let pr = fresh();
+            reg(&pr, &nx(P1, 1), K1);
+            reg(&pr, &nx(P2, 1), K2);
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, t, K1, 0).expect("reserve");
+            let uas = out(&pr, &nx(P1, 1), prout_sa::REGISTER, 0, K1, 0).expect("unregister");
+            if shared {
+                assert_eq!(uas, vec![]);
+                assert_eq!(read_res(&pr)[21], t);
+                assert_eq!(be_u64(&read_res(&pr), 8), 0);
+                assert_eq!(
+                    out(&pr, &nx(P2, 1), prout_sa::RELEASE, t, K2, 0).map(|u| u.len()),
+                    Ok(0)
+                );
+                assert_eq!(be_u32(&read_res(&pr), 4), 0);
+            } else {
+                assert_eq!(be_u32(&read_res(&pr), 4), 0, "type {t}");
+                let want = if t == 5 || t == 6 {
+                    vec![UaTarget {
+                        initiator_port: P2.into(),
+                        relative_target_port: Some(1),
+                        sense: sense::RESERVATIONS_RELEASED,
+                    }]
+                } else {
+                    vec![]
+                };
+                assert_eq!(uas, want, "type {t}");
+            }
+        }
+    }
+
+    /// The access matrix of libiscsi ProutReserve.Access*, from SPC-4 §5.13.1 table 63 and
+    /// SBC-3 §4.18 table 13: (type, registered reader, registered writer, unregistered reader,
+    /// unregistered writer) for a nexus that does not hold the reservation.
+    #[test]
+    fn access_matrix_per_type() {
+        let table: [(u8, bool, bool, bool, bool); 6] = [
+            (0x3, false, false, false, false), // Exclusive Access
+            (0x1, true, false, true, false),   // Write Exclusive
+            (0x6, true, true, false, false),   // Exclusive Access – Registrants Only
+            (0x5, true, true, true, false),    // Write Exclusive – Registrants Only
+            (0x8, true, true, false, false),   // Exclusive Access – All Registrants
+            (0x7, true, true, true, false),    // Write Exclusive – All Registrants
+        ];
+        let ok = |b: bool| if b { Ok(()) } else { Err(PrError::Conflict) };
+        for (t, reg_r, reg_w, unreg_r, unreg_w) in table {
+            let pr = fresh();
+            let (n1, n2) = (nx(P1, 1), nx(P2, 1));
+            reg(&pr, &n1, K1);
+            reg(&pr, &n2, K2);
+            out(&pr, &n1, prout_sa::RESERVE, t, K1, 0).expect("reserve");
+            assert_eq!(
+                pr.check_access(&n1, &READ10),
+                Ok(()),
+                "holder read, type {t}"
+            );
+            assert_eq!(
+                pr.check_access(&n1, &WRITE10),
+                Ok(()),
+                "holder write, type {t}"
+            );
+            assert_eq!(
+                pr.check_access(&n2, &READ10),
+                ok(reg_r),
+                "reg read, type {t}"
+            );
+            assert_eq!(
+                pr.check_access(&n2, &WRITE10),
+                ok(reg_w),
+                "reg write, type {t}"
+            );
+            out(&pr, &n2, prout_sa::REGISTER, 0, K2, 0).expect("unregister");
+            assert_eq!(
+                pr.check_access(&n2, &READ10),
+                ok(unreg_r),
+                "unreg read, type {t}"
+            );
+            assert_eq!(
+                pr.check_access(&n2, &WRITE10),
+                ok(unreg_w),
+                "unreg write, type {t}"
+            );
+            // Always allowed through every type (table 63): INQUIRY, TUR (ALLOW COMMANDS 011b),
+            // REPORT LUNS, PRIN, READ CAPACITY(10/16), PROUT (checked by service action).
+            for cdb in [
+                &[0x12u8, 0, 0, 0, 36, 0][..],
+                &[0x00, 0, 0, 0, 0, 0],
+                &[0xa0, 0, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0],
+                &prin_cdb(0),
+                &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+                &prout_cdb(0, 0, 24),
+            ] {
+                assert_eq!(pr.check_access(&n2, cdb), Ok(()), "type {t} cdb {cdb:02x?}");
+            }
+            // MODE SENSE follows reads, SYNCHRONIZE CACHE follows writes.
+            assert_eq!(
+                pr.check_access(&n2, &[0x1a, 0, 0x3f, 0, 0xff, 0]),
+                ok(unreg_r)
+            );
+            assert_eq!(
+                pr.check_access(&n2, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+                ok(unreg_w)
+            );
+        }
+    }
+
+    /// No reservation, only registrations: everything runs.
+    #[test]
+    fn registrations_alone_do_not_restrict() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        assert_eq!(pr.check_access(&nx(P2, 1), &WRITE10), Ok(()));
+    }
+
+    /// libiscsi Reserve6.2Initiators/LUNReset/ITNexusLoss (SPC-2 §7.21, §7.17, §5.5.1).
+    #[test]
+    fn reserve6_two_initiators() {
+        let pr = fresh();
+        let (n1, n2) = (nx(P1, 1), nx(P2, 1));
+        assert_eq!(pr.reserve6(&n1), Ok(()));
+        assert_eq!(pr.reserve6(&n1), Ok(()));
+        assert_eq!(pr.reserve6(&n2), Err(PrError::Conflict));
+        assert_eq!(pr.release6(&n2), Ok(())); // not the holder: GOOD, no effect
+        let mode_sense = [0x1a, 0, 0x3f, 0, 0xff, 0];
+        assert_eq!(pr.check_access(&n1, &mode_sense), Ok(()));
+        assert_eq!(pr.check_access(&n2, &mode_sense), Err(PrError::Conflict));
+        assert_eq!(pr.check_access(&n2, &[0x12, 0, 0, 0, 36, 0]), Ok(()));
+        assert_eq!(pr.check_access(&n2, &[0x17, 0, 0, 0, 0, 0]), Ok(()));
+        assert_eq!(pr.check_access(&n2, &prin_cdb(0)), Err(PrError::Conflict));
+        assert_eq!(pr.reserve6(&n2), Err(PrError::Conflict));
+        assert_eq!(pr.release6(&n1), Ok(()));
+        assert_eq!(pr.reserve6(&n2), Ok(()));
+        // Same initiator port on another target port is another nexus.
+        assert_eq!(pr.check_access(&nx(P2, 2), &READ10), Err(PrError::Conflict));
+        pr.lu_reset();
+        assert_eq!(pr.reserve6(&n1), Ok(()));
+        pr.nexus_lost(&n2); // not the holder: nothing
+        assert_eq!(pr.reserve6(&n2), Err(PrError::Conflict));
+        pr.nexus_lost(&n1);
+        assert_eq!(pr.reserve6(&n2), Ok(()));
+        assert_eq!(pr.release6(&n2), Ok(()));
+    }
+
+    /// SPC-4 §5.13.3 (CRH=1): with a persistent reservation, RESERVE(6) is GOOD for a holder
+    /// and RESERVATION CONFLICT otherwise; RELEASE(6) is GOOD for registrants.
+    #[test]
+    fn compatible_reservation_handling() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve");
+        assert_eq!(pr.reserve6(&nx(P1, 1)), Ok(()));
+        assert_eq!(pr.reserve6(&nx(P2, 1)), Err(PrError::Conflict));
+        assert_eq!(pr.release6(&nx(P1, 1)), Ok(()));
+        assert_eq!(pr.release6(&nx(P2, 1)), Err(PrError::Conflict));
+        assert_eq!(read_res(&pr)[21], 0x01);
+    }
+
+    /// SPC-4 §5.13.8: REGISTER AND MOVE registers the destination, hands it the reservation
+    /// and with UNREG drops the source.
+    #[test]
+    fn register_and_move() {
+        let pr = fresh();
+        reg(&pr, &nx(P1, 1), K1);
+        out(&pr, &nx(P1, 1), prout_sa::RESERVE, 3, K1, 0).expect("reserve");
+        let mut tid = Vec::new();
+        encode_transport_id(P2, &mut tid);
+        let mut params = vec![0u8; 24];
+        params[0..8].copy_from_slice(&K1.to_be_bytes());
+        params[8..16].copy_from_slice(&K2.to_be_bytes());
+        params[17] = move_off::UNREG;
+        params[18..20].copy_from_slice(&2u16.to_be_bytes());
+        params[20..24].copy_from_slice(&(tid.len() as u32).to_be_bytes());
+        params.extend_from_slice(&tid);
+        let cdb = prout_cdb(prout_sa::REGISTER_AND_MOVE, 1, params.len() as u32);
+        // Short list: PARAMETER LIST LENGTH ERROR.
+        assert_eq!(
+            pr.reserve_out(&nx(P1, 1), &prout_cdb(7, 1, 30), &params[..30]),
+            Err(PrError::Check(sense::PARAMETER_LIST_LENGTH_ERROR))
+        );
+        // Not the holder: conflict.
+        reg(&pr, &nx(P2, 1), 9);
+        let mut p9 = params.clone();
+        p9[0..8].copy_from_slice(&9u64.to_be_bytes());
+        assert_eq!(
+            pr.reserve_out(&nx(P2, 1), &cdb, &p9),
+            Err(PrError::Conflict)
+        );
+        assert_eq!(pr.reserve_out(&nx(P1, 1), &cdb, &params), Ok(vec![]));
+        assert_eq!(keys(&pr), (3, vec![9, K2]));
+        let r = read_res(&pr);
+        assert_eq!((be_u64(&r, 8), r[21]), (K2, 0x01));
+        assert_eq!(pr.check_access(&nx(P2, 2), &WRITE10), Ok(()));
+        assert_eq!(
+            pr.check_access(&nx(P1, 1), &WRITE10),
+            Err(PrError::Conflict)
+        );
+    }
+
+    /// SPC-4 §6.16.3: SPEC_I_PT registers the listed initiator ports too; with other service
+    /// actions it is INVALID FIELD IN PARAMETER LIST.
+    #[test]
+    fn spec_i_pt() {
+        let pr = fresh();
+        let mut tid = Vec::new();
+        encode_transport_id(P2, &mut tid);
+        let mut params = basic(0, K1, param_off::SPEC_I_PT);
+        params.extend_from_slice(&(tid.len() as u32).to_be_bytes());
+        params.extend_from_slice(&tid);
+        let cdb = prout_cdb(prout_sa::REGISTER, 0, params.len() as u32);
+        assert_eq!(pr.reserve_out(&nx(P1, 1), &cdb, &params), Ok(vec![]));
+        assert_eq!(keys(&pr), (1, vec![K1, K1]));
+        assert_eq!(pr.check_access(&nx(P2, 1), &READ10), Ok(()));
+        // Registered nexus: SPEC_I_PT is INVALID FIELD IN CDB (SPC-4 table 51).
+        let mut again = params.clone();
+        again[0..8].copy_from_slice(&K1.to_be_bytes());
+        assert_eq!(
+            pr.reserve_out(&nx(P1, 1), &cdb, &again),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_CDB))
+        );
+        assert_eq!(
+            pr.reserve_out(
+                &nx(P1, 1),
+                &prout_cdb(prout_sa::RESERVE, 1, 24),
+                &basic(K1, 0, param_off::SPEC_I_PT)
+            ),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))
+        );
+    }
+
+    // ---- APTPL ----
+
+    #[test]
+    fn aptpl_without_file_is_invalid_field_in_parameter_list() {
+        let pr = fresh();
+        assert_eq!(
+            pr.reserve_out(
+                &nx(P1, 1),
+                &prout_cdb(prout_sa::REGISTER, 0, 24),
+                &basic(0, K1, param_off::APTPL)
+            ),
+            Err(PrError::Check(sense::INVALID_FIELD_IN_PARAMETER_LIST))
+        );
+    }
+
+    /// SPC-4 §5.13.5: with APTPL=1 the state survives a restart; the next REGISTER with
+    /// APTPL=0 makes it volatile again.
+    #[test]
+    fn aptpl_persist_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lu1.pr");
+        let snapshot = |pr: &PersistentReservations| {
+            [0u8, 1, 3].map(|sa| pr.reserve_in(&nx(P1, 1), &prin_cdb(sa)).expect("prin"))
+        };
+        let before = {
+            let pr = PersistentReservations::open(Some(path.clone())).expect("open");
+            pr.reserve_out(
+                &nx(P1, 1),
+                &prout_cdb(prout_sa::REGISTER, 0, 24),
+                &basic(0, K1, param_off::APTPL),
+            )
+            .expect("register");
+            pr.reserve_out(
+                &nx(P2, 3),
+                &prout_cdb(prout_sa::REGISTER_AND_IGNORE_EXISTING_KEY, 0, 24),
+                &basic(0, K2, param_off::APTPL | param_off::ALL_TG_PT),
+            )
+            .expect("register");
+            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 6, K1, 0).expect("reserve");
+            pr.reserve6(&nx(P1, 1)).expect("reserve6 as holder");
+            snapshot(&pr)
+        };
+        assert!(!dir.path().join("lu1.pr.tmp").exists());
+        let pr = PersistentReservations::open(Some(path.clone())).expect("reopen");
+        assert_eq!(snapshot(&pr), before);
+        assert_eq!(pr.check_access(&nx(P2, 7), &WRITE10), Ok(()));
+        assert_eq!(
+            pr.check_access(&nx("iqn.other,i,0x000000000009", 1), &READ10),
+            Err(PrError::Conflict)
+        );
+        // APTPL=0 on the next registration: a restart forgets everything.
+        out(&pr, &nx(P2, 3), prout_sa::REGISTER, 0, K2, K2 + 1).expect("re-register");
+        drop(pr);
+        let pr = PersistentReservations::open(Some(path)).expect("reopen");
+        assert_eq!(keys(&pr), (0, vec![]));
+    }
+
+    #[test]
+    fn corrupt_file_is_rejected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pr");
+        {
+            let pr = PersistentReservations::open(Some(path.clone())).expect("open");
+            pr.reserve_out(
+                &nx(P1, 1),
+                &prout_cdb(prout_sa::REGISTER, 0, 24),
+                &basic(0, K1, param_off::APTPL),
+            )
+            .expect("register");
+        }
+        let good = fs::read(&path).expect("read");
+        assert_eq!(&good[..4], b"RSPR");
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (
+                {
+                    let mut b = good.clone();
+                    let l = b.len();
+                    b[l - 1] ^= 0x40;
+                    b
+                },
+                "CRC32C",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[0] = b'X';
+                    b
+                },
+                "magic",
+            ),
+            (
+                {
+                    let mut b = good.clone();
+                    b[7] = 9;
+                    b
+                },
+                "version",
+            ),
+            (good[..good.len() - 1].to_vec(), "length"),
+            (Vec::new(), "magic"),
+        ];
+        for (bytes, why) in cases {
+            fs::write(&path, &bytes).expect("write");
+            let err = PersistentReservations::open(Some(path.clone()))
+                .err()
+                .expect("corrupt file must not load");
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            let msg = err.to_string();
+            assert!(msg.contains(why) && msg.contains("is corrupt"), "{msg}");
+        }
+        // A well-framed file whose content breaks the invariants is corrupt too.
+        let mut st = PrState {
+            aptpl: true,
+            ..PrState::default()
+        };
+        st.reservation = Some(Reservation {
+            pr_type: PrType::WriteExclusive,
+            holder: RegId {
+                initiator_port: P1.into(),
+                relative_target_port: Some(1),
+            },
+        });
+        fs::write(&path, encode_state_file(&st)).expect("write");
+        assert!(PersistentReservations::open(Some(path)).is_err());
+    }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Arbitrary CDBs and parameter lists never panic, from any starting state.
+            #[test]
+            fn arbitrary_input_never_panics(
+                setup in any::<bool>(),
+                ops in proptest::collection::vec(
+                    (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..12),
+                     proptest::collection::vec(any::<u8>(), 0..80), any::<bool>()),
+                    1..12)
+            ) {
+                let pr = fresh();
+                if setup {
+                    reg(&pr, &nx(P1, 1), K1);
+                    reg(&pr, &nx(P2, 1), K2);
+                    let _ = out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0);
+                }
+                for (kind, mut cdb, params, who) in ops {
+                    let n = if who { nx(P1, 1) } else { nx(P2, 1) };
+                    if cdb.len() >= 10 && kind & 1 == 0 {
+                        // Keep the parameter list length plausible half of the time.
+                        let l = (params.len() as u32).to_be_bytes();
+                        cdb[5..9].copy_from_slice(&l);
+                    }
+                    match kind % 5 {
+                        0 => { let _ = pr.reserve_in(&n, &cdb); }
+                        1 | 2 => { let _ = pr.reserve_out(&n, &cdb, &params); }
+                        3 => { let _ = pr.check_access(&n, &cdb); }
+                        _ => { let _ = pr.reserve6(&n); let _ = pr.release6(&n); }
+                    }
+                }
+            }
+
+            /// Arbitrary bytes as a persistence file: an error or a state, never a panic.
+            #[test]
+            fn arbitrary_file_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+                let _ = decode_state_file(&bytes);
+            }
+        }
+
+        #[test]
+        fn transport_ids_decode_or_refuse() {
+            let mut tid = Vec::new();
+            encode_transport_id(P1, &mut tid);
+            assert_eq!(decode_transport_id(&tid), Ok((P1.to_owned(), tid.len())));
+            assert!(decode_transport_id(&tid[..tid.len() - 4]).is_err());
+            let mut name_only = tid.clone();
+            name_only[0] = 0x05;
+            assert!(decode_transport_id(&name_only).is_err());
+        }
+    }
+}
