@@ -1,0 +1,1 @@
+//! Tests of both syntaxes through the public entry points.
