@@ -70,6 +70,7 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Cmd::Serve { config, listen, data_dir, metrics, admin_socket } => {
@@ -122,8 +123,8 @@ async fn serve(cfg: NodeConfig) -> Result<()> {
             max_burst_length: cfg.iscsi.max_burst_length,
             first_burst_length: cfg.iscsi.first_burst_length,
             max_outstanding_r2t: cfg.iscsi.max_outstanding_r2t,
-            allow_header_digest: cfg.iscsi.header_digest,
-            allow_data_digest: cfg.iscsi.data_digest,
+            allow_header_digest: cfg.iscsi.header_digests.contains(&config::Digest::Crc32c),
+            allow_data_digest: cfg.iscsi.data_digests.contains(&config::Digest::Crc32c),
             initial_r2t: cfg.iscsi.initial_r2t,
             immediate_data: cfg.iscsi.immediate_data,
         },

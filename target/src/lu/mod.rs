@@ -117,7 +117,7 @@ impl Outcome {
 }
 
 /// For `raftsan show`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct LunInfo {
     pub lun: u64,
     /// "controller" or "disk".

@@ -56,8 +56,14 @@ pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResul
     if let Some(n) = data_out_len(c, d.block_size)
         && cmd.data_out.len() < n as usize
     {
-        // Less Data-Out than the CDB describes: transfer nothing (FCP-4 §9.4.2 b).
-        return Err(sense::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT.into());
+        // Less Data-Out than the CDB describes (iSCSI EDTL < SCSI transfer length). A plain
+        // write of whole blocks writes just those blocks and reports the overflow residual, as
+        // libiscsi's residual tests expect (RFC 7143 §11.4.5.2); anything else transfers
+        // nothing (FCP-4 §9.4.2 b).
+        let whole_blocks = cmd.data_out.len() % d.block_size as usize == 0;
+        if !(is_plain_write(c[0]) && whole_blocks) {
+            return Err(sense::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT.into());
+        }
     }
     match c[0] {
         op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => read(d, c),
@@ -82,6 +88,20 @@ pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResul
         op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Vec::new()),
         _ => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
     }
+}
+
+/// WRITE and WRITE AND VERIFY: commands whose Data-Out is the data to write, block by block.
+fn is_plain_write(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_AND_VERIFY_10
+            | op::WRITE_AND_VERIFY_12
+            | op::WRITE_AND_VERIFY_16
+    )
 }
 
 /// Commands that modify the medium.
@@ -187,7 +207,8 @@ fn write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
     check_writable(d)?;
     check_range(d, io.lba, u64::from(io.blocks))?;
     check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
-    let n = io.blocks as usize * d.block_size as usize;
+    // Data-Out may be shorter than the CDB's transfer length (whole blocks, checked above).
+    let n = (io.blocks as usize * d.block_size as usize).min(data_out.len());
     if n == 0 {
         return Ok(Vec::new());
     }

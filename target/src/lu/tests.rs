@@ -196,6 +196,15 @@ fn short_and_long_data_out() {
     assert_eq!(run(&t, &n, 1, &read10(0, 1), &[]).data_in, vec![0; 512]);
     good(&run(&t, &n, 1, &write10(0, 1, 0), &[9; 1024]));
     assert_eq!(run(&t, &n, 1, &read10(0, 2), &[]).data_in[511..513], [9, 0]);
+    // EDTL of whole blocks below the transfer length: only those blocks are written
+    // (RFC 7143 §11.4.5.2 overflow; libiscsi test_write10_residuals).
+    let o = run(&t, &n, 1, &write10(0, 2, 0), &[5; 512]);
+    good(&o);
+    assert_eq!(o.scsi_transfer_len, Some(1024));
+    assert_eq!(run(&t, &n, 1, &read10(0, 2), &[]).data_in[511..513], [5, 0]);
+    // No Data-Out at all (EDTL 0): nothing is written, GOOD.
+    good(&run(&t, &n, 1, &write10(1, 1, 0), &[]));
+    assert_eq!(run(&t, &n, 1, &read10(1, 1), &[]).data_in, vec![0; 512]);
 }
 
 /// SBC-3 §5.2: COMPARE AND WRITE writes on match, MISCOMPARE with the offset otherwise.

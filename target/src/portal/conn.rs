@@ -754,11 +754,15 @@ impl FullFeature {
         let edtl = task.cmd.expected_data_len;
         let len = p.data.len() as u32;
         let Some(expected_sn) = task.datasn.get_mut(&d.ttt) else {
-            return Err(End::Protocol(format!("Data-Out with unknown TTT {:#x} for ITT {:#x}", d.ttt, d.itt)));
+            self.fail_write(task, &format!("Data-Out with unknown TTT {:#x}", d.ttt));
+            return Ok(());
         };
         if d.datasn != *expected_sn {
-            // ERL 0 cannot recover a lost or reordered Data-Out (§7.1.4.1).
-            return Err(End::Protocol(format!("Data-Out DataSN {} where {} was expected (ITT {:#x})", d.datasn, expected_sn, d.itt)));
+            // ERL 0 cannot recover a lost or reordered Data-Out (§7.1.4.1): the command fails,
+            // the session stays up for everything else.
+            let why = format!("Data-Out DataSN {} where {} was expected", d.datasn, expected_sn);
+            self.fail_write(task, &why);
+            return Ok(());
         }
         *expected_sn += 1;
         let end = d.buffer_offset.checked_add(len).filter(|&e| e <= edtl);
@@ -787,6 +791,18 @@ impl FullFeature {
             self.writes.insert(d.itt, task);
         }
         Ok(())
+    }
+
+    /// Ends a write whose Data-Out went wrong with CHECK CONDITION, ABORTED COMMAND / DATA PHASE
+    /// ERROR (4B/00), without touching the medium. Later Data-Out for it is ignored.
+    fn fail_write(&mut self, task: WriteTask, why: &str) {
+        tracing::warn!(tsih = self.tsih, itt = task.cmd.itt, "failing write command: {why}");
+        self.server.metrics.protocol_errors.increment(1);
+        let Some(session) = self.session.clone() else { return };
+        session.write_bytes.fetch_sub(u64::from(task.cmd.expected_data_len), Ordering::AcqRel);
+        self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let code = raftsan_proto::scsi::sense::SenseCode::new(raftsan_proto::scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
+        self.complete_now(&session, &task.cmd, status::CHECK_CONDITION, Some(fixed_sense(code)));
     }
 
     /// Answers a command without running it (limits exceeded).
@@ -1026,14 +1042,11 @@ impl FullFeature {
 }
 
 fn invalid_field_sense() -> Vec<u8> {
-    let c = raftsan_proto::scsi::sense::INVALID_FIELD_IN_CDB;
-    let mut s = vec![0u8; 18];
-    s[0] = 0x70;
-    s[2] = c.key;
-    s[7] = 10;
-    s[12] = c.asc;
-    s[13] = c.ascq;
-    s
+    fixed_sense(raftsan_proto::scsi::sense::INVALID_FIELD_IN_CDB)
+}
+
+fn fixed_sense(c: raftsan_proto::scsi::sense::SenseCode) -> Vec<u8> {
+    raftsan_proto::scsi::sense::Sense::from(c).encode_fixed()
 }
 
 /// The writer task: assigns StatSN in send order and batches queued PDUs into one write.
