@@ -58,6 +58,20 @@ enum Cmd {
     CheckConfig {
         config: PathBuf,
     },
+    /// Start a node with an embedded default (one target, one 256 MiB LUN in a temporary
+    /// directory), check it with real iSCSI clients (iscsi-ls, qemu-img) and keep serving.
+    /// The three-node replicated demo comes with the cluster.
+    Demo {
+        /// Portal address.
+        #[arg(long, default_value = "127.0.0.11:3260")]
+        portal: SocketAddr,
+        /// Keep the data in this directory instead of a temporary one.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Stop after the client check instead of serving until Ctrl-C.
+        #[arg(long)]
+        check_only: bool,
+    },
 }
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/raftsan/admin.sock";
@@ -94,6 +108,10 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(show(&admin_socket, json))
         }
+        Cmd::Demo { portal, dir, check_only } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(demo::run(portal, dir, check_only))
+        }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;
             for t in &cfg.catalog.targets {
@@ -113,11 +131,11 @@ fn load(path: &Path) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
-async fn serve(cfg: NodeConfig) -> Result<()> {
-    if let Some(addr) = cfg.metrics_listen {
-        install_metrics(addr).with_context(|| format!("starting the metrics listener on {addr}"))?;
-    }
-    let settings = PortalSettings {
+mod demo;
+
+/// Builds the portal settings of a node configuration.
+fn portal_settings(cfg: &NodeConfig) -> PortalSettings {
+    PortalSettings {
         iscsi: raftsan_proto::text::TargetLimits {
             max_recv_data_segment_length: cfg.iscsi.max_recv_data_segment_length,
             max_burst_length: cfg.iscsi.max_burst_length,
@@ -135,7 +153,14 @@ async fn serve(cfg: NodeConfig) -> Result<()> {
         nop_in_interval: Duration::from_millis(cfg.limits.nop_in_interval_ms),
         nop_in_timeout: Duration::from_millis(cfg.limits.nop_in_timeout_ms),
         ..PortalSettings::default()
-    };
+    }
+}
+
+async fn serve(cfg: NodeConfig) -> Result<()> {
+    if let Some(addr) = cfg.metrics_listen {
+        install_metrics(addr).with_context(|| format!("starting the metrics listener on {addr}"))?;
+    }
+    let settings = portal_settings(&cfg);
     if let Some(d) = &cfg.data_dir {
         std::fs::create_dir_all(d).with_context(|| format!("creating the data directory {}", d.display()))?;
     }
