@@ -99,7 +99,7 @@ const MAX_PORT_NAME_BYTES: usize = 240;
 pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
 pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
 
-/// PERSISTENT RESERVE IN service actions (SPC-4 table 167).
+/// PERSISTENT RESERVE IN service actions (SPC-4 §6.15.1).
 pub mod prin_sa {
     pub const READ_KEYS: u8 = 0x00;
     pub const READ_RESERVATION: u8 = 0x01;
@@ -107,7 +107,7 @@ pub mod prin_sa {
     pub const READ_FULL_STATUS: u8 = 0x03;
 }
 
-/// PERSISTENT RESERVE OUT service actions (SPC-4 table 178).
+/// PERSISTENT RESERVE OUT service actions (SPC-4 §6.16.1).
 pub mod prout_sa {
     pub const REGISTER: u8 = 0x00;
     pub const RESERVE: u8 = 0x01;
@@ -119,7 +119,7 @@ pub mod prout_sa {
     pub const REGISTER_AND_MOVE: u8 = 0x07;
 }
 
-/// CDB fields (SPC-4 §6.15.1 table 166, §6.16.1 table 177).
+/// CDB fields (SPC-4 §6.15.1, §6.16.1).
 mod cdb_off {
     pub const SERVICE_ACTION: usize = 1;
     pub const SERVICE_ACTION_MASK: u8 = 0x1f;
@@ -129,7 +129,7 @@ mod cdb_off {
     pub const PROUT_PARAMETER_LIST_LENGTH: usize = 5;
 }
 
-/// PROUT basic parameter list (SPC-4 §6.16.3 table 180).
+/// PROUT basic parameter list (SPC-4 §6.16.3).
 mod param_off {
     pub const RESERVATION_KEY: usize = 0;
     pub const SERVICE_ACTION_RESERVATION_KEY: usize = 8;
@@ -143,7 +143,7 @@ mod param_off {
     pub const SPEC_I_PT_TIDS: usize = 28;
 }
 
-/// REGISTER AND MOVE parameter list (SPC-4 §6.16.4 table 182).
+/// REGISTER AND MOVE parameter list (SPC-4 §6.16.4).
 mod move_off {
     pub const FLAGS: usize = 17;
     pub const UNREG: u8 = 0x02;
@@ -164,7 +164,7 @@ mod tid {
     pub const MIN_ADDITIONAL_LENGTH: usize = 20;
 }
 
-/// Persistent reservation types (SPC-4 table 182 of §6.16.2... the TYPE field).
+/// Persistent reservation types (the TYPE field, SPC-4 §6.16.2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrType {
     WriteExclusive = 0x1,
@@ -409,7 +409,7 @@ fn decode_transport_id(b: &[u8]) -> Result<(String, usize), PrError> {
     Ok((name.to_owned(), tid::NAME + additional))
 }
 
-/// Which reservation rules a command falls under (SPC-4 §5.13.1 table 63, SBC-3 table 13).
+/// Which reservation rules a command falls under (SPC-4 §5.13.1 table 63, SBC-3 §4.18).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum AccessClass {
     /// Allowed through every reservation type.
@@ -428,7 +428,7 @@ fn classify(cdb: &[u8]) -> AccessClass {
         // TEST UNIT READY (ALLOW COMMANDS 011b), REQUEST SENSE, INQUIRY, LOG SENSE,
         // PERSISTENT RESERVE IN, REPORT LUNS, READ CAPACITY(10), ACCESS CONTROL IN/OUT.
         0x00 | 0x03 | 0x12 | 0x4d | 0x5e | 0xa0 | 0x25 | 0x86 | 0x87 => Allowed,
-        // PERSISTENT RESERVE OUT: the service action decides (SPC-4 table 64), in reserve_out.
+        // PERSISTENT RESERVE OUT: the service action decides in reserve_out (SPC-4 §5.13.1).
         0x5f => Allowed,
         // RESERVE/RELEASE (6)/(10): compatible reservation handling in reserve6/release6.
         0x16 | 0x17 | 0x56 | 0x57 => Allowed,
@@ -532,7 +532,7 @@ impl PersistentReservations {
         out.extend_from_slice(&st.generation.to_be_bytes());
         match cdb[cdb_off::SERVICE_ACTION] & cdb_off::SERVICE_ACTION_MASK {
             prin_sa::READ_KEYS => {
-                // SPC-4 §6.15.2 table 168.
+                // SPC-4 §6.15.2.
                 let len = st.registrations.len() * 8;
                 out.extend_from_slice(&(len as u32).to_be_bytes());
                 for r in &st.registrations {
@@ -540,7 +540,7 @@ impl PersistentReservations {
                 }
             }
             prin_sa::READ_RESERVATION => {
-                // SPC-4 §6.15.3 table 170.
+                // SPC-4 §6.15.3.
                 match &st.reservation {
                     None => out.extend_from_slice(&0u32.to_be_bytes()),
                     Some(res) => {
@@ -562,7 +562,7 @@ impl PersistentReservations {
                 }
             }
             prin_sa::REPORT_CAPABILITIES => {
-                // SPC-4 §6.15.4 table 171; no PRgeneration here.
+                // SPC-4 §6.15.4; no PRgeneration here.
                 out.clear();
                 out.extend_from_slice(&8u16.to_be_bytes());
                 let ptpl_c = if self.aptpl_file.is_some() { 0x01 } else { 0 };
@@ -574,7 +574,7 @@ impl PersistentReservations {
                 out.extend_from_slice(&[0xea, 0x01, 0x00, 0x00]);
             }
             prin_sa::READ_FULL_STATUS => {
-                // SPC-4 §6.15.5 tables 172 and 173.
+                // SPC-4 §6.15.5.
                 let mut descs = Vec::new();
                 for r in &st.registrations {
                     descs.extend_from_slice(&r.key.to_be_bytes());
@@ -686,7 +686,7 @@ impl PersistentReservations {
             }
             _ => {
                 // Every other service action needs a registered nexus with the right key
-                // (SPC-4 §5.13.1, table 64).
+                // (SPC-4 §5.13.1).
                 let idx = me.ok_or(PrError::Conflict)?;
                 if st.registrations[idx].key != p.reservation_key {
                     return Err(PrError::Conflict);
@@ -705,7 +705,7 @@ impl PersistentReservations {
         Ok(uas)
     }
 
-    /// REGISTER and REGISTER AND IGNORE EXISTING KEY (SPC-4 §5.13.7, tables 50 and 51).
+    /// REGISTER and REGISTER AND IGNORE EXISTING KEY (SPC-4 §5.13.7).
     #[allow(clippy::too_many_arguments)] // one call site; splitting it would hide the table
     fn register(
         &self,
@@ -911,7 +911,7 @@ impl PersistentReservations {
         Ok(())
     }
 
-    /// May this command run on this nexus? (SPC-4 §5.13.1 table 63 and SBC-3 table 13 for
+    /// May this command run on this nexus? (SPC-4 §5.13.1 table 63 and SBC-3 §4.18 for
     /// persistent reservations; SPC-2 §5.5.1 for a RESERVE(6)/(10) held by another nexus.)
     pub fn check_access(&self, nexus: &PrNexus<'_>, cdb: &[u8]) -> Result<(), PrError> {
         let inner = self.lock();
@@ -1412,7 +1412,7 @@ mod tests {
 
     // ---- PERSISTENT RESERVE IN data layouts ----
 
-    /// SPC-4 §6.15.2 table 168: PRgeneration, ADDITIONAL LENGTH, keys.
+    /// SPC-4 §6.15.2: PRgeneration, ADDITIONAL LENGTH, keys.
     #[test]
     fn read_keys_exact_bytes() {
         let pr = fresh();
@@ -1432,7 +1432,7 @@ mod tests {
         );
     }
 
-    /// SPC-4 §6.15.3 tables 169 and 170; all-registrants types report key 0 (§5.13.10).
+    /// SPC-4 §6.15.3; all-registrants types report key 0 (§5.13.10).
     #[test]
     fn read_reservation_exact_bytes() {
         let pr = fresh();
@@ -1457,8 +1457,8 @@ mod tests {
         );
     }
 
-    /// SPC-4 §6.15.4 table 171: CRH, SIP_C, ATP_C, PTPL_C (only with a file), TMV, ALLOW
-    /// COMMANDS 011b, PTPL_A, and the type mask of all six types (table 172).
+    /// SPC-4 §6.15.4: CRH, SIP_C, ATP_C, PTPL_C (only with a file), TMV, ALLOW
+    /// COMMANDS 011b, PTPL_A, and the type mask of all six types ().
     #[test]
     fn report_capabilities_exact_bytes() {
         let pr = fresh();
@@ -1488,7 +1488,7 @@ mod tests {
         );
     }
 
-    /// SPC-4 §6.15.5 tables 173/174 with an iSCSI initiator-port TransportID (§7.6.4.6).
+    /// SPC-4 §6.15.5 with an iSCSI initiator-port TransportID (§7.6.4.6).
     #[test]
     fn read_full_status_exact_bytes() {
         let pr = fresh();
@@ -1539,7 +1539,7 @@ mod tests {
 
     // ---- PERSISTENT RESERVE OUT ----
 
-    /// SPC-4 §5.13.7 tables 50/51 (libiscsi ProutRegister.Simple) and the generation rules
+    /// SPC-4 §5.13.7 (libiscsi ProutRegister.Simple) and the generation rules
     /// of §6.15.2.
     #[test]
     fn register_reregister_unregister() {
@@ -1625,7 +1625,7 @@ mod tests {
         assert_eq!(out(&pr, &nx(P1, 1), prout_sa::CLEAR, 0, K1, 0), Ok(vec![]));
     }
 
-    /// SPC-4 §5.13.1 table 64: an unregistered nexus, or one with the wrong key, gets
+    /// SPC-4 §5.13.1: an unregistered nexus, or one with the wrong key, gets
     /// RESERVATION CONFLICT for RESERVE, RELEASE, CLEAR, PREEMPT.
     #[test]
     fn unregistered_or_wrong_key_conflicts() {
@@ -1853,7 +1853,7 @@ mod tests {
     }
 
     /// The access matrix of libiscsi ProutReserve.Access*, from SPC-4 §5.13.1 table 63 and
-    /// SBC-3 §4.18 table 13: (type, registered reader, registered writer, unregistered reader,
+    /// SBC-3 §4.18: (type, registered reader, registered writer, unregistered reader,
     /// unregistered writer) for a nexus that does not hold the reservation.
     #[test]
     fn access_matrix_per_type() {
@@ -2034,7 +2034,7 @@ mod tests {
         assert_eq!(pr.reserve_out(&nx(P1, 1), &cdb, &params), Ok(vec![]));
         assert_eq!(keys(&pr), (1, vec![K1, K1]));
         assert_eq!(pr.check_access(&nx(P2, 1), &READ10), Ok(()));
-        // Registered nexus: SPEC_I_PT is INVALID FIELD IN CDB (SPC-4 table 51).
+        // Registered nexus: SPEC_I_PT is INVALID FIELD IN CDB (SPC-4 §5.13.7).
         let mut again = params.clone();
         again[0..8].copy_from_slice(&K1.to_be_bytes());
         assert_eq!(
