@@ -320,7 +320,7 @@ fn qemu_img_convert(kind: Kind) -> Result<()> {
     let work = Scratch::new()?;
     let source = work.path().join("source.raw");
     let mut data = vec![0u8; usize::try_from(size)?];
-    StdRng::seed_from_u64(0x5eed_0f_2a11).fill_bytes(&mut data);
+    StdRng::seed_from_u64(0x5eed_f2a1).fill_bytes(&mut data);
     fs::write(&source, &data)?;
     drop(data);
     let url = daemon.lun_url(iqn, 1);
