@@ -93,15 +93,16 @@ start_raftsan() {
     wait_port "$addr" "$port" "$STARTED_PID" 30 || die "raftsan portal $addr:$port not up; log: $logfile"
 }
 
-# stop_pid PID: SIGTERM, then SIGKILL after 5 s.
+# stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once
+# it has targets (and `tgtadm --op delete --mode system` refuses), so callers stop it with KILL.
 stop_pid() {
-    local pid=$1 i
+    local pid=$1 sig=${2:-TERM} i
     kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
+    kill "-$sig" "$pid" 2>/dev/null || true
     for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+        kill -0 "$pid" 2>/dev/null || { { wait "$pid"; } 2>/dev/null || true; return 0; }
         sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
+    { wait "$pid"; } 2>/dev/null || true
 }
