@@ -3,7 +3,7 @@
 #
 #   bench/run.sh [-r ROUNDS] [-s SECONDS] [-c QEMU_COUNT] [-z SIZE] [-b raftsan|tgtd] [-o OUT.json]
 #
-#   -r ROUNDS      rounds; each round runs every test on A (tgtd) then on B          [3]
+#   -r ROUNDS      rounds; each round runs every test on A (tgtd) then on B          [5]
 #   -s SECONDS     run time of each iscsi-perf run                                     [3]
 #   -c QEMU_COUNT  requests per qemu-img bench run                                     [100000]
 #   -z SIZE        size of each pre-filled backing file (truncate(1) syntax)           [1G]

@@ -55,7 +55,7 @@ write_targets_conf "$CONF" "$IQN" "$BACKING"
 PID=""
 cleanup() {
     if [[ -n "$PID" && $KEEP -eq 0 ]]; then
-        stop_pid "$PID"
+        if [[ $SUBJECT == tgtd ]]; then stop_pid "$PID" KILL; else stop_pid "$PID"; fi
         rm -f "$BACKING"
     fi
 }
@@ -92,14 +92,16 @@ RESULTS="$OUTDIR/CUnitAutomated-Results.xml"
 # figure the issue quotes; the per-test list is checked against it.
 awk '
     /<SUITE_NAME>/ { s = $0; gsub(/.*<SUITE_NAME> *| *<\/SUITE_NAME>.*/, "", s); suite = s; last = "" }
-    /<CUNIT_RUN_TEST_SUCCESS>/ { state = "PASS" }
-    /<CUNIT_RUN_TEST_FAILURE>/ { state = "FAIL" }
-    /<TEST_NAME>/ {
-        t = $0; gsub(/.*<TEST_NAME> *| *<\/TEST_NAME>.*/, "", t)
+    /<CUNIT_RUN_TEST_SUCCESS>/ { state = "PASS"; where = "" }
+    /<CUNIT_RUN_TEST_FAILURE>/ { state = "FAIL"; where = "" }
+    /<TEST_NAME>/ { t = $0; gsub(/.*<TEST_NAME> *| *<\/TEST_NAME>.*/, "", t) }
+    /<FILE_NAME>/ { f = $0; gsub(/.*<FILE_NAME> *| *<\/FILE_NAME>.*/, "", f); where = f }
+    /<LINE_NUMBER>/ { l = $0; gsub(/[^0-9]/, "", l); where = where ":" l }
+    /<\/CUNIT_RUN_TEST_RECORD>/ {
         key = suite "." t
         if (state == "FAIL" && last == key " FAIL") next
         last = key " " state
-        print last
+        print last (state == "FAIL" ? " " where : "")
     }
 ' "$RESULTS" >"$OUTDIR/results.txt"
 
@@ -114,11 +116,14 @@ PASSED=$(summary_field SUCCEEDED)
 [[ -n "$TOTAL" && -n "$PASSED" ]] || die "no Test Cases summary in $RESULTS (iscsi-test-cu exit $rc)"
 FAILED=$((TOTAL - PASSED))
 LISTED=$(wc -l <"$OUTDIR/results.txt")
+PARSED_FAILED=$(grep -c ' FAIL ' "$OUTDIR/results.txt" || true)
+[[ $PARSED_FAILED -eq $((TOTAL - PASSED)) ]] || log "warning: parsed $PARSED_FAILED failed tests, CUnit reports $((TOTAL - PASSED))"
 [[ $LISTED -eq $TOTAL ]] || log "warning: parsed $LISTED test records, CUnit reports $TOTAL"
-# Unique failed tests with the number of families they failed in.
-grep ' FAIL$' "$OUTDIR/results.txt" | cut -d' ' -f1 | awk '
-    { if (!($0 in n)) order[++k] = $0; n[$0]++ }
-    END { for (i = 1; i <= k; i++) print order[i] (n[order[i]] > 1 ? " (x" n[order[i]] ")" : "") }
+# Unique failed tests with the number of families they failed in and where the first failed
+# assertion is (libiscsi test-tool file:line).
+grep ' FAIL ' "$OUTDIR/results.txt" | awk '
+    { if (!($1 in n)) { order[++k] = $1; at[$1] = $3 } n[$1]++ }
+    END { for (i = 1; i <= k; i++) print order[i] (n[order[i]] > 1 ? " (x" n[order[i]] ")" : "") "  " at[order[i]] }
 ' >"$OUTDIR/failed.txt" || true
 {
     echo "subject: $SUBJECT"

@@ -105,4 +105,4 @@ stop_pid() {
     done
     kill -KILL "$pid" 2>/dev/null || true
     { wait "$pid"; } 2>/dev/null || true
-}
+} 2>/dev/null # also hides bash's "Killed" job notice
