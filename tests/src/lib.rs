@@ -13,8 +13,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -229,7 +231,8 @@ impl Daemon {
             cmd.arg("--listen").arg(addr.portal().to_string());
         }
         cmd.arg("--data-dir").arg(&data_dir);
-        cmd.env("NO_COLOR", "1")
+        cmd.process_group(0)
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("RAFTSAN_TEST_LOG").unwrap_or("info".into()),
@@ -277,6 +280,7 @@ impl Daemon {
         let log = File::create(&log_path)?;
         fs::create_dir_all("/var/run/tgtd").context("creating /var/run/tgtd (tgtd needs root)")?;
         let child = Command::new("tgtd")
+            .process_group(0)
             .arg("-f")
             .arg("-C")
             .arg(control_port.to_string())
@@ -466,6 +470,8 @@ impl Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+            // Whatever the daemon left behind in its process group goes too.
+            kill_group(child.id(), libc::SIGKILL);
         }
         let log = self.log();
         check_log(self.kind, &log, &self.expected_errors)
@@ -490,6 +496,19 @@ fn terminate(child: &Child) {
         // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped) and a valid signal.
         unsafe {
             libc::kill(pid, libc::SIGTERM);
+        }
+    }
+}
+
+/// Sends `signal` to the process group led by `pid` (children spawned with `process_group(0)`).
+fn kill_group(pid: u32, signal: libc::c_int) {
+    if let Ok(pgid) = libc::pid_t::try_from(pid)
+        && pgid > 0
+    {
+        // SAFETY: kill(2) on a negative pid signals that process group; the group was created by
+        // us for this child, and a group that no longer exists just yields ESRCH.
+        unsafe {
+            libc::kill(-pgid, signal);
         }
     }
 }
@@ -558,10 +577,16 @@ impl Output {
     }
 }
 
-/// Runs `cmd` to completion with captured output, killing it after `timeout`.
+/// How long to wait for a client's output pipes to close after it exited (a grandchild that
+/// inherited them could hold them open forever).
+const PIPE_DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs `cmd` to completion with captured output, killing it (and its process group) after
+/// `timeout`.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let description = format!("{cmd:?}");
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -577,18 +602,23 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
             break status;
         }
         if Instant::now() > deadline {
+            kill_group(child.id(), libc::SIGKILL);
             let _ = child.kill();
             let _ = child.wait();
-            let out = stdout.join().unwrap_or_default();
-            let err = stderr.join().unwrap_or_default();
+            let out = drain(&stdout);
+            let err = drain(&stderr);
             bail!("{description} timed out after {timeout:?}\n--- stdout\n{out}--- stderr\n{err}");
         }
         thread::sleep(Duration::from_millis(10));
     };
+    // A client leaves nothing behind; a leftover would hold the pipes open.
+    kill_group(child.id(), libc::SIGKILL);
+    let stdout = drain(&stdout);
+    let stderr = drain(&stderr);
     Ok(Output {
         status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
+        stdout,
+        stderr,
     })
 }
 
@@ -602,14 +632,21 @@ pub fn run_ok(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
-fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<String> {
+fn reader<R: Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let mut buf = Vec::new();
         if let Some(mut pipe) = pipe {
             let _ = pipe.read_to_end(&mut buf);
         }
-        String::from_utf8_lossy(&buf).into_owned()
-    })
+        let _ = tx.send(String::from_utf8_lossy(&buf).into_owned());
+    });
+    rx
+}
+
+fn drain(rx: &mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(PIPE_DRAIN)
+        .unwrap_or_else(|_| "<output pipe still held open by a leftover process>\n".to_owned())
 }
 
 /// One target with one file-backed LUN (LUN 1, as tgt numbers them), as a tgt `targets.conf`
@@ -682,5 +719,22 @@ mod tests {
         assert_eq!(out.stderr, "err\n");
         let slow = run(Command::new("sleep").arg("5"), Duration::from_millis(100));
         assert!(slow.is_err());
+    }
+
+    #[test]
+    fn run_is_not_held_up_by_grandchildren() {
+        let started = Instant::now();
+        let hung = run(
+            Command::new("sh").args(["-c", "sleep 30 & sleep 30"]),
+            Duration::from_millis(200),
+        );
+        assert!(hung.is_err());
+        let left = run(
+            Command::new("sh").args(["-c", "sleep 30 & echo done"]),
+            CLIENT_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(left.stdout, "done\n");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
