@@ -1,0 +1,108 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh and bench/run.sh: locate the build directory and the raftsan
+# binary, start tgtd or raftsan on a loopback portal with a file-backed LUN, wait for the portal,
+# stop what we started. Source it; it defines functions only (plus REPO).
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Cargo's build directory: CARGO_TARGET_DIR, else what cargo metadata says (the workspace moves it to
+# build/ in .cargo/config.toml because the crate folder target/ is source), else build/.
+target_dir() {
+    if [[ -n "${CARGO_TARGET_DIR:-}" ]]; then
+        printf '%s\n' "$CARGO_TARGET_DIR"
+        return
+    fi
+    local dir=""
+    if command -v cargo >/dev/null && command -v jq >/dev/null; then
+        dir="$(cd "$REPO" && cargo metadata --format-version 1 --no-deps 2>/dev/null | jq -r .target_directory)" || dir=""
+    fi
+    printf '%s\n' "${dir:-$REPO/build}"
+}
+
+# The raftsan binary of the release profile (RAFTSAN_BIN overrides).
+raftsan_bin() {
+    if [[ -n "${RAFTSAN_BIN:-}" ]]; then
+        printf '%s\n' "$RAFTSAN_BIN"
+    else
+        printf '%s/release/raftsan\n' "$(target_dir)"
+    fi
+}
+
+# Refuse anything that is not a loopback IPv4 address: these scripts must never expose a portal.
+require_loopback() {
+    [[ "$1" =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "not a loopback IPv4 address: $1"
+}
+
+# wait_port ADDR PORT PID SECONDS: until ADDR:PORT accepts TCP; fails early if PID died.
+wait_port() {
+    local addr=$1 port=$2 pid=$3 secs=${4:-30} i
+    for ((i = 0; i < secs * 10; i++)); do
+        if (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# A tgt targets.conf with one target, one file-backed LUN and open ACLs (tgt-admin adds
+# initiator-address ALL when a target has no ACL line; raftsan treats no ACL line as open).
+# write_targets_conf FILE IQN BACKING [EXTRA_LINES]
+write_targets_conf() {
+    local file=$1 iqn=$2 backing=$3 extra=${4:-}
+    {
+        printf '<target %s>\n' "$iqn"
+        printf '    backing-store %s\n' "$backing"
+        [[ -n "$extra" ]] && printf '%s\n' "$extra"
+        printf '</target>\n'
+    } >"$file"
+}
+
+# start_tgtd ADDR PORT CONTROL_PORT CONF LOGFILE: starts tgtd in the foreground (background job),
+# loads CONF with tgt-admin, waits for the portal. Sets STARTED_PID.
+start_tgtd() {
+    local addr=$1 port=$2 cport=$3 conf=$4 logfile=$5 i
+    require_loopback "$addr"
+    command -v tgtd >/dev/null || die "tgtd not installed (scripts/install-deps.sh)"
+    mkdir -p /var/run/tgtd
+    tgtd -f -C "$cport" --iscsi "portal=$addr:$port" >"$logfile" 2>&1 &
+    STARTED_PID=$!
+    for ((i = 0; i < 100; i++)); do
+        tgtadm -C "$cport" --mode sys --op show >/dev/null 2>&1 && break
+        kill -0 "$STARTED_PID" 2>/dev/null || die "tgtd exited at start; log: $logfile"
+        sleep 0.1
+    done
+    tgt-admin -C "$cport" -e -c "$conf" >>"$logfile" 2>&1 || die "tgt-admin failed on $conf; log: $logfile"
+    wait_port "$addr" "$port" "$STARTED_PID" 30 || die "tgtd portal $addr:$port not up; log: $logfile"
+}
+
+# start_raftsan ADDR PORT CONF DATA_DIR LOGFILE: raftsan serve, waits for the portal. Sets STARTED_PID.
+start_raftsan() {
+    local addr=$1 port=$2 conf=$3 data=$4 logfile=$5 bin
+    require_loopback "$addr"
+    bin="$(raftsan_bin)"
+    [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
+    mkdir -p "$data"
+    RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$conf" --listen "$addr:$port" --data-dir "$data" \
+        >"$logfile" 2>&1 &
+    STARTED_PID=$!
+    wait_port "$addr" "$port" "$STARTED_PID" 30 || die "raftsan portal $addr:$port not up; log: $logfile"
+}
+
+# stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once
+# it has targets (and `tgtadm --op delete --mode system` refuses), so callers stop it with KILL.
+stop_pid() {
+    local pid=$1 sig=${2:-TERM} i
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        kill -0 "$pid" 2>/dev/null || { { wait "$pid"; } 2>/dev/null || true; return 0; }
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    { wait "$pid"; } 2>/dev/null || true
+} 2>/dev/null # also hides bash's "Killed" job notice

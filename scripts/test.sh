@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The project's test command (README): format, lint, build, unit + real-process tests, conformance.
+#
+#   scripts/test.sh              everything, as CI runs it
+#   SKIP_CONFORMANCE=1 scripts/test.sh    without the libiscsi conformance run
+#
+# Sized for 2 cores (nextest profile `ci` in .config/nextest.toml). Binaries are found through
+# cargo's target directory (build/ in this workspace, or CARGO_TARGET_DIR), never target/release.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$REPO"
+
+step() { log "== $*"; }
+T0=$(date +%s)
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo build --release --workspace --bins"
+cargo build --release --workspace --bins --locked
+
+# The real-process tests find raftsan next to their own profile dir; point them at the release
+# binary we just built, whatever the target dir is.
+RAFTSAN_BIN="$(raftsan_bin)"
+export RAFTSAN_BIN
+[[ -x "$RAFTSAN_BIN" ]] || die "release build produced no $RAFTSAN_BIN"
+
+step "cargo nextest run --workspace --release (profile ci)"
+cargo nextest run --workspace --release --locked --profile ci
+
+if [[ "${SKIP_CONFORMANCE:-0}" != 1 ]]; then
+    step "conformance: iscsi-test-cu against raftsan"
+    scripts/conformance.sh raftsan
+fi
+
+log "all checks passed in $(($(date +%s) - T0))s"
