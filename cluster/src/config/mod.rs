@@ -310,27 +310,22 @@ pub fn parse_str(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
 
 /// Which syntax `text` is in (see the module documentation).
 pub fn detect_format(text: &str) -> ConfigFormat {
-    let mut first_significant = true;
-    for line in text.lines() {
-        let line = line.trim_start();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if line.starts_with("<target") || line.starts_with("</target") {
-            return ConfigFormat::TargetsConf;
-        }
-        if first_significant {
-            first_significant = false;
-            let word = line
-                .split(|c: char| c.is_whitespace() || c == '=')
-                .next()
-                .unwrap_or("");
-            let tgt_only = tgt::TOP_LEVEL_DIRECTIVES.contains(&word);
-            // `default-driver = iscsi` would also be TOML; the hyphenated names are tgt's.
-            if tgt_only && !line.contains('[') {
-                return ConfigFormat::TargetsConf;
-            }
-        }
+    let mut significant = text
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'));
+    let Some(first) = significant.next() else {
+        return ConfigFormat::Toml;
+    };
+    // The first line of a TOML document is a table header or a `key = value`; a bare
+    // `directive value` is tgt's.
+    let looks_toml = first.starts_with('[') || first.contains('=');
+    if !looks_toml
+        || std::iter::once(first)
+            .chain(significant)
+            .any(|l| l.starts_with("<target") || l.starts_with("</target"))
+    {
+        return ConfigFormat::TargetsConf;
     }
     ConfigFormat::Toml
 }

@@ -28,16 +28,6 @@ use super::{
     ConfigError, ConfigFormat, ConfigWarning, Digest, IscsiSettings, Location, NodeConfig,
 };
 
-/// Directives that only appear at the top level of a targets.conf (used for format detection).
-pub const TOP_LEVEL_DIRECTIVES: [&str; 6] = [
-    "include",
-    "default-driver",
-    "ignore-errors",
-    "incomingdiscoveryuser",
-    "outgoingdiscoveryuser",
-    "control-port",
-];
-
 /// How deep `include` may nest (a guard against include loops).
 const MAX_INCLUDE_DEPTH: usize = 8;
 
@@ -210,14 +200,18 @@ fn include(
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        list_dir(&dir, at)?
-            .into_iter()
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| wildcard_match(name.as_bytes(), n.as_bytes()))
-            })
-            .collect()
+        if dir.is_dir() {
+            list_dir(&dir, at)?
+        } else {
+            Vec::new()
+        }
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| wildcard_match(name.as_bytes(), n.as_bytes()))
+        })
+        .collect()
     } else if target.is_dir() {
         list_dir(&target, at)?
     } else {
@@ -437,8 +431,8 @@ fn unknown(at: &Location, key: &str, place: &str) -> ConfigError {
     let hint = KNOWN
         .iter()
         .find(|k| {
-            k.eq_ignore_ascii_case(key)
-                || k.replace('-', "_")
+            **k != key
+                && k.replace('-', "_")
                     .eq_ignore_ascii_case(&key.replace('-', "_"))
         })
         .map(|k| format!(" (did you mean `{k}`?)"))
@@ -999,7 +993,6 @@ fn parse_target(
 }
 
 fn build(mut p: Parser, origin: &Path) -> Result<NodeConfig, ConfigError> {
-    let base = super::base_dir(origin);
     let file_at = Location::new(origin, 0);
     let burst_at = ["FirstBurstLength", "MaxBurstLength"]
         .iter()
@@ -1022,7 +1015,7 @@ fn build(mut p: Parser, origin: &Path) -> Result<NodeConfig, ConfigError> {
     let raw_targets = std::mem::take(&mut p.targets);
     let mut located = Vec::with_capacity(raw_targets.len());
     for (t, tid) in raw_targets.into_iter().zip(tids) {
-        located.push(build_target(&mut p, t, tid, &base)?);
+        located.push(build_target(&mut p, t, tid)?);
     }
     validate::targets(&located, &mut p.warnings)?;
 
@@ -1035,12 +1028,7 @@ fn build(mut p: Parser, origin: &Path) -> Result<NodeConfig, ConfigError> {
     Ok(config)
 }
 
-fn build_target(
-    p: &mut Parser,
-    t: RawTarget,
-    tid: u32,
-    base: &Path,
-) -> Result<LocatedTarget, ConfigError> {
+fn build_target(p: &mut Parser, t: RawTarget, tid: u32) -> Result<LocatedTarget, ConfigError> {
     let name = validate::iscsi_name(&t.name)
         .map_err(|m| ConfigError::invalid(&t.at, format!("target name: {m}")))?;
 
@@ -1098,12 +1086,17 @@ fn build_target(
                 s.path
             ));
         }
-        let path = match validate::backing_path(&s.path, base, &s.at) {
+        // Relative to the file the line is in (which may be an included one).
+        let base = super::base_dir(&s.at.file);
+        let path = match validate::backing_path(&s.path, &base, &s.at) {
             Ok(path) => path,
-            Err(e) if p.ignore_errors => {
+            Err(ConfigError::Backing { path, problem, .. }) if p.ignore_errors => {
                 p.warn(
                     &s.at,
-                    format!("{e}; LUN {lun} skipped because of `ignore-errors yes`"),
+                    format!(
+                        "backing store `{}` {problem}; LUN {lun} skipped because of `ignore-errors yes`",
+                        path.display()
+                    ),
                 );
                 continue;
             }

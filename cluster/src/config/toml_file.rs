@@ -503,9 +503,11 @@ fn target(
         let l = l.into_inner();
         let lun = match &l.lun {
             Some(n) => {
+                lun_at.push(lines.of(n));
                 validate::lun(*n.get_ref()).map_err(|m| ConfigError::invalid(&lines.of(n), m))?
             }
             None => {
+                lun_at.push(at.clone());
                 let free = (1..=validate::MAX_LUN)
                     .find(|n| !explicit.contains(n) && !assigned.contains(n))
                     .unwrap_or(validate::MAX_LUN);
@@ -600,7 +602,6 @@ fn target(
             thin: l.thin.unwrap_or(true),
             write_cache: l.write_cache.unwrap_or(true),
         });
-        lun_at.push(at);
     }
     let def = TargetDef {
         name,
