@@ -355,8 +355,10 @@ fn synchronize_cache(d: &Disk, c: &[u8]) -> CmdResult {
     Ok(Vec::new())
 }
 
-/// WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42). WSNZ = 0: zero blocks writes from the LBA to the
-/// end of the medium, which must still be at most MAXIMUM WRITE SAME LENGTH blocks.
+/// WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42). WSNZ = 1: zero blocks is refused. (WSNZ = 0, "to
+/// the end of the medium", is not offered: libiscsi's test_writesame10_unmap_until_end sends a
+/// block of FFh with UNMAP = 1 and expects zeros back, which a device server that honours the
+/// Data-Out, as SBC requires, cannot give.)
 fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
     let ten = c[0] == op::WRITE_SAME_10;
     let b1 = cdb::u8_at(c, 1);
@@ -385,15 +387,7 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
         // LBPWS = LBPWS10 = 0: no unmap through WRITE SAME (SBC-3 §5.41).
         return Err(bad_cdb(1, Some(3)));
     }
-    let blocks = if blocks == 0 {
-        // WSNZ = 0: zero blocks means from the LBA to the end of the medium.
-        d.blocks
-            .checked_sub(lba)
-            .ok_or(Fail::from(sense::LBA_OUT_OF_RANGE))?
-    } else {
-        blocks
-    };
-    if blocks > MAX_WRITE_SAME_BLOCKS {
+    if blocks == 0 || blocks > MAX_WRITE_SAME_BLOCKS {
         return Err(bad_cdb(len_byte, None));
     }
     let bs = d.block_size as usize;
@@ -402,9 +396,6 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
     }
     check_writable(d)?;
     check_range(d, lba, blocks)?;
-    if blocks == 0 {
-        return Ok(Vec::new());
-    }
     let block: Vec<u8> = if ndob {
         vec![0; bs]
     } else {

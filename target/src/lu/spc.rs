@@ -95,9 +95,8 @@ pub(crate) fn block_limits(d: &Disk) -> vpd::BlockLimits {
     let bs = u64::from(d.block_size);
     let granularity = (4096 / bs).max(1) as u32;
     vpd::BlockLimits {
-        // WRITE SAME with zero blocks writes to the end of the medium (bounded by
-        // MAXIMUM WRITE SAME LENGTH).
-        wsnz: false,
+        // WRITE SAME with zero blocks is refused (see sbc::write_same).
+        wsnz: true,
         max_compare_and_write_len: MAX_COMPARE_AND_WRITE_BLOCKS,
         optimal_transfer_granularity: granularity as u16,
         max_transfer_len: (MAX_TRANSFER_BYTES / bs) as u32,

@@ -255,7 +255,7 @@ fn verify_miscompare() {
     good(&run(&t, &n, 1, &c, &[]));
 }
 
-/// SBC-3 §5.41: WRITE SAME fills, 0 blocks runs to the end, wrong Data-Out size refused.
+/// SBC-3 §5.41: WRITE SAME fills, WSNZ refuses 0 blocks, wrong Data-Out size refused.
 #[test]
 fn write_same() {
     let t = target();
@@ -268,21 +268,16 @@ fn write_same() {
         [0x5a; 2048]
     );
     assert_eq!(run(&t, &n, 1, &read10(14, 1), &[]).data_in, vec![0; 512]);
-    // WSNZ = 0 (SBC-3 §6.6.3): zero blocks writes from the LBA to the end of the medium.
-    let mut z = write_same10(BLOCKS as u32 - 3, 0);
-    good(&run(&t, &n, 1, &z, &[0x77; 512]));
+    // WSNZ = 1 (SBC-3 §6.6.3): zero blocks is INVALID FIELD IN CDB pointing at the length.
+    let o = run(&t, &n, 1, &write_same10(0, 0), &[0; 512]);
     assert_eq!(
-        run(&t, &n, 1, &read10(BLOCKS as u32 - 4, 4), &[]).data_in,
-        [[0u8; 512], [0x77; 512], [0x77; 512], [0x77; 512]].concat()
+        o.sense.unwrap(),
+        [
+            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 7
+        ]
     );
-    // At the end of the medium that is nothing; past it, LBA OUT OF RANGE.
-    z[2..6].copy_from_slice(&(BLOCKS as u32).to_be_bytes());
-    good(&run(&t, &n, 1, &z, &[0x77; 512]));
-    z[2..6].copy_from_slice(&(BLOCKS as u32 + 1).to_be_bytes());
-    assert_eq!(
-        sense_of(&run(&t, &n, 1, &z, &[0x77; 512])),
-        (key::ILLEGAL_REQUEST, 0x21, 0)
-    );
+    let o = run(&t, &n, 1, &write_same16(0, 0), &[0; 512]);
+    assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x24, 0));
     assert_eq!(
         sense_of(&run(&t, &n, 1, &c, &[0; 1024])).0,
         key::ILLEGAL_REQUEST
@@ -311,34 +306,6 @@ fn write_same10(lba: u32, blocks: u16) -> Vec<u8> {
 
 fn write_same16(lba: u64, blocks: u32) -> Vec<u8> {
     rw16(op::WRITE_SAME_16, lba, blocks)
-}
-
-/// A LU bigger than MAXIMUM WRITE SAME LENGTH: zero blocks from LBA 0 would be too long.
-#[test]
-fn write_same_zero_blocks_bounded_by_max_write_same_len() {
-    let blocks = spc::MAX_WRITE_SAME_BLOCKS + 2;
-    let mut d = def(1);
-    d.backing = Backing::Memory {
-        size_bytes: blocks * u64::from(BS),
-    };
-    let t = target_with(d, Box::new(MemStore::new(blocks * u64::from(BS))));
-    let n = nexus(1);
-    let o = run(&t, &n, 1, &write_same16(0, 0), &[1; 512]);
-    assert_eq!(
-        o.sense.unwrap(),
-        [
-            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 10
-        ]
-    );
-    let o = run(&t, &n, 1, &write_same16(1, 0), &[1; 512]);
-    assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x24, 0));
-    good(&run(&t, &n, 1, &write_same16(2, 0), &[1; 512]));
-    let o = run(&t, &n, 1, &rw16(op::READ_16, blocks - 1, 1), &[]);
-    assert_eq!(o.data_in, vec![1; 512]);
-    let o = run(&t, &n, 1, &rw16(op::READ_16, 1, 1), &[]);
-    assert_eq!(o.data_in, vec![0; 512]);
-    let o = run(&t, &n, 1, &write_same16(u64::MAX, 0), &[1; 512]);
-    assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
 }
 
 fn pre_fetch10(lba: u32, blocks: u16, immed: bool) -> Vec<u8> {
@@ -498,7 +465,7 @@ fn write_atomic16() {
         &o.data_in[44..64],
         &[0, 0, 1, 0, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]
     );
-    assert_eq!(o.data_in[4], 0, "WSNZ");
+    assert_eq!(o.data_in[4], 1, "WSNZ");
     let data: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8 + 1).collect();
     let o = run(&t, &n, 1, &write_atomic(8, 8, 0), &data);
     good(&o);
@@ -552,7 +519,7 @@ fn read_only_new_commands() {
     for (c, data) in [
         (orwrite(0, 1, 0), vec![0; 512]),
         (write_atomic(0, 8, 0), vec![0; 8 * 512]),
-        (write_same10(0, 0), vec![0; 512]),
+        (write_same10(0, 1), vec![0; 512]),
     ] {
         assert_eq!(
             sense_of(&run(&t, &n, 1, &c, &data)),
