@@ -20,8 +20,9 @@
 //! FIELD IN COMMAND INFORMATION UNIT and writes nothing (FCP-4 option b, what libiscsi's residual
 //! tests accept).
 //!
-//! Atomicity: `Disk::atomic` is taken shared by READ and plain writes and exclusively by COMPARE
-//! AND WRITE, ORWRITE and WRITE ATOMIC, so those three are indivisible for every other command.
+//! Atomicity: `Disk::atomic` is taken shared by READ, VERIFY and plain writes and exclusively by
+//! COMPARE AND WRITE, ORWRITE and WRITE ATOMIC, so those three are indivisible for every other
+//! command.
 //!
 //! Not done: protection information, XCOPY, RECEIVE COPY RESULTS, SANITIZE (all answered INVALID
 //! COMMAND OPERATION CODE, which libiscsi treats as "not implemented").

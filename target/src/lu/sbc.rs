@@ -267,7 +267,13 @@ fn verify(d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
     if io.bytchk == 0 || io.blocks == 0 {
         return Ok(Vec::new());
     }
-    let medium = read_blocks(d, io.lba, u64::from(io.blocks))?;
+    let medium = {
+        let _shared = d
+            .atomic
+            .read()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        read_blocks(d, io.lba, u64::from(io.blocks))?
+    };
     let bs = d.block_size as usize;
     let diff = if io.bytchk == 1 {
         first_difference(&medium, &data_out[..medium.len()])
