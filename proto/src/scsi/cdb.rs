@@ -19,7 +19,9 @@ pub mod op {
     pub const WRITE_10: u8 = 0x2a;
     pub const WRITE_AND_VERIFY_10: u8 = 0x2e;
     pub const VERIFY_10: u8 = 0x2f;
+    pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
@@ -31,10 +33,13 @@ pub mod op {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
+    pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9c;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const MAINTENANCE_IN: u8 = 0xa3;
@@ -42,6 +47,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xaa;
     pub const WRITE_AND_VERIFY_12: u8 = 0xae;
     pub const VERIFY_12: u8 = 0xaf;
+    pub const READ_DEFECT_DATA_12: u8 = 0xb7;
 }
 
 /// Service actions of SERVICE ACTION IN(16) (SBC-3) and MAINTENANCE IN (SPC-4).
@@ -85,17 +91,18 @@ pub fn u64_at(cdb: &[u8], i: usize) -> u64 {
     be_at(cdb, i, 8)
 }
 
-/// The fields common to READ, WRITE, WRITE AND VERIFY and VERIFY (6/10/12/16), SBC-3 §5.
+/// The fields common to READ, WRITE, WRITE AND VERIFY and VERIFY (6/10/12/16) and ORWRITE(16),
+/// SBC-3 §5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockIo {
     pub lba: u64,
     /// Number of logical blocks (READ(6)/WRITE(6): 0 already turned into 256).
     pub blocks: u32,
-    /// RDPROTECT / WRPROTECT / VRPROTECT (byte 1 bits 7..5; 0 for the 6-byte CDBs).
+    /// RDPROTECT / WRPROTECT / VRPROTECT / ORPROTECT (byte 1 bits 7..5; 0 for the 6-byte CDBs).
     pub protect: u8,
     pub dpo: bool,
     pub fua: bool,
-    /// BYTCHK (VERIFY and WRITE AND VERIFY: byte 1 bits 2..1).
+    /// BYTCHK (VERIFY and WRITE AND VERIFY: byte 1 bits 2..1; meaningless for the others).
     pub bytchk: u8,
 }
 
@@ -130,7 +137,7 @@ pub fn block_io(cdb: &[u8]) -> Option<BlockIo> {
         op::READ_12 | op::WRITE_12 | op::WRITE_AND_VERIFY_12 | op::VERIFY_12 => {
             flags(u64::from(u32_at(cdb, 2)), u32_at(cdb, 6))
         }
-        op::READ_16 | op::WRITE_16 | op::WRITE_AND_VERIFY_16 | op::VERIFY_16 => {
+        op::READ_16 | op::WRITE_16 | op::WRITE_AND_VERIFY_16 | op::VERIFY_16 | op::ORWRITE_16 => {
             flags(u64_at(cdb, 2), u32_at(cdb, 10))
         }
         _ => return None,

@@ -186,6 +186,9 @@ pub fn extended_inquiry(peripheral: u8) -> Vec<u8> {
 /// Limits reported in the block limits page, in logical blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockLimits {
+    /// WSNZ: WRITE SAME with NUMBER OF LOGICAL BLOCKS = 0 is refused (true) or means "to the
+    /// end of the medium" (false).
+    pub wsnz: bool,
     pub max_compare_and_write_len: u8,
     pub optimal_transfer_granularity: u16,
     pub max_transfer_len: u32,
@@ -195,22 +198,92 @@ pub struct BlockLimits {
     pub max_unmap_descriptor_count: u32,
     pub optimal_unmap_granularity: u32,
     pub max_write_same_len: u64,
+    /// Zero when WRITE ATOMIC(16) is not supported.
+    pub max_atomic_transfer_len: u32,
+    pub atomic_alignment: u32,
+    pub atomic_transfer_len_granularity: u32,
 }
 
-/// VPD B0h block limits (SBC-3 §6.6.3), page length 3Ch. WSNZ = 1: WRITE SAME with zero blocks is
-/// refused rather than meaning "to the end of the medium".
+/// Block limits page layout: offsets in the page (SBC-4, Block Limits VPD page table).
+mod bl {
+    pub const PAGE_LEN: usize = 0x3c;
+    pub const WSNZ: usize = 4;
+    pub const MAX_COMPARE_AND_WRITE_LEN: usize = 5;
+    pub const OPTIMAL_TRANSFER_LEN_GRANULARITY: usize = 6;
+    pub const MAX_TRANSFER_LEN: usize = 8;
+    pub const OPTIMAL_TRANSFER_LEN: usize = 12;
+    pub const MAX_UNMAP_LBA_COUNT: usize = 20;
+    pub const MAX_UNMAP_BLOCK_DESCRIPTOR_COUNT: usize = 24;
+    pub const OPTIMAL_UNMAP_GRANULARITY: usize = 28;
+    pub const MAX_WRITE_SAME_LEN: usize = 36;
+    pub const MAX_ATOMIC_TRANSFER_LEN: usize = 44;
+    pub const ATOMIC_ALIGNMENT: usize = 48;
+    pub const ATOMIC_TRANSFER_LEN_GRANULARITY: usize = 52;
+}
+
+/// VPD B0h block limits (SBC-3 §6.6.3, SBC-4 adds the atomic fields), page length 3Ch. The
+/// atomic boundary fields (bytes 56..64) stay zero: WRITE ATOMIC(16) takes no ATOMIC BOUNDARY.
 pub fn block_limits(peripheral: u8, l: &BlockLimits) -> Vec<u8> {
-    let mut body = [0u8; 60];
-    body[0] = 0x01; // WSNZ
-    body[1] = l.max_compare_and_write_len;
-    body[2..4].copy_from_slice(&l.optimal_transfer_granularity.to_be_bytes());
-    body[4..8].copy_from_slice(&l.max_transfer_len.to_be_bytes());
-    body[8..12].copy_from_slice(&l.optimal_transfer_len.to_be_bytes());
-    body[16..20].copy_from_slice(&l.max_unmap_lba_count.to_be_bytes());
-    body[20..24].copy_from_slice(&l.max_unmap_descriptor_count.to_be_bytes());
-    body[24..28].copy_from_slice(&l.optimal_unmap_granularity.to_be_bytes());
-    body[32..40].copy_from_slice(&l.max_write_same_len.to_be_bytes());
-    vpd(peripheral, page::BLOCK_LIMITS, &body)
+    fn put(page: &mut [u8], at: usize, v: &[u8]) {
+        page[at..at + v.len()].copy_from_slice(v);
+    }
+    let mut b = vec![0u8; 4 + bl::PAGE_LEN];
+    b[0] = peripheral;
+    b[1] = page::BLOCK_LIMITS;
+    put(&mut b, 2, &(bl::PAGE_LEN as u16).to_be_bytes());
+    b[bl::WSNZ] = u8::from(l.wsnz);
+    b[bl::MAX_COMPARE_AND_WRITE_LEN] = l.max_compare_and_write_len;
+    put(
+        &mut b,
+        bl::OPTIMAL_TRANSFER_LEN_GRANULARITY,
+        &l.optimal_transfer_granularity.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::MAX_TRANSFER_LEN,
+        &l.max_transfer_len.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::OPTIMAL_TRANSFER_LEN,
+        &l.optimal_transfer_len.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::MAX_UNMAP_LBA_COUNT,
+        &l.max_unmap_lba_count.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::MAX_UNMAP_BLOCK_DESCRIPTOR_COUNT,
+        &l.max_unmap_descriptor_count.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::OPTIMAL_UNMAP_GRANULARITY,
+        &l.optimal_unmap_granularity.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::MAX_WRITE_SAME_LEN,
+        &l.max_write_same_len.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::MAX_ATOMIC_TRANSFER_LEN,
+        &l.max_atomic_transfer_len.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::ATOMIC_ALIGNMENT,
+        &l.atomic_alignment.to_be_bytes(),
+    );
+    put(
+        &mut b,
+        bl::ATOMIC_TRANSFER_LEN_GRANULARITY,
+        &l.atomic_transfer_len_granularity.to_be_bytes(),
+    );
+    b
 }
 
 /// VPD B1h block device characteristics (SBC-3 §6.6.2): MEDIUM ROTATION RATE 1 (non-rotating).
@@ -284,10 +357,11 @@ mod tests {
         assert_eq!(supported_pages(0, &[0, 0x80]), [0, 0, 0, 2, 0, 0x80]);
     }
 
-    /// SBC-3 §6.6.3: block limits page length 3Ch and field offsets.
+    /// SBC-3 §6.6.3: block limits page length 3Ch and field offsets; SBC-4 atomic fields at 44..56.
     #[test]
     fn block_limits_bytes() {
         let l = BlockLimits {
+            wsnz: true,
             max_compare_and_write_len: 255,
             optimal_transfer_granularity: 8,
             max_transfer_len: 0x4000,
@@ -296,6 +370,9 @@ mod tests {
             max_unmap_descriptor_count: 256,
             optimal_unmap_granularity: 8,
             max_write_same_len: 0xffff,
+            max_atomic_transfer_len: 256,
+            atomic_alignment: 8,
+            atomic_transfer_len_granularity: 8,
         };
         let b = block_limits(0, &l);
         assert_eq!(b.len(), 64);
@@ -310,6 +387,11 @@ mod tests {
             &[0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0, 0, 0, 0, 8]
         );
         assert_eq!(&b[36..44], &[0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&b[44..56], &[0, 0, 1, 0, 0, 0, 0, 8, 0, 0, 0, 8]);
+        assert_eq!(&b[56..64], &[0; 8]);
+        // WSNZ = 0: zero blocks means "to the end of the medium".
+        let b = block_limits(0, &BlockLimits { wsnz: false, ..l });
+        assert_eq!(b[4], 0);
     }
 
     /// SBC-3 §6.6.2 and §6.6.4.

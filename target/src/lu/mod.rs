@@ -20,7 +20,11 @@
 //! FIELD IN COMMAND INFORMATION UNIT and writes nothing (FCP-4 option b, what libiscsi's residual
 //! tests accept).
 //!
-//! Not done: protection information, ORWRITE, PRE-FETCH, XCOPY, SANITIZE (all answered INVALID
+//! Atomicity: `Disk::atomic` is taken shared by READ, VERIFY and plain writes and exclusively by
+//! COMPARE AND WRITE, ORWRITE and WRITE ATOMIC, so those three are indivisible for every other
+//! command.
+//!
+//! Not done: protection information, XCOPY, RECEIVE COPY RESULTS, SANITIZE (all answered INVALID
 //! COMMAND OPERATION CODE, which libiscsi treats as "not implemented").
 
 pub mod pr;
@@ -223,8 +227,8 @@ pub(crate) struct Disk {
     pub(crate) store: Box<dyn BackingStore>,
     pub(crate) block_size: u32,
     pub(crate) blocks: u64,
-    /// Writes take it shared, COMPARE AND WRITE exclusively: the compare and the write are atomic
-    /// with respect to every other write to the LU.
+    /// READ and writes take it shared; COMPARE AND WRITE, ORWRITE and WRITE ATOMIC exclusively, so
+    /// each is atomic with respect to every other read or write of the LU.
     pub(crate) atomic: RwLock<()>,
     pub(crate) pr: PersistentReservations,
 }

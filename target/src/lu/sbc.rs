@@ -7,6 +7,7 @@ use raftsan_proto::scsi::sense::{self, Sense};
 
 use super::spc::{
     MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+    atomic_granularity, max_atomic_transfer_blocks,
 };
 use super::{CmdResult, Command, Disk, Fail, LogicalUnit, bad_cdb, truncate};
 
@@ -20,7 +21,9 @@ pub(crate) fn data_out_len(cdb: &[u8], block_size: u32) -> Option<u32> {
         | op::WRITE_16
         | op::WRITE_AND_VERIFY_10
         | op::WRITE_AND_VERIFY_12
-        | op::WRITE_AND_VERIFY_16 => u64::from(cdb::block_io(cdb)?.blocks) * bs,
+        | op::WRITE_AND_VERIFY_16
+        | op::ORWRITE_16 => u64::from(cdb::block_io(cdb)?.blocks) * bs,
+        op::WRITE_ATOMIC_16 => u64::from(cdb::u16_at(cdb, WRITE_ATOMIC_TRANSFER_LEN)) * bs,
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => {
             let io = cdb::block_io(cdb)?;
             match io.bytchk {
@@ -60,7 +63,7 @@ pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResul
         // write of whole blocks writes just those blocks and reports the overflow residual, as
         // libiscsi's residual tests expect (RFC 7143 §11.4.5.2); anything else transfers
         // nothing (FCP-4 §9.4.2 b).
-        let whole_blocks = cmd.data_out.len() % d.block_size as usize == 0;
+        let whole_blocks = cmd.data_out.len().is_multiple_of(d.block_size as usize);
         if !(is_plain_write(c[0]) && whole_blocks) {
             return Err(sense::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT.into());
         }
@@ -85,6 +88,10 @@ pub(crate) fn execute(lu: &LogicalUnit, d: &Disk, cmd: &Command<'_>) -> CmdResul
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => write_same(lu, d, c, cmd.data_out),
         op::UNMAP => unmap(d, c, cmd.data_out),
         op::COMPARE_AND_WRITE => compare_and_write(lu, d, c, cmd.data_out),
+        op::ORWRITE_16 => orwrite(lu, d, c, cmd.data_out),
+        op::WRITE_ATOMIC_16 => write_atomic(lu, d, c, cmd.data_out),
+        op::PRE_FETCH_10 | op::PRE_FETCH_16 => pre_fetch(d, c),
+        op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => read_defect_data(c),
         op::START_STOP_UNIT | op::PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Vec::new()),
         _ => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
     }
@@ -119,6 +126,8 @@ fn is_write(opcode: u8) -> bool {
             | op::WRITE_SAME_16
             | op::UNMAP
             | op::COMPARE_AND_WRITE
+            | op::ORWRITE_16
+            | op::WRITE_ATOMIC_16
     )
 }
 
@@ -141,7 +150,7 @@ fn transfer_len_byte(opcode: u8) -> u16 {
     match opcode {
         op::READ_6 | op::WRITE_6 => 4,
         op::READ_12 | op::WRITE_12 | op::VERIFY_12 | op::WRITE_AND_VERIFY_12 => 6,
-        op::READ_16 | op::WRITE_16 | op::VERIFY_16 | op::WRITE_AND_VERIFY_16 => 10,
+        op::READ_16 | op::WRITE_16 | op::VERIFY_16 | op::WRITE_AND_VERIFY_16 | op::ORWRITE_16 => 10,
         _ => 7,
     }
 }
@@ -178,6 +187,11 @@ fn read(d: &Disk, c: &[u8]) -> CmdResult {
     }
     check_range(d, io.lba, u64::from(io.blocks))?;
     check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
+    // Shared: a read never sees half of a COMPARE AND WRITE, ORWRITE or WRITE ATOMIC.
+    let _shared = d
+        .atomic
+        .read()
+        .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
     read_blocks(d, io.lba, u64::from(io.blocks))
 }
 
@@ -253,7 +267,13 @@ fn verify(d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
     if io.bytchk == 0 || io.blocks == 0 {
         return Ok(Vec::new());
     }
-    let medium = read_blocks(d, io.lba, u64::from(io.blocks))?;
+    let medium = {
+        let _shared = d
+            .atomic
+            .read()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        read_blocks(d, io.lba, u64::from(io.blocks))?
+    };
     let bs = d.block_size as usize;
     let diff = if io.bytchk == 1 {
         first_difference(&medium, &data_out[..medium.len()])
@@ -341,7 +361,10 @@ fn synchronize_cache(d: &Disk, c: &[u8]) -> CmdResult {
     Ok(Vec::new())
 }
 
-/// WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42). WSNZ = 1: zero blocks is refused.
+/// WRITE SAME(10)/(16) (SBC-3 §5.41, §5.42). WSNZ = 1: zero blocks is refused. (WSNZ = 0, "to
+/// the end of the medium", is not offered: libiscsi's test_writesame10_unmap_until_end sends a
+/// block of FFh with UNMAP = 1 and expects zeros back, which a device server that honours the
+/// Data-Out, as SBC requires, cannot give.)
 fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
     let ten = c[0] == op::WRITE_SAME_10;
     let b1 = cdb::u8_at(c, 1);
@@ -501,4 +524,127 @@ fn compare_and_write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> C
     }
     maybe_flush(lu, d, b1 & 0x08 != 0)?;
     Ok(Vec::new())
+}
+
+/// WRITE ATOMIC(16) CDB offsets (SBC-4): ATOMIC BOUNDARY and a 2-byte TRANSFER LENGTH.
+const WRITE_ATOMIC_BOUNDARY: usize = 10;
+const WRITE_ATOMIC_TRANSFER_LEN: usize = 12;
+
+/// ORWRITE(16) (SBC-3): the Data-Out is ORed into the medium. The read, the OR and the write
+/// hold the LU's atomicity lock exclusively, as COMPARE AND WRITE does. FUA_NV is ignored (no
+/// non-volatile cache).
+fn orwrite(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let Some(io) = cdb::block_io(c) else {
+        return Err(sense::INVALID_COMMAND_OPERATION_CODE.into());
+    };
+    if io.protect != 0 {
+        // ORPROTECT: no protection information.
+        return Err(bad_cdb(1, Some(7)));
+    }
+    check_range(d, io.lba, u64::from(io.blocks))?;
+    check_transfer(d, io.blocks, transfer_len_byte(c[0]))?;
+    if io.blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let n = io.blocks as usize * d.block_size as usize;
+    let offset = byte_offset(d, io.lba);
+    {
+        let _exclusive = d
+            .atomic
+            .write()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        let mut medium = read_blocks(d, io.lba, u64::from(io.blocks))?;
+        for (m, x) in medium.iter_mut().zip(&data_out[..n]) {
+            *m |= x;
+        }
+        d.store
+            .write_at(&medium, offset)
+            .map_err(|e| write_error(d, e, offset))?;
+    }
+    maybe_flush(lu, d, io.fua)?;
+    Ok(Vec::new())
+}
+
+/// WRITE ATOMIC(16) (SBC-4): the write is one positioned write under the LU's atomicity lock,
+/// held exclusively, so no read or other write sees part of it. The range is checked first (as
+/// libiscsi expects LBA OUT OF RANGE for over-long writes past the end), then the VPD B0h
+/// limits: at most MAXIMUM ATOMIC TRANSFER LENGTH blocks, LBA a multiple of ATOMIC ALIGNMENT and
+/// length a multiple of ATOMIC TRANSFER LENGTH GRANULARITY, else INVALID FIELD IN CDB. ATOMIC
+/// BOUNDARY must be zero (MAXIMUM ATOMIC BOUNDARY SIZE is zero).
+fn write_atomic(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResult {
+    let b1 = cdb::u8_at(c, 1);
+    if b1 >> 5 != 0 {
+        return Err(bad_cdb(1, Some(7)));
+    }
+    let lba = cdb::u64_at(c, 2);
+    let blocks = u32::from(cdb::u16_at(c, WRITE_ATOMIC_TRANSFER_LEN));
+    if cdb::u16_at(c, WRITE_ATOMIC_BOUNDARY) != 0 {
+        return Err(bad_cdb(WRITE_ATOMIC_BOUNDARY as u16, None));
+    }
+    check_range(d, lba, u64::from(blocks))?;
+    let unit = atomic_granularity(d);
+    if blocks > max_atomic_transfer_blocks(d) || !blocks.is_multiple_of(unit) {
+        return Err(bad_cdb(WRITE_ATOMIC_TRANSFER_LEN as u16, None));
+    }
+    if !lba.is_multiple_of(u64::from(unit)) {
+        return Err(bad_cdb(2, None));
+    }
+    if blocks == 0 {
+        return Ok(Vec::new());
+    }
+    let n = blocks as usize * d.block_size as usize;
+    let offset = byte_offset(d, lba);
+    {
+        let _exclusive = d
+            .atomic
+            .write()
+            .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
+        d.store
+            .write_at(&data_out[..n], offset)
+            .map_err(|e| write_error(d, e, offset))?;
+    }
+    maybe_flush(lu, d, b1 & 0x08 != 0)?;
+    Ok(Vec::new())
+}
+
+/// PRE-FETCH(10)/(16) (SBC-3): the range is checked and nothing else is done; the backing
+/// store's page cache serves later reads. The status is GOOD, not CONDITION MET: the device
+/// server has no cache of its own that it could promise holds the blocks (SBC-3 allows GOOD when
+/// the cache cannot take them all). IMMED and GROUP NUMBER change nothing.
+fn pre_fetch(d: &Disk, c: &[u8]) -> CmdResult {
+    let (lba, blocks) = if c[0] == op::PRE_FETCH_10 {
+        (u64::from(cdb::u32_at(c, 2)), u64::from(cdb::u16_at(c, 7)))
+    } else {
+        (cdb::u64_at(c, 2), u64::from(cdb::u32_at(c, 10)))
+    };
+    check_range(d, lba, blocks)?;
+    Ok(Vec::new())
+}
+
+/// READ DEFECT DATA(10)/(12) parameter data bits (SBC-3): PLISTV / GLISTV sit where the CDB has
+/// REQ_PLIST / REQ_GLIST, followed by the DEFECT LIST FORMAT.
+const DEFECT_LIST_FLAGS: u8 = 0x1f;
+const DEFECT_LIST_FORMAT: u8 = 0x07;
+const DEFECT_LIST_FORMAT_RESERVED: u8 = 0x07;
+
+/// READ DEFECT DATA(10)/(12) (SBC-3): a virtual disk has no defects. The requested primary and
+/// grown lists are returned valid and empty, in the requested format, so the parameter data is
+/// the header alone (4 bytes for (10), 8 for (12)).
+fn read_defect_data(c: &[u8]) -> CmdResult {
+    let twelve = c[0] == op::READ_DEFECT_DATA_12;
+    let (flags_byte, alloc) = if twelve {
+        (1, cdb::u32_at(c, 6) as usize)
+    } else {
+        (2, usize::from(cdb::u16_at(c, 7)))
+    };
+    let flags = cdb::u8_at(c, flags_byte);
+    if flags & DEFECT_LIST_FORMAT == DEFECT_LIST_FORMAT_RESERVED {
+        return Err(bad_cdb(flags_byte as u16, Some(2)));
+    }
+    let mut data = vec![0, flags & DEFECT_LIST_FLAGS, 0, 0];
+    if twelve {
+        // GENERATION CODE (SBC-4) 0, then the 4-byte DEFECT LIST LENGTH 0.
+        data.extend_from_slice(&[0; 4]);
+    }
+    Ok(truncate(data, alloc))
 }

@@ -15,6 +15,9 @@ pub(crate) const MAX_TRANSFER_BYTES: u64 = 8 << 20;
 pub(crate) const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 pub(crate) const MAX_WRITE_SAME_BLOCKS: u64 = 0xffff;
 pub(crate) const MAX_COMPARE_AND_WRITE_BLOCKS: u8 = 255;
+/// WRITE ATOMIC(16) limit in blocks before the MAXIMUM TRANSFER LENGTH cap: the whole write is
+/// one positioned write under the LU's atomicity lock.
+pub(crate) const MAX_ATOMIC_TRANSFER_BLOCKS: u32 = 256;
 
 const INQUIRY_EVPD: u8 = 0x01;
 const INQUIRY_CMDDT: u8 = 0x02;
@@ -76,10 +79,24 @@ pub(crate) fn inquiry(lu: &LogicalUnit, nexus: &Nexus, cdb: &[u8]) -> CmdResult 
     Ok(truncate(data, alloc))
 }
 
+/// Atomic writes cover whole 4 KiB pages (ATOMIC ALIGNMENT = ATOMIC TRANSFER LENGTH GRANULARITY,
+/// in blocks), so an atomic write never shares a page with another write.
+pub(crate) fn atomic_granularity(d: &Disk) -> u32 {
+    (4096 / d.block_size).max(1)
+}
+
+/// MAXIMUM ATOMIC TRANSFER LENGTH in blocks: at most the MAXIMUM TRANSFER LENGTH.
+pub(crate) fn max_atomic_transfer_blocks(d: &Disk) -> u32 {
+    let max_transfer = (MAX_TRANSFER_BYTES / u64::from(d.block_size)) as u32;
+    MAX_ATOMIC_TRANSFER_BLOCKS.min(max_transfer)
+}
+
 pub(crate) fn block_limits(d: &Disk) -> vpd::BlockLimits {
     let bs = u64::from(d.block_size);
     let granularity = (4096 / bs).max(1) as u32;
     vpd::BlockLimits {
+        // WRITE SAME with zero blocks is refused (see sbc::write_same).
+        wsnz: true,
         max_compare_and_write_len: MAX_COMPARE_AND_WRITE_BLOCKS,
         optimal_transfer_granularity: granularity as u16,
         max_transfer_len: (MAX_TRANSFER_BYTES / bs) as u32,
@@ -88,6 +105,9 @@ pub(crate) fn block_limits(d: &Disk) -> vpd::BlockLimits {
         max_unmap_descriptor_count: if d.def.thin { MAX_UNMAP_DESCRIPTORS } else { 0 },
         optimal_unmap_granularity: if d.def.thin { granularity } else { 0 },
         max_write_same_len: MAX_WRITE_SAME_BLOCKS,
+        max_atomic_transfer_len: max_atomic_transfer_blocks(d),
+        atomic_alignment: atomic_granularity(d),
+        atomic_transfer_len_granularity: atomic_granularity(d),
     }
 }
 
@@ -262,7 +282,12 @@ const DISK_COMMANDS: &[Supported] = &[
     rw!(op::WRITE_10, 0x18, 10),
     rw!(op::WRITE_AND_VERIFY_10, 0x12, 10),
     rw!(op::VERIFY_10, 0x16, 10),
+    rw!(op::PRE_FETCH_10, 0x02, 10),
     rw!(op::SYNCHRONIZE_CACHE_10, 0x02, 10),
+    cmd!(
+        op::READ_DEFECT_DATA_10,
+        [0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x07]
+    ),
     rw!(op::WRITE_SAME_10, 0x08, 10),
     cmd!(op::UNMAP, [0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0x07]),
     cmd!(op::MODE_SELECT_10, [0x10, 0, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
@@ -292,16 +317,30 @@ const DISK_COMMANDS: &[Supported] = &[
         ]
     ),
     rw!(op::WRITE_16, 0x18, 16),
+    rw!(op::ORWRITE_16, 0x18, 16),
     rw!(op::WRITE_AND_VERIFY_16, 0x12, 16),
     rw!(op::VERIFY_16, 0x16, 16),
+    rw!(op::PRE_FETCH_16, 0x02, 16),
     rw!(op::SYNCHRONIZE_CACHE_16, 0x02, 16),
     rw!(op::WRITE_SAME_16, 0x09, 16),
+    cmd!(
+        op::WRITE_ATOMIC_16,
+        [
+            0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0xff, 0xff, 0x1f, 0x07
+        ]
+    ),
     cmd!(op::SERVICE_ACTION_IN_16, sa 0x10, [0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x07]),
     cmd!(op::SERVICE_ACTION_IN_16, sa 0x12, [0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x07]),
     rw!(op::READ_12, 0x18, 12),
     rw!(op::WRITE_12, 0x18, 12),
     rw!(op::WRITE_AND_VERIFY_12, 0x12, 12),
     rw!(op::VERIFY_12, 0x16, 12),
+    cmd!(
+        op::READ_DEFECT_DATA_12,
+        [
+            0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x07
+        ]
+    ),
 ];
 
 fn supported(lu: &LogicalUnit) -> Vec<&'static Supported> {

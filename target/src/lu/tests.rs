@@ -268,12 +268,16 @@ fn write_same() {
         [0x5a; 2048]
     );
     assert_eq!(run(&t, &n, 1, &read10(14, 1), &[]).data_in, vec![0; 512]);
-    let mut z = c.clone();
-    z[7..9].copy_from_slice(&[0, 0]);
+    // WSNZ = 1 (SBC-3 §6.6.3): zero blocks is INVALID FIELD IN CDB pointing at the length.
+    let o = run(&t, &n, 1, &write_same10(0, 0), &[0; 512]);
     assert_eq!(
-        sense_of(&run(&t, &n, 1, &z, &[0; 512])),
-        (key::ILLEGAL_REQUEST, 0x24, 0)
+        o.sense.unwrap(),
+        [
+            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 7
+        ]
     );
+    let o = run(&t, &n, 1, &write_same16(0, 0), &[0; 512]);
+    assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x24, 0));
     assert_eq!(
         sense_of(&run(&t, &n, 1, &c, &[0; 1024])).0,
         key::ILLEGAL_REQUEST
@@ -292,6 +296,275 @@ fn write_same() {
     c[1] = 0x08;
     good(&run(&t, &n, 1, &c, &[0; 512]));
     assert_eq!(run(&t, &n, 1, &read10(10, 4), &[]).data_in, vec![0; 2048]);
+}
+
+fn write_same10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = read10(lba, blocks);
+    c[0] = op::WRITE_SAME_10;
+    c
+}
+
+fn write_same16(lba: u64, blocks: u32) -> Vec<u8> {
+    rw16(op::WRITE_SAME_16, lba, blocks)
+}
+
+fn pre_fetch10(lba: u32, blocks: u16, immed: bool) -> Vec<u8> {
+    let mut c = read10(lba, blocks);
+    c[0] = op::PRE_FETCH_10;
+    c[1] = if immed { 0x02 } else { 0 };
+    c
+}
+
+/// SBC-3 PRE-FETCH(10)/(16): GOOD for a range on the medium (with or without IMMED), LBA OUT OF
+/// RANGE past the end, even for zero blocks.
+#[test]
+fn pre_fetch() {
+    let t = target();
+    let n = nexus(1);
+    for c in [
+        pre_fetch10(0, 0, false),
+        pre_fetch10(0, 256, false),
+        pre_fetch10(BLOCKS as u32 - 256, 256, true),
+        rw16(op::PRE_FETCH_16, BLOCKS - 1, 1),
+        rw16(op::PRE_FETCH_16, BLOCKS, 0),
+    ] {
+        let o = run(&t, &n, 1, &c, &[]);
+        assert_eq!(o, Outcome::good(Vec::new()));
+    }
+    for c in [
+        pre_fetch10(BLOCKS as u32 + 1, 0, false),
+        pre_fetch10(BLOCKS as u32 - 1, 2, false),
+        pre_fetch10(u32::MAX, 1, true),
+        rw16(op::PRE_FETCH_16, 1 << 63, 1),
+        rw16(op::PRE_FETCH_16, u64::MAX, 0),
+    ] {
+        let o = run(&t, &n, 1, &c, &[]);
+        assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
+    }
+}
+
+/// SBC-3 READ DEFECT DATA(10)/(12): empty lists, PLISTV/GLISTV and the format echoed, cut to the
+/// allocation length; the reserved format 111b is refused.
+#[test]
+fn read_defect_data() {
+    let t = target();
+    let n = nexus(1);
+    let rdd10 = |flags: u8, alloc: u16| {
+        let mut c = vec![op::READ_DEFECT_DATA_10, 0, flags, 0, 0, 0, 0];
+        c.extend_from_slice(&alloc.to_be_bytes());
+        c.push(0);
+        c
+    };
+    let rdd12 = |flags: u8, alloc: u32| {
+        let mut c = vec![op::READ_DEFECT_DATA_12, flags, 0, 0, 0, 0];
+        c.extend_from_slice(&alloc.to_be_bytes());
+        c.extend_from_slice(&[0, 0]);
+        c
+    };
+    assert_eq!(run(&t, &n, 1, &rdd10(0, 32), &[]).data_in, [0, 0, 0, 0]);
+    // REQ_PLIST, REQ_GLIST, long block format 011b.
+    assert_eq!(
+        run(&t, &n, 1, &rdd10(0x1b, 32), &[]).data_in,
+        [0, 0x1b, 0, 0]
+    );
+    assert_eq!(run(&t, &n, 1, &rdd10(0x1b, 2), &[]).data_in, [0, 0x1b]);
+    assert_eq!(
+        run(&t, &n, 1, &rdd10(0x1b, 0), &[]),
+        Outcome::good(Vec::new())
+    );
+    assert_eq!(
+        run(&t, &n, 1, &rdd10(0x07, 32), &[]).sense.unwrap(),
+        [
+            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xca, 0, 2
+        ]
+    );
+    assert_eq!(
+        run(&t, &n, 1, &rdd12(0x0c, 32), &[]).data_in,
+        [0, 0x0c, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(run(&t, &n, 1, &rdd12(0, 5), &[]).data_in, [0; 5]);
+    assert_eq!(
+        sense_of(&run(&t, &n, 1, &rdd12(0x1f, 32), &[])),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+fn orwrite(lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = rw16(op::ORWRITE_16, lba, blocks);
+    c[1] = flags;
+    c
+}
+
+/// SBC-3 ORWRITE(16): the Data-Out is ORed into the medium; range, ORPROTECT and Data-Out size
+/// checked; a failing FUA flush is a write error.
+#[test]
+fn orwrite16() {
+    let store = Arc::new(FaultyStore::new(MemStore::new(BLOCKS * u64::from(BS))));
+    let t = target_with(def(1), Box::new(store.clone()));
+    let n = nexus(1);
+    good(&run(&t, &n, 1, &write10(4, 2, 0), &[0x0f; 1024]));
+    let mut data = vec![0xa0; 1024];
+    data[1023] = 0x30;
+    let o = run(&t, &n, 1, &orwrite(4, 2, 0), &data);
+    good(&o);
+    assert_eq!(o.scsi_transfer_len, Some(1024));
+    let mut want = vec![0xaf; 1024];
+    want[1023] = 0x3f;
+    assert_eq!(run(&t, &n, 1, &read10(4, 2), &[]).data_in, want);
+    // Neighbours untouched; DPO and FUA accepted.
+    assert_eq!(run(&t, &n, 1, &read10(6, 1), &[]).data_in, vec![0; 512]);
+    good(&run(&t, &n, 1, &orwrite(6, 1, 0x18), &[0x01; 512]));
+    assert_eq!(run(&t, &n, 1, &read10(6, 1), &[]).data_in, vec![0x01; 512]);
+    good(&run(&t, &n, 1, &orwrite(0, 0, 0), &[]));
+    for (lba, blocks) in [
+        (BLOCKS + 1, 0),
+        (1 << 63, 0),
+        (u64::MAX, 1),
+        (BLOCKS - 1, 2),
+    ] {
+        let data = vec![0xa6; blocks as usize * 512];
+        let o = run(&t, &n, 1, &orwrite(lba, blocks, 0), &data);
+        assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
+    }
+    for protect in 1..8u8 {
+        let o = run(&t, &n, 1, &orwrite(0, 1, protect << 5), &[0; 512]);
+        assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x24, 0));
+    }
+    // Short Data-Out: nothing is written (FCP-4 §9.4.2 b).
+    let o = run(&t, &n, 1, &orwrite(8, 2, 0), &[0xff; 512]);
+    assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x0e, 0x03));
+    assert_eq!(run(&t, &n, 1, &read10(8, 1), &[]).data_in, vec![0; 512]);
+    store.inject(Fault {
+        op: FaultOp::Flush,
+        after_ops: 0,
+        range: None,
+        errno: libc::EIO,
+    });
+    let o = run(&t, &n, 1, &orwrite(0, 1, 0x08), &[1; 512]);
+    assert_eq!(sense_of(&o), (key::MEDIUM_ERROR, 0x0c, 0));
+}
+
+fn write_atomic(lba: u64, blocks: u16, flags: u8) -> Vec<u8> {
+    let mut c = vec![op::WRITE_ATOMIC_16, flags];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c.extend_from_slice(&blocks.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c
+}
+
+/// SBC-4 WRITE ATOMIC(16) with 512-byte blocks: the block limits page reports MAXIMUM ATOMIC
+/// TRANSFER LENGTH 256, ATOMIC ALIGNMENT 8 and granularity 8; writes obeying them land, others
+/// are INVALID FIELD IN CDB, and the range is checked first.
+#[test]
+fn write_atomic16() {
+    let t = target();
+    let n = nexus(1);
+    let o = run(&t, &n, 1, &[op::INQUIRY, 1, 0xb0, 0, 255, 0], &[]);
+    assert_eq!(
+        &o.data_in[44..64],
+        &[0, 0, 1, 0, 0, 0, 0, 8, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(o.data_in[4], 1, "WSNZ");
+    let data: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8 + 1).collect();
+    let o = run(&t, &n, 1, &write_atomic(8, 8, 0), &data);
+    good(&o);
+    assert_eq!(o.scsi_transfer_len, Some(8 * 512));
+    assert_eq!(run(&t, &n, 1, &read10(8, 8), &[]).data_in, data);
+    good(&run(
+        &t,
+        &n,
+        1,
+        &write_atomic(BLOCKS - 256, 256, 0x18),
+        &vec![3; 256 * 512],
+    ));
+    good(&run(&t, &n, 1, &write_atomic(0, 0, 0), &[]));
+    let invalid = |c: &[u8], data: &[u8], byte: u8| {
+        let o = run(&t, &n, 1, c, data);
+        let s = o.sense.unwrap();
+        assert_eq!((s[2], s[12], s[13]), (key::ILLEGAL_REQUEST, 0x24, 0));
+        assert_eq!(s[17], byte, "field pointer");
+    };
+    invalid(&write_atomic(1, 8, 0), &data, 2);
+    invalid(&write_atomic(0, 1, 0), &data[..512], 12);
+    invalid(&write_atomic(0, 264, 0), &vec![0; 264 * 512], 12);
+    let mut boundary = write_atomic(0, 8, 0);
+    boundary[11] = 8;
+    invalid(&boundary, &data, 10);
+    for protect in 1..8u8 {
+        invalid(&write_atomic(0, 8, protect << 5), &data, 1);
+    }
+    assert_eq!(run(&t, &n, 1, &read10(0, 1), &[]).data_in, vec![0; 512]);
+    // Out of range wins over the length limit (libiscsi test_writeatomic16_beyond_eol).
+    for (lba, blocks) in [
+        (BLOCKS - 256, 512),
+        (1 << 63, 8),
+        (u64::MAX - 7, 8),
+        (BLOCKS + 8, 0),
+    ] {
+        let data = vec![0xa6; blocks as usize * 512];
+        let o = run(&t, &n, 1, &write_atomic(lba, blocks, 0), &data);
+        assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
+    }
+}
+
+/// Read-only LUs refuse ORWRITE and WRITE ATOMIC with DATA PROTECT; READ DEFECT DATA and
+/// PRE-FETCH still work.
+#[test]
+fn read_only_new_commands() {
+    let mut d = def(1);
+    d.read_only = true;
+    let t = target_with(d, Box::new(MemStore::new(BLOCKS * u64::from(BS))));
+    let n = nexus(1);
+    for (c, data) in [
+        (orwrite(0, 1, 0), vec![0; 512]),
+        (write_atomic(0, 8, 0), vec![0; 8 * 512]),
+        (write_same10(0, 1), vec![0; 512]),
+    ] {
+        assert_eq!(
+            sense_of(&run(&t, &n, 1, &c, &data)),
+            (key::DATA_PROTECT, 0x27, 0)
+        );
+    }
+    good(&run(&t, &n, 1, &pre_fetch10(0, 1, false), &[]));
+    good(&run(
+        &t,
+        &n,
+        1,
+        &[op::READ_DEFECT_DATA_10, 0, 0, 0, 0, 0, 0, 0, 4, 0],
+        &[],
+    ));
+}
+
+/// ORWRITE, WRITE ATOMIC and COMPARE AND WRITE racing on one block from several threads: every
+/// ORWRITE bit survives (no lost update), and an atomic write is never seen torn by a reader.
+#[test]
+fn atomic_commands_do_not_interleave() {
+    let t = Arc::new(target());
+    let bits: Vec<u8> = (0..8).map(|i| 1 << i).collect();
+    std::thread::scope(|s| {
+        for &bit in &bits {
+            let t = t.clone();
+            s.spawn(move || {
+                let n = nexus(1);
+                for _ in 0..50 {
+                    good(&run(&t, &n, 1, &orwrite(0, 1, 0), &[bit; 512]));
+                }
+            });
+        }
+        let t2 = t.clone();
+        s.spawn(move || {
+            let n = nexus(2);
+            for i in 0..100u32 {
+                let fill = (i % 2) as u8 * 0xff;
+                good(&run(&t2, &n, 1, &write_atomic(8, 8, 0), &[fill; 8 * 512]));
+                let got = run(&t2, &n, 1, &read10(8, 8), &[]).data_in;
+                assert!(got.iter().all(|&b| b == got[0]), "torn atomic write");
+            }
+        });
+    });
+    let n = nexus(1);
+    assert_eq!(run(&t, &n, 1, &read10(0, 1), &[]).data_in, vec![0xff; 512]);
 }
 
 fn unmap_cdb(param_len: u16) -> Vec<u8> {
@@ -708,7 +981,8 @@ mod fuzz {
         fn execute_never_panics(
             lun in 0u64..3,
             opcode in prop_oneof![any::<u8>(), Just(0x28u8), Just(0x2a), Just(0x89), Just(0x93), Just(0x42),
-                Just(0x9e), Just(0xa3), Just(0x15), Just(0x55), Just(0x12), Just(0x1a), Just(0x5a), Just(0x2f)],
+                Just(0x9e), Just(0xa3), Just(0x15), Just(0x55), Just(0x12), Just(0x1a), Just(0x5a), Just(0x2f),
+                Just(0x8b), Just(0x9c), Just(0x34), Just(0x90), Just(0x37), Just(0xb7)],
             rest in proptest::collection::vec(any::<u8>(), 0..16),
             small in any::<bool>(),
             data in proptest::collection::vec(any::<u8>(), 0..2048),
