@@ -39,15 +39,25 @@ pub async fn run(portal: SocketAddr, dir: Option<PathBuf>, check_only: bool) -> 
     f.set_len(DISK_BYTES)?;
     drop(f);
     let conf_path = dir.join("targets.conf");
-    let conf = format!("# raftsan demo: the tgt syntax, served by raftsan\n<target {TARGET}>\n    backing-store {}\n</target>\n", disk.display());
+    let conf = format!(
+        "# raftsan demo: the tgt syntax, served by raftsan\n<target {TARGET}>\n    backing-store {}\n</target>\n",
+        disk.display()
+    );
     std::fs::write(&conf_path, &conf)?;
     let mut cfg = config::parse_str(&conf, &conf_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     cfg.portals = vec![portal];
     cfg.data_dir = Some(dir.join("data"));
     std::fs::create_dir_all(dir.join("data"))?;
 
-    let server = PortalServer::new(cfg.catalog.clone(), super::portal_settings(&cfg), cfg.data_dir.as_deref())?;
-    let listener = server.bind(portal).await.with_context(|| format!("listening on {portal}"))?;
+    let server = PortalServer::new(
+        cfg.catalog.clone(),
+        super::portal_settings(&cfg),
+        cfg.data_dir.as_deref(),
+    )?;
+    let listener = server
+        .bind(portal)
+        .await
+        .with_context(|| format!("listening on {portal}"))?;
     let serving = tokio::spawn(server.clone().serve(listener));
     let url = format!("iscsi://{portal}/{TARGET}/1");
     println!("raftsan demo: one node (the three-node cluster comes with replication)");
@@ -55,7 +65,11 @@ pub async fn run(portal: SocketAddr, dir: Option<PathBuf>, check_only: bool) -> 
     println!("  configuration  : {}\n{}", conf_path.display(), indent(&conf));
     println!("  portal         : {portal} (TPGT 1)");
     println!("  target         : {TARGET}");
-    println!("  LUN 1          : {} ({} MiB, sparse file)", disk.display(), DISK_BYTES >> 20);
+    println!(
+        "  LUN 1          : {} ({} MiB, sparse file)",
+        disk.display(),
+        DISK_BYTES >> 20
+    );
     println!("  try            : iscsi-ls -s iscsi://{portal}   |   qemu-img info {url}");
 
     let checked = check(portal, &url, &dir).await;
@@ -78,11 +92,18 @@ fn indent(s: &str) -> String {
 
 /// Discovery and login with `iscsi-ls`, then a write/read round trip with `qemu-img`.
 async fn check(portal: SocketAddr, url: &str, dir: &Path) -> Result<()> {
-    let ls = tokio::process::Command::new("iscsi-ls").arg("-s").arg(format!("iscsi://{portal}")).output().await;
+    let ls = tokio::process::Command::new("iscsi-ls")
+        .arg("-s")
+        .arg(format!("iscsi://{portal}"))
+        .output()
+        .await;
     match ls {
         Err(_) => bail!("iscsi-ls not found: install libiscsi-bin (scripts/install-deps.sh does)"),
         Ok(o) if !o.status.success() => bail!("iscsi-ls failed: {}", String::from_utf8_lossy(&o.stderr)),
-        Ok(o) => print!("$ iscsi-ls -s iscsi://{portal}\n{}", indent(&String::from_utf8_lossy(&o.stdout))),
+        Ok(o) => print!(
+            "$ iscsi-ls -s iscsi://{portal}\n{}",
+            indent(&String::from_utf8_lossy(&o.stdout))
+        ),
     }
     let src = dir.join("check-in.raw");
     let back = dir.join("check-out.raw");
@@ -115,11 +136,21 @@ fn path(p: &Path) -> &str {
 }
 
 async fn qemu_img(args: &[&str]) -> Result<()> {
-    let o = tokio::process::Command::new("qemu-img").args(args).output().await.map_err(|_| {
-        anyhow::anyhow!("qemu-img not found: install qemu-utils and qemu-block-extra (scripts/install-deps.sh does)")
-    })?;
+    let o = tokio::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "qemu-img not found: install qemu-utils and qemu-block-extra (scripts/install-deps.sh does)"
+            )
+        })?;
     if !o.status.success() {
-        bail!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+        bail!(
+            "qemu-img {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     Ok(())
 }

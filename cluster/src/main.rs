@@ -18,7 +18,11 @@ use raftsan_target::portal::{PortalServer, PortalSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
-#[command(name = "raftsan", version, about = "raftsan storage node: a highly available iSCSI target")]
+#[command(
+    name = "raftsan",
+    version,
+    about = "raftsan storage node: a highly available iSCSI target"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -55,9 +59,7 @@ enum Cmd {
         json: bool,
     },
     /// Validate a configuration file and print what it defines.
-    CheckConfig {
-        config: PathBuf,
-    },
+    CheckConfig { config: PathBuf },
     /// Start a node with an embedded default (one target, one 256 MiB LUN in a temporary
     /// directory), check it with real iSCSI clients (iscsi-ls, qemu-img) and keep serving.
     /// The three-node replicated demo comes with the cluster.
@@ -88,7 +90,13 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Cmd::Serve { config, listen, data_dir, metrics, admin_socket } => {
+        Cmd::Serve {
+            config,
+            listen,
+            data_dir,
+            metrics,
+            admin_socket,
+        } => {
             let mut cfg = load(&config)?;
             if !listen.is_empty() {
                 cfg.portals = listen;
@@ -109,7 +117,11 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(show(&admin_socket, json))
         }
-        Cmd::Demo { portal, dir, check_only } => {
+        Cmd::Demo {
+            portal,
+            dir,
+            check_only,
+        } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(demo::run(portal, dir, check_only))
         }
@@ -172,17 +184,15 @@ async fn serve(cfg: NodeConfig) -> Result<()> {
     }
     let mut listeners = Vec::new();
     for addr in &cfg.portals {
-        let l = server.bind(*addr).await.with_context(|| format!("listening on portal {addr}"))?;
+        let l = server
+            .bind(*addr)
+            .await
+            .with_context(|| format!("listening on portal {addr}"))?;
         tracing::info!(portal = %l.local_addr()?, "portal listening");
         listeners.push(l);
     }
-    let admin = cfg
-        .admin_socket
-        .clone()
-        .or_else(|| cfg.data_dir.as_ref().map(|d| d.join("admin.sock")));
-    if let Some(path) = &admin {
-        spawn_admin(server.clone(), path).with_context(|| format!("opening the admin socket {}", path.display()))?;
-    }
+    let admin = cfg.admin_socket_path();
+    spawn_admin(server.clone(), &admin).with_context(|| format!("opening the admin socket {}", admin.display()))?;
     for t in &cfg.catalog.targets {
         tracing::info!(target = %t.name, tid = t.tid, luns = t.luns.len(), "serving target");
     }
@@ -196,9 +206,7 @@ async fn serve(cfg: NodeConfig) -> Result<()> {
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    if let Some(path) = admin {
-        let _ = std::fs::remove_file(path);
-    }
+    let _ = std::fs::remove_file(admin);
     Ok(())
 }
 
@@ -252,9 +260,12 @@ fn spawn_admin(server: Arc<PortalServer>, path: &Path) -> Result<()> {
 }
 
 async fn show(path: &Path, json: bool) -> Result<()> {
-    let mut s = tokio::net::UnixStream::connect(path)
-        .await
-        .with_context(|| format!("connecting to the daemon's admin socket {} (is `raftsan serve` running?)", path.display()))?;
+    let mut s = tokio::net::UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "connecting to the daemon's admin socket {} (is `raftsan serve` running?)",
+            path.display()
+        )
+    })?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.context("reading the daemon's state")?;
     if json {
@@ -272,15 +283,25 @@ fn render_show(state: &serde_json::Value) -> String {
     let mut o = String::new();
     let empty = Vec::new();
     let arr = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_array()).cloned().unwrap_or_default();
-    let s = |v: &serde_json::Value, k: &str| v.get(k).map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string())).unwrap_or_default();
-    let portals: Vec<String> = arr(state, "portals").iter().map(|p| p.as_str().unwrap_or("").to_string()).collect();
+    let s = |v: &serde_json::Value, k: &str| {
+        v.get(k)
+            .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+            .unwrap_or_default()
+    };
+    let portals: Vec<String> = arr(state, "portals")
+        .iter()
+        .map(|p| p.as_str().unwrap_or("").to_string())
+        .collect();
     let _ = writeln!(o, "Portals: {}", portals.join(", "));
     let sessions = arr(state, "sessions");
     for t in state.get("targets").and_then(|t| t.as_array()).unwrap_or(&empty) {
         let name = s(t, "name");
         let _ = writeln!(o, "Target {}: {}", s(t, "tid"), name);
         let _ = writeln!(o, "    I_T nexus information:");
-        for sess in sessions.iter().filter(|x| x.get("target").and_then(|n| n.as_str()) == Some(name.as_str())) {
+        for sess in sessions
+            .iter()
+            .filter(|x| x.get("target").and_then(|n| n.as_str()) == Some(name.as_str()))
+        {
             let _ = writeln!(o, "        I_T nexus: {} (TSIH)", s(sess, "tsih"));
             let _ = writeln!(o, "            Initiator: {} alias: none", s(sess, "initiator_name"));
             let _ = writeln!(o, "            ISID: {}", s(sess, "isid"));

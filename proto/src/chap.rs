@@ -135,12 +135,8 @@ fn decode_hex(body: &str) -> Result<Vec<u8>, ChapError> {
         return Err(ChapError::TooLong);
     }
     let digits = body.as_bytes();
-    let nibble = |c: u8| -> Result<u8, ChapError> {
-        (c as char)
-            .to_digit(16)
-            .map(|d| d as u8)
-            .ok_or(ChapError::InvalidHex)
-    };
+    let nibble =
+        |c: u8| -> Result<u8, ChapError> { (c as char).to_digit(16).map(|d| d as u8).ok_or(ChapError::InvalidHex) };
     let mut out = Vec::with_capacity(digits.len().div_ceil(2));
     let rest = if digits.len() % 2 == 1 {
         out.push(nibble(digits[0])?);
@@ -205,8 +201,7 @@ mod tests {
 
     const SECRET: &[u8] = b"secretsecret";
     const CHALLENGE: [u8; 16] = [
-        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
-        0xff,
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
     ];
 
     #[test]
@@ -215,10 +210,7 @@ mod tests {
         // hashlib over bytes([1]) + b"secretsecret" + bytes.fromhex("0011..eeff").
         let cases = [
             (ChapAlgorithm::Md5, "3d3d7f13199a65926f355637d73daf5c"),
-            (
-                ChapAlgorithm::Sha1,
-                "49e1aa2619e4e569c7225d7cd5c1f61a55ca4345",
-            ),
+            (ChapAlgorithm::Sha1, "49e1aa2619e4e569c7225d7cd5c1f61a55ca4345"),
             (
                 ChapAlgorithm::Sha256,
                 "257057db4d4b74df190de053df3e0a4c7f0eff17c7d88ed0e20f53eb1c0d4a73",

@@ -71,12 +71,7 @@ pub mod status {
 pub trait LoginAuthority {
     /// Called once the initiator has named itself (and the target for a normal session).
     /// `target_name` is None for discovery.
-    fn lookup(
-        &self,
-        session_type: SessionType,
-        target_name: Option<&str>,
-        initiator_name: &str,
-    ) -> Lookup;
+    fn lookup(&self, session_type: SessionType, target_name: Option<&str>, initiator_name: &str) -> Lookup;
 }
 
 /// Answer of [`LoginAuthority::lookup`].
@@ -214,12 +209,7 @@ struct Identity {
 
 /// Keys of the first request that name the initiator, the target and the session
 /// (RFC 7143 §13.4-13.6, §13.21).
-const IDENTITY_KEYS: [&str; 4] = [
-    "InitiatorName",
-    "InitiatorAlias",
-    "TargetName",
-    "SessionType",
-];
+const IDENTITY_KEYS: [&str; 4] = ["InitiatorName", "InitiatorAlias", "TargetName", "SessionType"];
 
 /// The login of one connection, target side.
 pub struct TargetLogin {
@@ -241,10 +231,7 @@ impl TargetLogin {
     /// `chap_id` and `chap_challenge` (e.g. 16..=32 random bytes) come from the caller: proto
     /// has no RNG.
     pub fn new(limits: TargetLimits, chap_id: u8, chap_challenge: Vec<u8>) -> Self {
-        debug_assert!(
-            !chap_challenge.is_empty(),
-            "the CHAP challenge must not be empty"
-        );
+        debug_assert!(!chap_challenge.is_empty(), "the CHAP challenge must not be empty");
         Self {
             limits,
             chap_id,
@@ -261,11 +248,7 @@ impl TargetLogin {
     }
 
     /// Handles one Login Request PDU.
-    pub fn on_request(
-        &mut self,
-        req: &LoginRequest<'_>,
-        authority: &dyn LoginAuthority,
-    ) -> LoginStep {
+    pub fn on_request(&mut self, req: &LoginRequest<'_>, authority: &dyn LoginAuthority) -> LoginStep {
         match self.step(req, authority) {
             Ok(step) => {
                 if matches!(step, LoginStep::FullFeature(..)) {
@@ -303,11 +286,7 @@ impl TargetLogin {
         }
     }
 
-    fn step(
-        &mut self,
-        req: &LoginRequest<'_>,
-        authority: &dyn LoginAuthority,
-    ) -> Result<LoginStep, LoginFailure> {
+    fn step(&mut self, req: &LoginRequest<'_>, authority: &dyn LoginAuthority) -> Result<LoginStep, LoginFailure> {
         if self.phase == Phase::Finished {
             return Err(initiator_error("login request after the login ended"));
         }
@@ -330,18 +309,12 @@ impl TargetLogin {
         self.pending.extend_from_slice(req.data);
         if req.cont {
             self.pending_csg = Some(req.csg);
-            return Ok(LoginStep::Continue(Self::response(
-                req.csg,
-                false,
-                0,
-                Vec::new(),
-            )));
+            return Ok(LoginStep::Continue(Self::response(req.csg, false, 0, Vec::new())));
         }
         self.pending_csg = None;
         let text = std::mem::take(&mut self.pending);
 
-        let pairs = text::parse(&text)
-            .map_err(|e| initiator_error(&format!("malformed login text: {e}")))?;
+        let pairs = text::parse(&text).map_err(|e| initiator_error(&format!("malformed login text: {e}")))?;
         let mut keys = BTreeSet::new();
         for (key, _) in &pairs {
             if !keys.insert(key.as_str()) {
@@ -351,8 +324,7 @@ impl TargetLogin {
         let (identity, rest): (Vec<_>, Vec<_>) = pairs
             .into_iter()
             .partition(|(k, _)| IDENTITY_KEYS.contains(&k.as_str()));
-        let (security, operational): (Vec<_>, Vec<_>) =
-            rest.into_iter().partition(|(k, _)| is_security_key(k));
+        let (security, operational): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| is_security_key(k));
 
         if self.phase == Phase::Start {
             self.identify(req.csg, &identity, authority)?;
@@ -364,15 +336,10 @@ impl TargetLogin {
         if req.csg == STAGE_SECURITY {
             answers = self.security(&security)?;
         } else if let Some((key, _)) = security.first() {
-            return Err(initiator_error(&format!(
-                "{key} outside the security stage"
-            )));
+            return Err(initiator_error(&format!("{key} outside the security stage")));
         }
 
-        let negotiator = self
-            .negotiator
-            .as_mut()
-            .ok_or_else(|| initiator_error("no identity"))?;
+        let negotiator = self.negotiator.as_mut().ok_or_else(|| initiator_error("no identity"))?;
         // Operational keys are answered in the security stage too: RFC 3720 initiators may
         // send them there.
         answers.extend(
@@ -388,10 +355,7 @@ impl TargetLogin {
             answers.extend(self.first_response_declarations());
         }
         let mut data = Vec::new();
-        let refs: Vec<(&str, &str)> = answers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let refs: Vec<(&str, &str)> = answers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         text::encode(&refs, &mut data);
 
         let stage_done = match req.csg {
@@ -420,18 +384,12 @@ impl TargetLogin {
     /// RFC 7143 §6.3, §11.12.3: legal CSG/NSG/T/C combinations and stage order.
     fn check_stages(&self, req: &LoginRequest<'_>) -> Result<(), LoginFailure> {
         if req.csg != STAGE_SECURITY && req.csg != STAGE_OPERATIONAL {
-            return Err(initiator_error(&format!(
-                "login request in stage {}",
-                req.csg
-            )));
+            return Err(initiator_error(&format!("login request in stage {}", req.csg)));
         }
         if req.transit && req.cont {
             return Err(initiator_error("T and C both set"));
         }
-        if req.transit
-            && (req.nsg <= req.csg
-                || (req.nsg != STAGE_OPERATIONAL && req.nsg != STAGE_FULL_FEATURE))
-        {
+        if req.transit && (req.nsg <= req.csg || (req.nsg != STAGE_OPERATIONAL && req.nsg != STAGE_FULL_FEATURE)) {
             return Err(initiator_error(&format!(
                 "transit from stage {} to stage {}",
                 req.csg, req.nsg
@@ -439,10 +397,9 @@ impl TargetLogin {
         }
         let expected = match self.phase {
             Phase::Start => return Ok(()),
-            Phase::AwaitAuthMethod
-            | Phase::ChapAlgorithm
-            | Phase::ChapResponse(_)
-            | Phase::SecurityDone => STAGE_SECURITY,
+            Phase::AwaitAuthMethod | Phase::ChapAlgorithm | Phase::ChapResponse(_) | Phase::SecurityDone => {
+                STAGE_SECURITY
+            }
             Phase::Operational => STAGE_OPERATIONAL,
             Phase::Finished => return Ok(()),
         };
@@ -470,9 +427,7 @@ impl TargetLogin {
         }
         let session_type = match value_of(pairs, "SessionType") {
             None => SessionType::Normal,
-            Some(v) => {
-                SessionType::from_value(v).ok_or_else(|| initiator_error("unknown SessionType"))?
-            }
+            Some(v) => SessionType::from_value(v).ok_or_else(|| initiator_error("unknown SessionType"))?,
         };
         let target_name = match session_type {
             SessionType::Discovery => None,
@@ -522,10 +477,7 @@ impl TargetLogin {
     /// Later requests may repeat the identity keys (libiscsi does when the security stage
     /// ended in one step) but not change them (RFC 7143 §6.2).
     fn check_identity_repeat(&mut self, pairs: &[(String, String)]) -> Result<(), LoginFailure> {
-        let identity = self
-            .identity
-            .as_mut()
-            .ok_or_else(|| initiator_error("no identity"))?;
+        let identity = self.identity.as_mut().ok_or_else(|| initiator_error("no identity"))?;
         for (key, value) in pairs {
             let same = match key.as_str() {
                 "InitiatorName" => *value == identity.initiator_name,
@@ -551,14 +503,8 @@ impl TargetLogin {
     }
 
     /// Security stage keys: AuthMethod and CHAP (RFC 7143 §12.1.3).
-    fn security(
-        &mut self,
-        pairs: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, LoginFailure> {
-        let auth = self
-            .auth
-            .as_ref()
-            .ok_or_else(|| initiator_error("no identity"))?;
+    fn security(&mut self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>, LoginFailure> {
+        let auth = self.auth.as_ref().ok_or_else(|| initiator_error("no identity"))?;
         let chap_required = !auth.accounts.is_empty();
         let mut answers = Vec::new();
         let mut used: BTreeSet<&str> = BTreeSet::new();
@@ -628,10 +574,7 @@ impl TargetLogin {
         alg: ChapAlgorithm,
         pairs: &[(String, String)],
     ) -> Result<Vec<(String, String)>, LoginFailure> {
-        let auth = self
-            .auth
-            .as_ref()
-            .ok_or_else(|| initiator_error("no identity"))?;
+        let auth = self.auth.as_ref().ok_or_else(|| initiator_error("no identity"))?;
         let name = value_of(pairs, "CHAP_N").ok_or(LoginFailure::AuthenticationFailed)?;
         let response = value_of(pairs, "CHAP_R")
             .and_then(|v| chap::decode_binary(v).ok())
@@ -657,18 +600,13 @@ impl TargetLogin {
                     .ok_or(LoginFailure::AuthenticationFailed)?;
                 let challenge = chap::decode_binary(challenge)
                     .ok()
-                    .filter(|c| {
-                        (MIN_MUTUAL_CHALLENGE_LEN..=MAX_MUTUAL_CHALLENGE_LEN).contains(&c.len())
-                    })
+                    .filter(|c| (MIN_MUTUAL_CHALLENGE_LEN..=MAX_MUTUAL_CHALLENGE_LEN).contains(&c.len()))
                     .ok_or(LoginFailure::AuthenticationFailed)?;
                 // RFC 7143 §12.1.3: a challenge equal to ours is a reflection attack.
                 if challenge == self.chap_challenge {
                     return Err(LoginFailure::AuthenticationFailed);
                 }
-                let (target_user, secret) = auth
-                    .mutual
-                    .as_ref()
-                    .ok_or(LoginFailure::AuthenticationFailed)?;
+                let (target_user, secret) = auth.mutual.as_ref().ok_or(LoginFailure::AuthenticationFailed)?;
                 let r = chap::chap_response(alg, id, secret, &challenge);
                 answers.push(("CHAP_N".to_owned(), target_user.clone()));
                 answers.push(("CHAP_R".to_owned(), chap::encode_hex(&r)));
@@ -706,10 +644,7 @@ fn is_security_key(key: &str) -> bool {
 }
 
 fn value_of<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
 #[cfg(test)]
@@ -720,13 +655,11 @@ mod tests {
     const INITIATOR: &str = "iqn.2026-01.test:init";
     const TARGET: &str = "iqn.2026-01.raftsan:disk1";
     const CHALLENGE: [u8; 16] = [
-        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
-        0xff,
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
     ];
     /// H(1 || "secretsecret" || CHALLENGE), computed with Python's hashlib (see chap.rs).
     const MD5_RESPONSE: &str = "0x3d3d7f13199a65926f355637d73daf5c";
-    const SHA256_RESPONSE: &str =
-        "0x257057db4d4b74df190de053df3e0a4c7f0eff17c7d88ed0e20f53eb1c0d4a73";
+    const SHA256_RESPONSE: &str = "0x257057db4d4b74df190de053df3e0a4c7f0eff17c7d88ed0e20f53eb1c0d4a73";
     /// hashlib.md5(bytes([7]) + b"mutualsecret" + bytes.fromhex("ffeeddccbbaa99887766554433221100")).
     const MUTUAL_RESPONSE: &str = "0xce5f02c06dfb99f30f2ca165ce26269a";
 
@@ -746,12 +679,7 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
     }
 
     impl LoginAuthority for Catalog {
-        fn lookup(
-            &self,
-            session_type: SessionType,
-            target_name: Option<&str>,
-            initiator_name: &str,
-        ) -> Lookup {
+        fn lookup(&self, session_type: SessionType, target_name: Option<&str>, initiator_name: &str) -> Lookup {
             match (session_type, target_name) {
                 (SessionType::Normal, Some(TARGET)) | (SessionType::Discovery, None) => {
                     if initiator_name == INITIATOR {
@@ -890,10 +818,7 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
     fn chap_until_response(l: &mut TargetLogin, c: &Catalog, chap_a: &str) -> LoginResponse {
         let first = cat(&[&identity_text(), b"AuthMethod=CHAP,None\0"]);
         cont(l.on_request(&req(0, 1, true, &first), c));
-        cont(l.on_request(
-            &req(0, 1, false, format!("CHAP_A={chap_a}\0").as_bytes()),
-            c,
-        ))
+        cont(l.on_request(&req(0, 1, false, format!("CHAP_A={chap_a}\0").as_bytes()), c))
     }
 
     #[test]
@@ -903,10 +828,7 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
         let mut l = login();
         let data = cat(&[&identity_text(), LIBISCSI_OPNEG]);
         let (r, params) = full(l.on_request(&req(1, 3, true, &data), &no_chap()));
-        let expected = cat(&[
-            LIBISCSI_OPNEG_ANSWER,
-            b"TargetAlias=disk1\0TargetPortalGroupTag=1\0",
-        ]);
+        let expected = cat(&[LIBISCSI_OPNEG_ANSWER, b"TargetAlias=disk1\0TargetPortalGroupTag=1\0"]);
         assert_eq!(r, resp(1, true, 3, &expected));
         assert_eq!(params, libiscsi_params());
         assert_eq!(l.authenticated_user(), None);
@@ -925,10 +847,7 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
         let first = cat(&[&identity_text(), b"AuthMethod=CHAP,None\0"]);
         let r = cont(l.on_request(&req(0, 1, true, &first), &c));
         // Not authenticated yet: no transit despite T=1 (§6.3).
-        assert_eq!(
-            r,
-            resp(0, false, 0, b"AuthMethod=CHAP\0TargetPortalGroupTag=2\0")
-        );
+        assert_eq!(r, resp(0, false, 0, b"AuthMethod=CHAP\0TargetPortalGroupTag=2\0"));
         let r = cont(l.on_request(&req(0, 1, false, b"CHAP_A=5\0"), &c));
         assert_eq!(
             r,
@@ -975,10 +894,7 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
         let c = with_chap(false);
         chap_until_response(&mut l, &c, "5");
         let answer = b"CHAP_N=user\0CHAP_R=0bPT1/ExmaZZJvNVY31z2vXA==\0";
-        assert_eq!(
-            cont(l.on_request(&req(0, 1, true, answer), &c)),
-            resp(0, true, 1, b"")
-        );
+        assert_eq!(cont(l.on_request(&req(0, 1, true, answer), &c)), resp(0, true, 1, b""));
 
         // libiscsi test_iscsi_chap_base64_oversize: extra valid base64 in front → failure.
         let mut l = login();
@@ -1014,10 +930,7 @@ TargetPortalGroupTag=2\0"
         // hashlib.sha3_256(bytes([1]) + b"secretsecret" + CHALLENGE)
         let answer = b"CHAP_N=user\0\
 CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
-        assert_eq!(
-            cont(l.on_request(&req(0, 1, true, answer), &c)),
-            resp(0, true, 1, b"")
-        );
+        assert_eq!(cont(l.on_request(&req(0, 1, true, answer), &c)), resp(0, true, 1, b""));
     }
 
     #[test]
@@ -1034,9 +947,8 @@ CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
         let mut l = login();
         let c = with_chap(true);
         chap_until_response(&mut l, &c, "5");
-        let answer = format!(
-            "CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=7\0CHAP_C=0xffeeddccbbaa99887766554433221100\0"
-        );
+        let answer =
+            format!("CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=7\0CHAP_C=0xffeeddccbbaa99887766554433221100\0");
         let r = cont(l.on_request(&req(0, 1, true, answer.as_bytes()), &c));
         let expected = format!("CHAP_N=target\0CHAP_R={MUTUAL_RESPONSE}\0");
         assert_eq!(r, resp(0, true, 1, expected.as_bytes()));
@@ -1048,9 +960,8 @@ CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
         // RFC 7143 §12.1.3: a mutual challenge equal to ours is a reflection → 0201.
         let mut l = login();
         chap_until_response(&mut l, &c, "5");
-        let answer = format!(
-            "CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=1\0CHAP_C=0x00112233445566778899aabbccddeeff\0"
-        );
+        let answer =
+            format!("CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=1\0CHAP_C=0x00112233445566778899aabbccddeeff\0");
         let (r, f) = fail(l.on_request(&req(0, 1, true, answer.as_bytes()), &c));
         assert_eq!(
             (r, f),
@@ -1064,9 +975,8 @@ CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
         let c = with_chap(false);
         let mut l = login();
         chap_until_response(&mut l, &c, "5");
-        let answer = format!(
-            "CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=7\0CHAP_C=0xffeeddccbbaa99887766554433221100\0"
-        );
+        let answer =
+            format!("CHAP_N=user\0CHAP_R={MD5_RESPONSE}\0CHAP_I=7\0CHAP_C=0xffeeddccbbaa99887766554433221100\0");
         let (_, f) = fail(l.on_request(&req(0, 1, true, answer.as_bytes()), &c));
         assert_eq!(f, LoginFailure::AuthenticationFailed);
 
@@ -1158,10 +1068,7 @@ CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
         let mut l = login();
         let data = format!("InitiatorName={INITIATOR}\0TargetName=iqn.2026-01.raftsan:nope\0");
         let (r, f) = fail(l.on_request(&req(1, 3, true, data.as_bytes()), &c));
-        assert_eq!(
-            (r, f),
-            (failed(1, status::NOT_FOUND), LoginFailure::NotFound)
-        );
+        assert_eq!((r, f), (failed(1, status::NOT_FOUND), LoginFailure::NotFound));
 
         let mut l = login();
         let data = format!("InitiatorName=iqn.2026-01.test:intruder\0TargetName={TARGET}\0");
@@ -1179,10 +1086,7 @@ CHAP_R=0xb09c7123d338e0a7e868c76214f0e6546b1f1f56fe6c1c084d2e507b59c7b8fc\0";
         let (r, f) = fail(l.on_request(&req(0, 1, true, data.as_bytes()), &c));
         assert_eq!(
             (r, f),
-            (
-                failed(0, status::MISSING_PARAMETER),
-                LoginFailure::MissingParameter
-            )
+            (failed(0, status::MISSING_PARAMETER), LoginFailure::MissingParameter)
         );
 
         let mut l = login();
@@ -1281,26 +1185,17 @@ DefaultTime2Wait=2\0DefaultTime2Retain=0\0MaxRecvDataSegmentLength=262144\0"
         // RFC 7143 §6.2: a key sent twice → initiator error 0x0200.
         let c = no_chap();
         let mut l = login();
-        let data = cat(&[
-            &identity_text(),
-            b"MaxBurstLength=512\0MaxBurstLength=512\0",
-        ]);
+        let data = cat(&[&identity_text(), b"MaxBurstLength=512\0MaxBurstLength=512\0"]);
         let (r, f) = fail(l.on_request(&req(1, 3, true, &data), &c));
         assert_eq!(r, failed(1, status::INITIATOR_ERROR));
-        assert_eq!(
-            f,
-            LoginFailure::InitiatorError("key MaxBurstLength sent twice".into())
-        );
+        assert_eq!(f, LoginFailure::InitiatorError("key MaxBurstLength sent twice".into()));
 
         // Across requests of the same login.
         let mut l = login();
         let data = cat(&[&identity_text(), b"MaxBurstLength=512\0"]);
         cont(l.on_request(&req(1, 3, false, &data), &c));
         let (_, f) = fail(l.on_request(&req(1, 3, true, b"MaxBurstLength=512\0"), &c));
-        assert_eq!(
-            f,
-            LoginFailure::InitiatorError("key MaxBurstLength sent twice".into())
-        );
+        assert_eq!(f, LoginFailure::InitiatorError("key MaxBurstLength sent twice".into()));
     }
 
     #[test]
@@ -1337,10 +1232,7 @@ TargetPortalGroupTag=1\0"
         first.cont = true;
         assert_eq!(cont(l.on_request(&first, &c)), resp(1, false, 0, b""));
         let (r, params) = full(l.on_request(&req(1, 3, true, b), &c));
-        let expected = cat(&[
-            LIBISCSI_OPNEG_ANSWER,
-            b"TargetAlias=disk1\0TargetPortalGroupTag=1\0",
-        ]);
+        let expected = cat(&[LIBISCSI_OPNEG_ANSWER, b"TargetAlias=disk1\0TargetPortalGroupTag=1\0"]);
         assert_eq!(r, resp(1, true, 3, &expected));
         assert_eq!(params, libiscsi_params());
 
@@ -1355,10 +1247,7 @@ TargetPortalGroupTag=1\0"
         }
         let (r, f) = fail(step.unwrap());
         assert_eq!(r, failed(1, status::INITIATOR_ERROR));
-        assert_eq!(
-            f,
-            LoginFailure::InitiatorError("login request text too long".into())
-        );
+        assert_eq!(f, LoginFailure::InitiatorError("login request text too long".into()));
     }
 
     #[test]
@@ -1373,10 +1262,7 @@ TargetPortalGroupTag=1\0"
         let (resp_, f) = fail(l.on_request(&r, &c));
         assert_eq!(
             (resp_, f),
-            (
-                failed(1, status::UNSUPPORTED_VERSION),
-                LoginFailure::UnsupportedVersion
-            )
+            (failed(1, status::UNSUPPORTED_VERSION), LoginFailure::UnsupportedVersion)
         );
 
         // T and C both set, transit backwards, stage 2, full-feature stage: 0x0200.

@@ -162,10 +162,15 @@ impl Bhs {
         usize::from(self.0[OFF_TOTAL_AHS_LEN]) * 4
     }
     pub fn data_segment_len(&self) -> u32 {
-        u32::from_be_bytes([0, self.0[OFF_DATA_SEG_LEN], self.0[OFF_DATA_SEG_LEN + 1], self.0[OFF_DATA_SEG_LEN + 2]])
+        u32::from_be_bytes([
+            0,
+            self.0[OFF_DATA_SEG_LEN],
+            self.0[OFF_DATA_SEG_LEN + 1],
+            self.0[OFF_DATA_SEG_LEN + 2],
+        ])
     }
     fn set_lengths(&mut self, ahs_len: usize, data_len: u32) {
-        debug_assert!(ahs_len % 4 == 0 && ahs_len / 4 <= 255);
+        debug_assert!(ahs_len.is_multiple_of(4) && ahs_len / 4 <= 255);
         debug_assert!(data_len <= MAX_DATA_SEGMENT_LEN);
         self.0[OFF_TOTAL_AHS_LEN] = (ahs_len / 4) as u8;
         let d = data_len.to_be_bytes();
@@ -316,7 +321,9 @@ pub fn check(buf: &[u8], digests: Digests, max_data_segment: u32) -> Result<Fram
         // Verify the header digest before trusting the lengths it covers.
         let hdr_len = BHS_LEN + ahs_len;
         if buf.len() < hdr_len + DIGEST_LEN {
-            return Ok(Framing::Incomplete { needed: hdr_len + DIGEST_LEN });
+            return Ok(Framing::Incomplete {
+                needed: hdr_len + DIGEST_LEN,
+            });
         }
         let received = u32::from_le_bytes([buf[hdr_len], buf[hdr_len + 1], buf[hdr_len + 2], buf[hdr_len + 3]]);
         let computed = crc32c(&buf[..hdr_len]);
@@ -326,7 +333,10 @@ pub fn check(buf: &[u8], digests: Digests, max_data_segment: u32) -> Result<Fram
     }
     let data_len = bhs.data_segment_len();
     if data_len > max_data_segment {
-        return Err(FrameError::DataSegmentTooLong { len: data_len, max: max_data_segment });
+        return Err(FrameError::DataSegmentTooLong {
+            len: data_len,
+            max: max_data_segment,
+        });
     }
     let len = wire_len(&bhs, digests);
     if buf.len() < len {
@@ -340,7 +350,10 @@ pub fn check(buf: &[u8], digests: Digests, max_data_segment: u32) -> Result<Fram
 /// the data digest. The AHS and data are zero-copy slices of `buf`.
 pub fn decode(buf: Bytes, digests: Digests) -> Result<Pdu, FrameError> {
     if buf.len() < BHS_LEN {
-        return Err(FrameError::Length { got: buf.len(), want: BHS_LEN });
+        return Err(FrameError::Length {
+            got: buf.len(),
+            want: BHS_LEN,
+        });
     }
     let mut bhs = Bhs::default();
     bhs.0.copy_from_slice(&buf[..BHS_LEN]);
@@ -360,7 +373,11 @@ pub fn decode(buf: Bytes, digests: Digests) -> Result<Pdu, FrameError> {
             return Err(FrameError::DataDigest { received, computed });
         }
     }
-    Ok(Pdu { bhs, ahs: buf.slice(BHS_LEN..ahs_end), data: buf.slice(data_start..data_start + data_len) })
+    Ok(Pdu {
+        bhs,
+        ahs: buf.slice(BHS_LEN..ahs_end),
+        data: buf.slice(data_start..data_start + data_len),
+    })
 }
 
 /// Writes `pdu` to `out` with padding and the negotiated digests. The header's length fields are
@@ -877,7 +894,11 @@ impl Sequence {
         b.set_u32(OFF_32, self.max_cmdsn);
     }
     fn read(b: &Bhs) -> Self {
-        Sequence { statsn: b.u32_at(OFF_24), exp_cmdsn: b.u32_at(OFF_28), max_cmdsn: b.u32_at(OFF_32) }
+        Sequence {
+            statsn: b.u32_at(OFF_24),
+            exp_cmdsn: b.u32_at(OFF_28),
+            max_cmdsn: b.u32_at(OFF_32),
+        }
     }
 }
 
@@ -901,7 +922,12 @@ impl NopIn {
         b
     }
     pub fn parse(b: &Bhs) -> Self {
-        NopIn { lun: b.lun(), itt: b.itt(), ttt: b.u32_at(OFF_20), seq: Sequence::read(b) }
+        NopIn {
+            lun: b.lun(),
+            itt: b.itt(),
+            ttt: b.u32_at(OFF_20),
+            seq: Sequence::read(b),
+        }
     }
 }
 
@@ -1014,7 +1040,11 @@ impl TaskMgmtResponse {
         b
     }
     pub fn parse(b: &Bhs) -> Self {
-        TaskMgmtResponse { response: b.0[2], itt: b.itt(), seq: Sequence::read(b) }
+        TaskMgmtResponse {
+            response: b.0[2],
+            itt: b.itt(),
+            seq: Sequence::read(b),
+        }
     }
 }
 
@@ -1156,7 +1186,11 @@ impl DataIn {
             seq: Sequence::read(b),
             datasn: b.u32_at(OFF_36),
             buffer_offset: b.u32_at(OFF_40),
-            residual: if has_status { Residual::read(b.flags(), b.u32_at(OFF_44)) } else { Residual::None },
+            residual: if has_status {
+                Residual::read(b.flags(), b.u32_at(OFF_44))
+            } else {
+                Residual::None
+            },
         }
     }
 }
@@ -1294,7 +1328,11 @@ impl Reject {
         b
     }
     pub fn parse(b: &Bhs) -> Self {
-        Reject { reason: b.0[2], seq: Sequence::read(b), datasn_r2tsn: b.u32_at(OFF_36) }
+        Reject {
+            reason: b.0[2],
+            seq: Sequence::read(b),
+            datasn_r2tsn: b.u32_at(OFF_36),
+        }
     }
 }
 
@@ -1312,10 +1350,26 @@ mod tests {
     /// RFC 7143 §11.2.1: padding to 4 bytes, lengths in the BHS, digests after header and data.
     #[test]
     fn encode_layout_with_digests() {
-        let bhs = NopIn { lun: 0, itt: 7, ttt: RESERVED_TAG, seq: Sequence { statsn: 1, exp_cmdsn: 2, max_cmdsn: 3 } }
-            .to_bhs();
-        let pdu = Pdu { bhs, ahs: Bytes::new(), data: Bytes::from_static(b"ping!") };
-        let d = Digests { header: true, data: true };
+        let bhs = NopIn {
+            lun: 0,
+            itt: 7,
+            ttt: RESERVED_TAG,
+            seq: Sequence {
+                statsn: 1,
+                exp_cmdsn: 2,
+                max_cmdsn: 3,
+            },
+        }
+        .to_bhs();
+        let pdu = Pdu {
+            bhs,
+            ahs: Bytes::new(),
+            data: Bytes::from_static(b"ping!"),
+        };
+        let d = Digests {
+            header: true,
+            data: true,
+        };
         let wire = frame(&pdu, d);
         assert_eq!(wire.len(), 48 + 4 + 8 + 4);
         assert_eq!(wire[0], 0x20);
@@ -1350,10 +1404,20 @@ mod tests {
             cdb: [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
         }
         .to_bhs();
-        let pdu = Pdu { bhs, ahs: Bytes::new(), data: Bytes::from(vec![0xab; 512]) };
+        let pdu = Pdu {
+            bhs,
+            ahs: Bytes::new(),
+            data: Bytes::from(vec![0xab; 512]),
+        };
         let wire = frame(&pdu, Digests::default());
-        assert_eq!(check(&wire[..10], Digests::default(), 8192), Ok(Framing::Incomplete { needed: 48 }));
-        assert_eq!(check(&wire[..100], Digests::default(), 8192), Ok(Framing::Incomplete { needed: 560 }));
+        assert_eq!(
+            check(&wire[..10], Digests::default(), 8192),
+            Ok(Framing::Incomplete { needed: 48 })
+        );
+        assert_eq!(
+            check(&wire[..100], Digests::default(), 8192),
+            Ok(Framing::Incomplete { needed: 560 })
+        );
         assert_eq!(
             check(&wire, Digests::default(), 256),
             Err(FrameError::DataSegmentTooLong { len: 512, max: 256 })
@@ -1363,18 +1427,32 @@ mod tests {
     #[test]
     fn digest_errors_are_detected() {
         let pdu = Pdu {
-            bhs: NopOut { immediate: true, lun: 0, itt: 1, ttt: RESERVED_TAG, cmdsn: 1, exp_statsn: 1 }.to_bhs(),
+            bhs: NopOut {
+                immediate: true,
+                lun: 0,
+                itt: 1,
+                ttt: RESERVED_TAG,
+                cmdsn: 1,
+                exp_statsn: 1,
+            }
+            .to_bhs(),
             ahs: Bytes::new(),
             data: Bytes::from_static(b"abcd"),
         };
-        let d = Digests { header: true, data: true };
+        let d = Digests {
+            header: true,
+            data: true,
+        };
         let mut wire = frame(&pdu, d).to_vec();
         wire[20] ^= 1;
         assert!(matches!(check(&wire, d, 8192), Err(FrameError::HeaderDigest { .. })));
         let mut wire = frame(&pdu, d).to_vec();
         wire[53] ^= 1;
         assert!(matches!(check(&wire, d, 8192), Ok(Framing::Complete { .. })));
-        assert!(matches!(decode(Bytes::from(wire), d), Err(FrameError::DataDigest { .. })));
+        assert!(matches!(
+            decode(Bytes::from(wire), d),
+            Err(FrameError::DataDigest { .. })
+        ));
     }
 
     /// §11.3: field positions of the SCSI Command PDU.
@@ -1391,7 +1469,10 @@ mod tests {
         raw[32] = 0x28;
         let c = ScsiCommand::parse(&Bhs(raw));
         assert!(c.immediate && c.final_ && c.read && !c.write);
-        assert_eq!((c.attr, c.lun, c.itt, c.expected_data_len, c.cmdsn, c.exp_statsn), (1, 3, 0x1122_3344, 4096, 9, 5));
+        assert_eq!(
+            (c.attr, c.lun, c.itt, c.expected_data_len, c.cmdsn, c.exp_statsn),
+            (1, 3, 0x1122_3344, 4096, 9, 5)
+        );
         assert_eq!(c.cdb[0], 0x28);
         assert_eq!(c.to_bhs(), Bhs(raw));
     }
@@ -1420,7 +1501,11 @@ mod tests {
             isid: [0x80, 1, 2, 3, 4, 5],
             tsih: 0x1234,
             itt: 9,
-            seq: Sequence { statsn: 1, exp_cmdsn: 2, max_cmdsn: 33 },
+            seq: Sequence {
+                statsn: 1,
+                exp_cmdsn: 2,
+                max_cmdsn: 33,
+            },
             status_class: 2,
             status_detail: 1,
         };
@@ -1435,7 +1520,11 @@ mod tests {
     /// §11.7.4: a Data-In with status carries StatSN and residuals; without it StatSN is reserved.
     #[test]
     fn data_in_status_collapse() {
-        let seq = Sequence { statsn: 10, exp_cmdsn: 11, max_cmdsn: 20 };
+        let seq = Sequence {
+            statsn: 10,
+            exp_cmdsn: 11,
+            max_cmdsn: 20,
+        };
         let d = DataIn {
             final_: true,
             status: Some(0),
@@ -1452,7 +1541,12 @@ mod tests {
         assert_eq!(&b.0[24..28], &10u32.to_be_bytes());
         assert_eq!(&b.0[44..48], &512u32.to_be_bytes());
         assert_eq!(DataIn::parse(&b), d);
-        let mid = DataIn { final_: false, status: None, residual: Residual::None, ..d };
+        let mid = DataIn {
+            final_: false,
+            status: None,
+            residual: Residual::None,
+            ..d
+        };
         let b = mid.to_bhs();
         assert_eq!(b.0[1], 0);
         assert_eq!(&b.0[24..28], &[0; 4]);

@@ -68,9 +68,7 @@ pub fn parse(data: &[u8]) -> Result<Vec<(String, String)>, TextError> {
             return Err(TextError::TooManyPairs);
         }
         let text = std::str::from_utf8(segment).map_err(|_| TextError::NotUtf8 { index })?;
-        let (key, value) = text
-            .split_once('=')
-            .ok_or(TextError::MissingEquals { index })?;
+        let (key, value) = text.split_once('=').ok_or(TextError::MissingEquals { index })?;
         if key.is_empty() {
             return Err(TextError::EmptyKey { index });
         }
@@ -182,10 +180,7 @@ impl TargetLimits {
     /// Checks every field against its RFC 7143 range; the message names the field and range.
     pub fn validate(&self) -> Result<(), String> {
         let lengths = [
-            (
-                "max_recv_data_segment_length",
-                self.max_recv_data_segment_length,
-            ),
+            ("max_recv_data_segment_length", self.max_recv_data_segment_length),
             ("max_burst_length", self.max_burst_length),
             ("first_burst_length", self.first_burst_length),
         ];
@@ -308,10 +303,7 @@ impl Negotiator {
     /// Answers one request's operational keys, in request order; keys that need no answer
     /// (declarations) produce nothing. The caller has already removed login-only keys and
     /// checked duplicates within the request.
-    pub fn respond(
-        &mut self,
-        pairs: &[(String, String)],
-    ) -> Result<Vec<(String, String)>, NegotiationError> {
+    pub fn respond(&mut self, pairs: &[(String, String)]) -> Result<Vec<(String, String)>, NegotiationError> {
         let mut answers: Vec<(String, String)> = Vec::new();
         // FirstBurstLength depends on InitialR2T, ImmediateData and MaxBurstLength, which may
         // come later in the same request: answer it after the others (RFC 7143 §13.14).
@@ -334,10 +326,7 @@ impl Negotiator {
         }
         // FirstBurstLength never exceeds MaxBurstLength (RFC 7143 §13.14), also when only one
         // of them was offered.
-        self.params.first_burst_length = self
-            .params
-            .first_burst_length
-            .min(self.params.max_burst_length);
+        self.params.first_burst_length = self.params.first_burst_length.min(self.params.max_burst_length);
         Ok(answers)
     }
 
@@ -400,9 +389,7 @@ impl Negotiator {
                 let n = parse_number(value)
                     .and_then(|n| u32::try_from(n).ok())
                     .filter(|n| (MIN_SEGMENT_LENGTH..=MAX_SEGMENT_LENGTH).contains(n))
-                    .ok_or_else(|| {
-                        NegotiationError::InvalidMaxRecvDataSegmentLength(value.to_owned())
-                    })?;
+                    .ok_or_else(|| NegotiationError::InvalidMaxRecvDataSegmentLength(value.to_owned()))?;
                 p.initiator_max_recv_data_segment_length = n;
                 return Ok(None);
             }
@@ -421,13 +408,9 @@ impl Negotiator {
                 p.immediate_data = offered && self.limits.immediate_data;
                 p.immediate_data
             }),
-            "MaxOutstandingR2T" => numeric_min(
-                value,
-                1,
-                65535,
-                self.limits.max_outstanding_r2t.into(),
-                |n| p.max_outstanding_r2t = n as u32,
-            ),
+            "MaxOutstandingR2T" => numeric_min(value, 1, 65535, self.limits.max_outstanding_r2t.into(), |n| {
+                p.max_outstanding_r2t = n as u32
+            }),
             "MaxConnections" => numeric_min(value, 1, 65535, TARGET_MAX_CONNECTIONS.into(), |n| {
                 p.max_connections = n as u16
             }),
@@ -448,16 +431,12 @@ impl Negotiator {
                 }
                 None => REJECT.to_owned(),
             },
-            "DefaultTime2Retain" => {
-                numeric_min(value, 0, 3600, TARGET_DEFAULT_TIME2RETAIN.into(), |n| {
-                    p.default_time2retain = n as u16
-                })
-            }
-            "ErrorRecoveryLevel" => {
-                numeric_min(value, 0, 2, TARGET_ERROR_RECOVERY_LEVEL.into(), |n| {
-                    p.error_recovery_level = n as u8
-                })
-            }
+            "DefaultTime2Retain" => numeric_min(value, 0, 3600, TARGET_DEFAULT_TIME2RETAIN.into(), |n| {
+                p.default_time2retain = n as u16
+            }),
+            "ErrorRecoveryLevel" => numeric_min(value, 0, 2, TARGET_ERROR_RECOVERY_LEVEL.into(), |n| {
+                p.error_recovery_level = n as u8
+            }),
             // RFC 7143 §13.25: obsolete marker keys; "No" is the answer RFC 3720 initiators
             // understand, the interval keys get Reject.
             "IFMarker" | "OFMarker" | "RDMAExtensions" => NO.to_owned(),
@@ -471,9 +450,7 @@ impl Negotiator {
                 }
             }
             // Keys only a target may send, or only valid in full-feature phase.
-            "TargetAlias" | "TargetPortalGroupTag" | "TargetAddress" | "SendTargets" => {
-                REJECT.to_owned()
-            }
+            "TargetAlias" | "TargetPortalGroupTag" | "TargetAddress" | "SendTargets" => REJECT.to_owned(),
             _ => NOT_UNDERSTOOD.to_owned(),
         };
         Ok(Some(answer))
@@ -534,10 +511,7 @@ fn numeric_min(value: &str, lo: u64, hi: u64, ours: u64, apply: impl FnOnce(u64)
 
 /// RFC 7143 §6.1 numerical value: a decimal constant or a `0x` hex constant, at most 64 bits.
 pub fn parse_number(value: &str) -> Option<u64> {
-    let (digits, radix) = match value
-        .strip_prefix("0x")
-        .or_else(|| value.strip_prefix("0X"))
-    {
+    let (digits, radix) = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
         Some(hex) => (hex, 16),
         None => (value, 10),
     };
@@ -554,9 +528,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-        list.iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        list.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     fn normal() -> Negotiator {
@@ -572,14 +544,8 @@ mod tests {
     #[test]
     fn parse_pairs_padding_and_missing_final_nul() {
         // RFC 7143 §6.1: key=value pairs, each NUL-terminated; the data segment is padded.
-        assert_eq!(
-            parse(b"A=1\0B=x=y\0\0\0").unwrap(),
-            pairs(&[("A", "1"), ("B", "x=y")])
-        );
-        assert_eq!(
-            parse(b"A=1\0B=2").unwrap(),
-            pairs(&[("A", "1"), ("B", "2")])
-        );
+        assert_eq!(parse(b"A=1\0B=x=y\0\0\0").unwrap(), pairs(&[("A", "1"), ("B", "x=y")]));
+        assert_eq!(parse(b"A=1\0B=2").unwrap(), pairs(&[("A", "1"), ("B", "2")]));
         assert_eq!(parse(b"A=\0").unwrap(), pairs(&[("A", "")]));
         assert_eq!(parse(b"").unwrap(), Vec::new());
         assert_eq!(parse(b"\0\0\0\0").unwrap(), Vec::new());
@@ -587,24 +553,15 @@ mod tests {
 
     #[test]
     fn parse_malformed() {
-        assert_eq!(
-            parse(b"A=1\0B\0"),
-            Err(TextError::MissingEquals { index: 1 })
-        );
+        assert_eq!(parse(b"A=1\0B\0"), Err(TextError::MissingEquals { index: 1 }));
         assert_eq!(parse(b"=1\0"), Err(TextError::EmptyKey { index: 0 }));
         assert_eq!(parse(b"A=\xff\0"), Err(TextError::NotUtf8 { index: 0 }));
         let long_key = format!("{}=1", "K".repeat(MAX_KEY_LEN + 1));
-        assert_eq!(
-            parse(long_key.as_bytes()),
-            Err(TextError::KeyTooLong { index: 0 })
-        );
+        assert_eq!(parse(long_key.as_bytes()), Err(TextError::KeyTooLong { index: 0 }));
         let ok_key = format!("{}=1", "K".repeat(MAX_KEY_LEN));
         assert!(parse(ok_key.as_bytes()).is_ok());
         let long_value = format!("K={}", "v".repeat(MAX_VALUE_LEN + 1));
-        assert_eq!(
-            parse(long_value.as_bytes()),
-            Err(TextError::ValueTooLong { index: 0 })
-        );
+        assert_eq!(parse(long_value.as_bytes()), Err(TextError::ValueTooLong { index: 0 }));
         let many = "A=1\0".repeat(MAX_PAIRS + 1);
         assert_eq!(parse(many.as_bytes()), Err(TextError::TooManyPairs));
         let max = "A=1\0".repeat(MAX_PAIRS);
@@ -614,10 +571,7 @@ mod tests {
     #[test]
     fn encode_exact_bytes() {
         let mut out = Vec::new();
-        encode(
-            &[("HeaderDigest", "None"), ("MaxBurstLength", "512")],
-            &mut out,
-        );
+        encode(&[("HeaderDigest", "None"), ("MaxBurstLength", "512")], &mut out);
         assert_eq!(out, b"HeaderDigest=None\0MaxBurstLength=512\0");
     }
 
@@ -697,19 +651,13 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
                 ("DataSequenceInOrder", "Yes"),
             ])
         );
-        assert_eq!(
-            n.declarations(),
-            pairs(&[("MaxRecvDataSegmentLength", "262144")])
-        );
+        assert_eq!(n.declarations(), pairs(&[("MaxRecvDataSegmentLength", "262144")]));
         assert!(n.declarations().is_empty());
         let p = n.into_params();
         assert!(!p.header_digest && p.data_digest);
         assert_eq!(p.initiator_max_recv_data_segment_length, 262_144);
         assert_eq!(p.target_max_recv_data_segment_length, 262_144);
-        assert_eq!(
-            (p.max_burst_length, p.first_burst_length),
-            (1_048_576, 262_144)
-        );
+        assert_eq!((p.max_burst_length, p.first_burst_length), (1_048_576, 262_144));
         assert_eq!((p.default_time2wait, p.default_time2retain), (2, 0));
         assert!(!p.initial_r2t && p.immediate_data);
         assert_eq!((p.max_outstanding_r2t, p.max_connections), (1, 1));
@@ -772,10 +720,7 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
         // FirstBurstLength never above MaxBurstLength.
         let mut n = normal();
         let answers = n
-            .respond(&pairs(&[
-                ("FirstBurstLength", "262144"),
-                ("MaxBurstLength", "8192"),
-            ]))
+            .respond(&pairs(&[("FirstBurstLength", "262144"), ("MaxBurstLength", "8192")]))
             .unwrap();
         assert_eq!(
             answers,
@@ -830,9 +775,7 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
             ..TargetLimits::default()
         };
         let mut n = Negotiator::new(limits, SessionType::Normal, "i".into(), None, None);
-        let answers = n
-            .respond(&pairs(&[("HeaderDigest", "CRC32C,None")]))
-            .unwrap();
+        let answers = n.respond(&pairs(&[("HeaderDigest", "CRC32C,None")])).unwrap();
         assert_eq!(answers, pairs(&[("HeaderDigest", "None")]));
     }
 
@@ -848,22 +791,14 @@ TargetAddress=[::1]:3260,2\0TargetName=iqn.2026-01.raftsan:disk2\0"
         let mut n = normal();
         assert_eq!(
             n.respond(&pairs(&[("MaxRecvDataSegmentLength", "511")])),
-            Err(NegotiationError::InvalidMaxRecvDataSegmentLength(
-                "511".into()
-            ))
+            Err(NegotiationError::InvalidMaxRecvDataSegmentLength("511".into()))
         );
     }
 
     #[test]
     fn discovery_irrelevant_keys() {
         // RFC 7143 §13: burst, R2T and ordering keys are irrelevant to discovery sessions.
-        let mut n = Negotiator::new(
-            TargetLimits::default(),
-            SessionType::Discovery,
-            "i".into(),
-            None,
-            None,
-        );
+        let mut n = Negotiator::new(TargetLimits::default(), SessionType::Discovery, "i".into(), None, None);
         let answers = n
             .respond(&pairs(&[
                 ("HeaderDigest", "None"),

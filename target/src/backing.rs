@@ -35,11 +35,7 @@ pub trait BackingStore: Send + Sync {
 }
 
 /// Writes zeroes over a range in bounded chunks (the fallback of `punch_hole`).
-fn write_zeroes(
-    store: &dyn Fn(&[u8], u64) -> io::Result<()>,
-    offset: u64,
-    len: u64,
-) -> io::Result<()> {
+fn write_zeroes(store: &dyn Fn(&[u8], u64) -> io::Result<()>, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 1 << 20;
     let zeroes = vec![0u8; CHUNK.min(len) as usize];
     let mut done = 0;
@@ -105,12 +101,8 @@ impl BackingStore for FileStore {
             return Ok(());
         }
         if !self.block_device && self.can_punch.load(Ordering::Relaxed) {
-            let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len))
-            else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "range beyond off_t",
-                ));
+            let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+                return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond off_t"));
             };
             // SAFETY: fallocate on an fd we own, with plain integer arguments.
             let rc = unsafe {
@@ -126,9 +118,7 @@ impl BackingStore for FileStore {
             }
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                    self.can_punch.store(false, Ordering::Relaxed)
-                }
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => self.can_punch.store(false, Ordering::Relaxed),
                 _ => return Err(err),
             }
         }
@@ -164,21 +154,11 @@ impl BackingStore for FileStore {
         if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok((
-            true,
-            (hole as u64)
-                .saturating_sub(offset)
-                .clamp(1, len.max(1))
-                .min(len),
-        ))
+        Ok((true, (hole as u64).saturating_sub(offset).clamp(1, len.max(1)).min(len)))
     }
 
     fn describe(&self) -> String {
-        let kind = if self.block_device {
-            "block device"
-        } else {
-            "file"
-        };
+        let kind = if self.block_device { "block device" } else { "file" };
         format!("{kind} {}", self.path.display())
     }
 }
@@ -233,16 +213,10 @@ impl BackingStore for MemStore {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let (a, b) = self.check(offset, buf.len() as u64)?;
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| io::Error::other("poisoned"))?;
+        let mut d = self.data.write().map_err(|_| io::Error::other("poisoned"))?;
         d[a..b].copy_from_slice(buf);
         if b > a {
-            let mut m = self
-                .mapped
-                .write()
-                .map_err(|_| io::Error::other("poisoned"))?;
+            let mut m = self.mapped.write().map_err(|_| io::Error::other("poisoned"))?;
             let g = self.granularity as usize;
             m[a / g..b.div_ceil(g)].fill(true);
         }
@@ -255,19 +229,13 @@ impl BackingStore for MemStore {
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let (a, b) = self.check(offset, len)?;
-        let mut d = self
-            .data
-            .write()
-            .map_err(|_| io::Error::other("poisoned"))?;
+        let mut d = self.data.write().map_err(|_| io::Error::other("poisoned"))?;
         d[a..b].fill(0);
         // Only whole granules become holes (like a file system's blocks).
         let g = self.granularity as usize;
         let (first, last) = (a.div_ceil(g), b / g);
         if first < last {
-            let mut m = self
-                .mapped
-                .write()
-                .map_err(|_| io::Error::other("poisoned"))?;
+            let mut m = self.mapped.write().map_err(|_| io::Error::other("poisoned"))?;
             m[first..last].fill(false);
         }
         Ok(())
@@ -278,10 +246,7 @@ impl BackingStore for MemStore {
         if a == b {
             return Ok((true, 0));
         }
-        let m = self
-            .mapped
-            .read()
-            .map_err(|_| io::Error::other("poisoned"))?;
+        let m = self.mapped.read().map_err(|_| io::Error::other("poisoned"))?;
         let g = self.granularity as usize;
         let state = m[a / g];
         let mut end = (a / g + 1) * g;
@@ -459,12 +424,7 @@ mod tests {
         if !mapped {
             assert_eq!(run, 65536);
         }
-        assert!(
-            FileStore::open(&path, true)
-                .unwrap()
-                .write_at(&[1], 0)
-                .is_err()
-        );
+        assert!(FileStore::open(&path, true).unwrap().write_at(&[1], 0).is_err());
     }
 
     #[test]
@@ -489,10 +449,7 @@ mod tests {
             errno: libc::EIO,
         });
         s.write_at(&[1], 0).unwrap();
-        assert_eq!(
-            s.write_at(&[1], 0).unwrap_err().raw_os_error(),
-            Some(libc::EIO)
-        );
+        assert_eq!(s.write_at(&[1], 0).unwrap_err().raw_os_error(), Some(libc::EIO));
         s.inject(Fault {
             op: FaultOp::Read,
             after_ops: 0,

@@ -20,7 +20,10 @@ pub struct ChapAccount {
 impl std::fmt::Debug for ChapAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Secrets never reach logs.
-        f.debug_struct("ChapAccount").field("user", &self.user).field("secret", &"<redacted>").finish()
+        f.debug_struct("ChapAccount")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
     }
 }
 
@@ -229,7 +232,10 @@ mod tests {
         assert_eq!(t.admits("iqn.2023-02.dom.home.sv:sv.initiator01", ok), Ok(()));
         // Unlike tgt, a listed address does not stand in for an unlisted name.
         assert_eq!(t.admits("iqn.1994-05.com.redhat:other", ok), Err(Denied::Name));
-        assert_eq!(t.admits("iqn.2023-02.dom.home.sv:sv.initiator01", other), Err(Denied::Address));
+        assert_eq!(
+            t.admits("iqn.2023-02.dom.home.sv:sv.initiator01", other),
+            Err(Denied::Address)
+        );
         assert_eq!(target().admits("anyone", other), Ok(()));
     }
 
@@ -243,7 +249,10 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        let a = ChapAccount { user: "diskuser".into(), secret: "Eupen2marron".into() };
+        let a = ChapAccount {
+            user: "diskuser".into(),
+            secret: "Eupen2marron".into(),
+        };
         assert!(!format!("{a:?}").contains("Eupen2marron"));
     }
 }

@@ -26,8 +26,13 @@ pub enum Op {
     Other = 4,
 }
 
-const OPS: [(Op, &str); 5] =
-    [(Op::Read, "read"), (Op::Write, "write"), (Op::Flush, "flush"), (Op::Unmap, "unmap"), (Op::Other, "other")];
+const OPS: [(Op, &str); 5] = [
+    (Op::Read, "read"),
+    (Op::Write, "write"),
+    (Op::Flush, "flush"),
+    (Op::Unmap, "unmap"),
+    (Op::Other, "other"),
+];
 
 impl Op {
     /// Classifies a CDB by its operation code (SBC-3 opcodes).
@@ -84,8 +89,14 @@ impl LuMetrics {
             }
         };
         // LUN 0 is the controller; it exists on every target.
-        let luns = std::iter::once(0).chain(luns).map(|l| (l, make(l.to_string()))).collect();
-        LuMetrics { luns, unknown: make("unknown".into()) }
+        let luns = std::iter::once(0)
+            .chain(luns)
+            .map(|l| (l, make(l.to_string())))
+            .collect();
+        LuMetrics {
+            luns,
+            unknown: make("unknown".into()),
+        }
     }
 
     pub fn lun(&self, lun: u64) -> &LunHandles {

@@ -10,6 +10,8 @@
 //!   holds a panic or an `ERROR` line the test did not announce with [`Daemon::expect_error`].
 //! * A missing `raftsan` binary is a test failure with instructions, never a skip.
 
+pub mod raw;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -206,11 +208,7 @@ impl Daemon {
     }
 
     /// Like [`Daemon::raftsan`] in a prepared scratch dir (backing files already created).
-    pub fn raftsan_in(
-        scratch: Scratch,
-        config_text: &str,
-        listen: Vec<Loopback>,
-    ) -> Result<Daemon> {
+    pub fn raftsan_in(scratch: Scratch, config_text: &str, listen: Vec<Loopback>) -> Result<Daemon> {
         let bin = raftsan_bin()?;
         let config_text = config_text.replace("@DIR@", &scratch.path().display().to_string());
         let name = if config_text.contains("<target") {
@@ -219,8 +217,7 @@ impl Daemon {
             "raftsan.toml"
         };
         let config = scratch.path().join(name);
-        fs::write(&config, &config_text)
-            .with_context(|| format!("writing {}", config.display()))?;
+        fs::write(&config, &config_text).with_context(|| format!("writing {}", config.display()))?;
         let data_dir = scratch.path().join("data");
         fs::create_dir_all(&data_dir)?;
         let log_path = scratch.path().join("raftsan.log");
@@ -233,17 +230,12 @@ impl Daemon {
         cmd.arg("--data-dir").arg(&data_dir);
         cmd.process_group(0)
             .env("NO_COLOR", "1")
-            .env(
-                "RUST_LOG",
-                std::env::var("RAFTSAN_TEST_LOG").unwrap_or("info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RAFTSAN_TEST_LOG").unwrap_or("info".into()))
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
+        let child = cmd.spawn().with_context(|| format!("spawning {}", bin.display()))?;
         let mut daemon = Daemon {
             kind: Kind::Raftsan,
             child: Some(child),
@@ -267,9 +259,7 @@ impl Daemon {
 
     /// Like [`Daemon::tgtd`] in a prepared scratch dir.
     pub fn tgtd_in(scratch: Scratch, targets_conf: &str, listen: Vec<Loopback>) -> Result<Daemon> {
-        let first = listen
-            .first()
-            .ok_or_else(|| anyhow!("tgtd needs a portal"))?;
+        let first = listen.first().ok_or_else(|| anyhow!("tgtd needs a portal"))?;
         // tgtd's management socket is /var/run/tgtd/socket.<control port>, a short (< 32768);
         // the scripts use numbers below 100.
         let (control_port, control_lock) = reserve_tgtd_control_port()?;
@@ -348,10 +338,7 @@ impl Daemon {
             .tgtd_control_port
             .ok_or_else(|| anyhow!("tgtadm on a raftsan daemon"))?;
         let out = run(
-            Command::new("tgtadm")
-                .arg("-C")
-                .arg(port.to_string())
-                .args(args),
+            Command::new("tgtadm").arg("-C").arg(port.to_string()).args(args),
             CLIENT_TIMEOUT,
         )?;
         if !out.status.success() {
@@ -522,9 +509,7 @@ pub fn check_log(kind: Kind, log: &str, expected: &[String]) -> Result<()> {
         }
         if kind == Kind::Raftsan
             && line.split_whitespace().any(|word| word == "ERROR")
-            && !expected
-                .iter()
-                .any(|fragment| line.contains(fragment.as_str()))
+            && !expected.iter().any(|fragment| line.contains(fragment.as_str()))
         {
             bail!("unexpected ERROR line in the {kind:?} log: {line}");
         }
@@ -591,9 +576,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| {
-            format!("spawning {description} (missing? see scripts/install-deps.sh)")
-        })?;
+        .with_context(|| format!("spawning {description} (missing? see scripts/install-deps.sh)"))?;
     let stdout = reader(child.stdout.take());
     let stderr = reader(child.stderr.take());
     let deadline = Instant::now() + timeout;
@@ -615,11 +598,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     kill_group(child.id(), libc::SIGKILL);
     let stdout = drain(&stdout);
     let stderr = drain(&stderr);
-    Ok(Output {
-        status,
-        stdout,
-        stderr,
-    })
+    Ok(Output { status, stdout, stderr })
 }
 
 /// Like [`run`] with [`CLIENT_TIMEOUT`], failing unless the command exits 0.
@@ -664,12 +643,7 @@ pub fn targets_conf(iqn: &str, backing: &Path, extra: &[&str]) -> String {
 
 /// Starts `kind` with one target `iqn` backed by a sparse file `lun1.img` of `lun_bytes`, with the
 /// `extra` config lines. Returns the daemon and the backing file's path.
-pub fn start_single_target(
-    kind: Kind,
-    iqn: &str,
-    lun_bytes: u64,
-    extra: &[&str],
-) -> Result<(Daemon, PathBuf)> {
+pub fn start_single_target(kind: Kind, iqn: &str, lun_bytes: u64, extra: &[&str]) -> Result<(Daemon, PathBuf)> {
     let scratch = Scratch::new()?;
     let backing = scratch.sparse_file("lun1.img", lun_bytes)?;
     let conf = targets_conf(iqn, &backing, extra);
@@ -709,11 +683,7 @@ mod tests {
 
     #[test]
     fn run_times_out_and_captures_output() {
-        let out = run(
-            Command::new("sh").args(["-c", "echo hi; echo err >&2"]),
-            CLIENT_TIMEOUT,
-        )
-        .unwrap();
+        let out = run(Command::new("sh").args(["-c", "echo hi; echo err >&2"]), CLIENT_TIMEOUT).unwrap();
         assert!(out.success());
         assert_eq!(out.stdout, "hi\n");
         assert_eq!(out.stderr, "err\n");
@@ -729,11 +699,7 @@ mod tests {
             Duration::from_millis(200),
         );
         assert!(hung.is_err());
-        let left = run(
-            Command::new("sh").args(["-c", "sleep 30 & echo done"]),
-            CLIENT_TIMEOUT,
-        )
-        .unwrap();
+        let left = run(Command::new("sh").args(["-c", "sleep 30 & echo done"]), CLIENT_TIMEOUT).unwrap();
         assert_eq!(left.stdout, "done\n");
         assert!(started.elapsed() < Duration::from_secs(5));
     }

@@ -4,179 +4,16 @@
 //! a CHECK CONDITION, a login failure status or a closed connection for that initiator; the
 //! daemon keeps serving every other session, and its log shows no panic.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpStream};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use bytes::BytesMut;
-use raftsan_proto::pdu::{
-    self, Bhs, DataOut, Digests, Framing, LoginRequest, LoginResponse, NopIn, NopOut, Opcode, Pdu, RESERVED_TAG, Reject,
-    ScsiCommand, ScsiResponse,
-};
+use anyhow::{Context, Result, ensure};
+use raftsan_proto::pdu::{Bhs, DataOut, LoginResponse, Opcode, RESERVED_TAG, Reject, ScsiResponse};
+use raftsan_tests::raw::Raw;
 use raftsan_tests::{CLIENT_TIMEOUT, Daemon, Kind, run, start_single_target};
 
 const IQN: &str = "iqn.2026-11.org.raftsan.test:hostile";
 const INITIATOR: &str = "iqn.2026-11.org.raftsan.test:hostile-initiator";
-
-/// A raw iSCSI connection that speaks only what the test scripts.
-struct Raw {
-    s: TcpStream,
-    buf: BytesMut,
-    cmdsn: u32,
-    statsn: u32,
-    itt: u32,
-}
-
-impl Raw {
-    fn connect(portal: SocketAddrV4) -> Result<Raw> {
-        let s = TcpStream::connect_timeout(&portal.into(), Duration::from_secs(5))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        Ok(Raw { s, buf: BytesMut::new(), cmdsn: 1, statsn: 0, itt: 1 })
-    }
-
-    fn send(&mut self, bhs: Bhs, data: &[u8]) -> Result<()> {
-        let mut out = BytesMut::new();
-        pdu::encode_parts(bhs, &[], data, Digests::default(), &mut out);
-        self.s.write_all(&out)?;
-        Ok(())
-    }
-
-    /// The next PDU, or `None` when the target closed the connection.
-    fn recv(&mut self) -> Result<Option<Pdu>> {
-        loop {
-            if let Framing::Complete { len } = pdu::check(&self.buf, Digests::default(), 1 << 24)? {
-                let p = pdu::decode(self.buf.split_to(len).freeze(), Digests::default())?;
-                return Ok(Some(p));
-            }
-            let mut chunk = [0u8; 65536];
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Ok(None),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
-                Err(e) => return Err(e).context("reading from the target"),
-            }
-        }
-    }
-
-    /// Whether the target closes the connection within the read timeout (PDUs before the close
-    /// are skipped).
-    fn closed(&mut self) -> bool {
-        for _ in 0..64 {
-            match self.recv() {
-                Ok(None) => return true,
-                Ok(Some(_)) => continue,
-                Err(_) => return false,
-            }
-        }
-        false
-    }
-
-    fn login_request(&self, data: &[u8]) -> (Bhs, Vec<u8>) {
-        let req = LoginRequest {
-            transit: true,
-            cont: false,
-            csg: 1,
-            nsg: 3,
-            version_max: 0,
-            version_min: 0,
-            isid: [0x40, 0, 0, 0x12, 0x34, 0x56],
-            tsih: 0,
-            itt: 0,
-            cid: 0,
-            cmdsn: self.cmdsn,
-            exp_statsn: 0,
-        };
-        (req.to_bhs(), data.to_vec())
-    }
-
-    /// A normal-session login in one PDU (no CHAP).
-    fn login(&mut self) -> Result<()> {
-        let mut text = Vec::new();
-        raftsan_proto::text::encode(
-            &[
-                ("InitiatorName", INITIATOR),
-                ("TargetName", IQN),
-                ("SessionType", "Normal"),
-                ("HeaderDigest", "None"),
-                ("DataDigest", "None"),
-                ("MaxRecvDataSegmentLength", "262144"),
-                ("ImmediateData", "Yes"),
-                ("InitialR2T", "No"),
-            ],
-            &mut text,
-        );
-        let (bhs, data) = self.login_request(&text);
-        self.send(bhs, &data)?;
-        let p = self.recv()?.context("target closed the connection during login")?;
-        let r = LoginResponse::parse(&p.bhs);
-        ensure!(r.status_class == 0 && r.transit && r.nsg == 3, "login refused: {r:?}");
-        self.statsn = r.seq.statsn.wrapping_add(1);
-        Ok(())
-    }
-
-    fn next_itt(&mut self) -> u32 {
-        self.itt += 1;
-        self.itt
-    }
-
-    fn scsi(&mut self, cdb: [u8; 16], read_len: u32) -> Result<()> {
-        let itt = self.next_itt();
-        let c = ScsiCommand {
-            immediate: false,
-            final_: true,
-            read: read_len > 0,
-            write: false,
-            attr: 1,
-            lun: 1,
-            itt,
-            expected_data_len: read_len,
-            cmdsn: self.cmdsn,
-            exp_statsn: self.statsn,
-            cdb,
-        };
-        self.cmdsn += 1;
-        self.send(c.to_bhs(), &[])
-    }
-
-    /// Reads PDUs until the next SCSI Response.
-    fn response(&mut self) -> Result<Pdu> {
-        loop {
-            let p = self.recv()?.context("connection closed while waiting for a SCSI Response")?;
-            if p.bhs.opcode() == Opcode::ScsiResponse {
-                return Ok(p);
-            }
-        }
-    }
-
-    /// TEST UNIT READY until GOOD: consumes the unit attention a new I_T nexus starts with
-    /// (SAM-5 §5.14: POWER ON, RESET, OR BUS DEVICE RESET OCCURRED).
-    fn clear_unit_attention(&mut self) -> Result<()> {
-        for _ in 0..4 {
-            self.scsi([0u8; 16], 0)?;
-            if ScsiResponse::parse(&self.response()?.bhs).status == 0 {
-                return Ok(());
-            }
-        }
-        bail!("TEST UNIT READY never returned GOOD")
-    }
-
-    /// Sends a NOP-Out ping and waits for its NOP-In: the session is alive.
-    fn ping(&mut self) -> Result<()> {
-        let itt = self.next_itt();
-        let n = NopOut { immediate: true, lun: 0, itt, ttt: RESERVED_TAG, cmdsn: self.cmdsn, exp_statsn: self.statsn };
-        self.send(n.to_bhs(), b"ping")?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            let p = self.recv()?.context("connection closed while waiting for NOP-In")?;
-            if p.bhs.opcode() == Opcode::NopIn && NopIn::parse(&p.bhs).itt == itt {
-                ensure!(&p.data[..] == b"ping", "NOP-In did not echo the ping data");
-                return Ok(());
-            }
-        }
-        bail!("no NOP-In for the ping")
-    }
-}
 
 fn start() -> Result<Daemon> {
     Ok(start_single_target(Kind::Raftsan, IQN, 64 << 20, &[])?.0)
@@ -184,8 +21,15 @@ fn start() -> Result<Daemon> {
 
 /// A real client still gets through: the daemon serves everyone else.
 fn real_client_works(d: &Daemon) -> Result<()> {
-    let out = run(std::process::Command::new("iscsi-inq").arg(d.lun_url(IQN, 1)), CLIENT_TIMEOUT)?;
-    ensure!(out.success(), "iscsi-inq failed after hostile input: {}", out.combined());
+    let out = run(
+        std::process::Command::new("iscsi-inq").arg(d.lun_url(IQN, 1)),
+        CLIENT_TIMEOUT,
+    )?;
+    ensure!(
+        out.success(),
+        "iscsi-inq failed after hostile input: {}",
+        out.combined()
+    );
     Ok(())
 }
 
@@ -194,12 +38,15 @@ fn real_client_works(d: &Daemon) -> Result<()> {
 fn garbage_before_login_closes_only_that_connection() -> Result<()> {
     let d = start()?;
     let mut bystander = Raw::connect(d.portal())?;
-    bystander.login()?;
+    bystander.login(INITIATOR, IQN)?;
     for seed in 0..8u64 {
         let mut r = Raw::connect(d.portal())?;
         let junk = noise(4096, seed);
         let _ = r.s.write_all(&junk);
-        assert!(r.closed(), "the target kept a connection that sent garbage (seed {seed})");
+        assert!(
+            r.closed(),
+            "the target kept a connection that sent garbage (seed {seed})"
+        );
     }
     // Half a header, then the peer goes away.
     let mut r = Raw::connect(d.portal())?;
@@ -230,7 +77,12 @@ fn oversized_data_segment_is_refused() -> Result<()> {
 #[test]
 fn malformed_login_text_gets_a_login_failure() -> Result<()> {
     let d = start()?;
-    for text in [&b"no-equals-sign\0"[..], b"=empty-key\0", b"\xff\xfe=\x80\0", b"InitiatorName\0TargetName\0"] {
+    for text in [
+        &b"no-equals-sign\0"[..],
+        b"=empty-key\0",
+        b"\xff\xfe=\x80\0",
+        b"InitiatorName\0TargetName\0",
+    ] {
         let mut r = Raw::connect(d.portal())?;
         let (bhs, data) = r.login_request(text);
         r.send(bhs, &data)?;
@@ -251,7 +103,7 @@ fn malformed_login_text_gets_a_login_failure() -> Result<()> {
 fn nonsense_in_full_feature_phase_gets_protocol_answers() -> Result<()> {
     let d = start()?;
     let mut r = Raw::connect(d.portal())?;
-    r.login()?;
+    r.login(INITIATOR, IQN)?;
 
     let mut unknown = Bhs::default();
     unknown.0[0] = 0x1f;
@@ -274,7 +126,15 @@ fn nonsense_in_full_feature_phase_gets_protocol_answers() -> Result<()> {
     let sense = &p.data[2..];
     assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x21, 0x00));
 
-    let stray = DataOut { final_: true, lun: 1, itt: 0xdead, ttt: RESERVED_TAG, exp_statsn: r.statsn, datasn: 0, buffer_offset: 0 };
+    let stray = DataOut {
+        final_: true,
+        lun: 1,
+        itt: 0xdead,
+        ttt: RESERVED_TAG,
+        exp_statsn: r.statsn,
+        datasn: 0,
+        buffer_offset: 0,
+    };
     r.send(stray.to_bhs(), &[0u8; 512])?;
     r.ping()?;
     d.stop()?;
@@ -287,7 +147,10 @@ fn nonsense_in_full_feature_phase_gets_protocol_answers() -> Result<()> {
 #[test]
 fn random_pdu_storm_does_not_crash_the_daemon() -> Result<()> {
     let d = start()?;
-    let seed: u64 = std::env::var("RAFTSAN_STORM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_1234);
+    let seed: u64 = std::env::var("RAFTSAN_STORM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_1234);
     eprintln!("storm seed {seed} (set RAFTSAN_STORM_SEED to replay)");
     let mut rng = seed;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -295,7 +158,7 @@ fn random_pdu_storm_does_not_crash_the_daemon() -> Result<()> {
     // Random CDBs (writes excluded so the LU's data stays as it was), in batches inside the
     // CmdSN window (commands beyond MaxCmdSN are ignored by design, RFC 7143 §4.2.2.1).
     let mut r = Raw::connect(d.portal())?;
-    r.login()?;
+    r.login(INITIATOR, IQN)?;
     for _batch in 0..8 {
         for _ in 0..64 {
             let mut cdb = [0u8; 16];
@@ -328,8 +191,8 @@ fn random_pdu_storm_does_not_crash_the_daemon() -> Result<()> {
     let mut sent = 0;
     while sent < 300 && Instant::now() < deadline {
         let mut c = Raw::connect(d.portal())?;
-        if next(&mut rng) % 2 == 0 {
-            let _ = c.login();
+        if next(&mut rng).is_multiple_of(2) {
+            let _ = c.login(INITIATOR, IQN);
         }
         for _ in 0..10 {
             let mut raw = [0u8; 48];
@@ -356,7 +219,7 @@ fn random_pdu_storm_does_not_crash_the_daemon() -> Result<()> {
     assert!(sent >= 100, "storm sent only {sent} PDUs");
     real_client_works(&d)?;
     let mut after = Raw::connect(d.portal())?;
-    after.login()?;
+    after.login(INITIATOR, IQN)?;
     after.ping()?;
     d.stop()?;
     Ok(())

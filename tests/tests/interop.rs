@@ -29,10 +29,7 @@ const CLIENT_ADDRESS: &str = "127.0.0.1";
 
 fn iscsi_ls(args: &[&str], url: &str, initiator: &str) -> Result<raftsan_tests::Output> {
     run(
-        Command::new("iscsi-ls")
-            .args(["-i", initiator])
-            .args(args)
-            .arg(url),
+        Command::new("iscsi-ls").args(["-i", initiator]).args(args).arg(url),
         raftsan_tests::CLIENT_TIMEOUT,
     )
 }
@@ -60,8 +57,7 @@ fn discovery(kind: Kind) -> Result<()> {
     let out = iscsi_ls(&["-s"], &daemon.portal_url(), INITIATOR)?;
     ensure!(out.success(), "iscsi-ls -s failed:\n{}", out.combined());
     ensure!(
-        out.stdout
-            .contains("Lun:1    Type:DIRECT_ACCESS (Size:63M)"),
+        out.stdout.contains("Lun:1    Type:DIRECT_ACCESS (Size:63M)"),
         "LUN 1 missing:\n{}",
         out.combined()
     );
@@ -83,27 +79,14 @@ fn discovery_lists_target_and_portal_tgtd() -> Result<()> {
 /// an authentication failure (login status 0201), which iscsi-ls reports as exit 10.
 fn chap(kind: Kind) -> Result<()> {
     let iqn = "iqn.2026-11.org.raftsan.test:chap";
-    let (mut daemon, _) =
-        start_single_target(kind, iqn, 64 * MIB, &["incominguser diskuser Eupen2marron"])?;
+    let (mut daemon, _) = start_single_target(kind, iqn, 64 * MIB, &["incominguser diskuser Eupen2marron"])?;
     daemon.expect_error("diskuser");
-    let good = iscsi_ls(
-        &["-s"],
-        &daemon.portal_url_chap("diskuser", "Eupen2marron"),
-        INITIATOR,
-    )?;
+    let good = iscsi_ls(&["-s"], &daemon.portal_url_chap("diskuser", "Eupen2marron"), INITIATOR)?;
     ensure!(good.success(), "right secret refused:\n{}", good.combined());
-    ensure!(
-        good.stdout.contains(&target_line(iqn, &daemon)),
-        "{}",
-        good.combined()
-    );
+    ensure!(good.stdout.contains(&target_line(iqn, &daemon)), "{}", good.combined());
     ensure!(good.stdout.contains("Lun:1 "), "{}", good.combined());
 
-    let bad = iscsi_ls(
-        &["-s"],
-        &daemon.portal_url_chap("diskuser", "wrong-secret"),
-        INITIATOR,
-    )?;
+    let bad = iscsi_ls(&["-s"], &daemon.portal_url_chap("diskuser", "wrong-secret"), INITIATOR)?;
     ensure!(!bad.success(), "wrong secret accepted:\n{}", bad.combined());
     ensure!(
         bad.combined().contains("Authentication failure"),
@@ -111,11 +94,7 @@ fn chap(kind: Kind) -> Result<()> {
         bad.combined()
     );
     let none = iscsi_ls(&["-s"], &daemon.portal_url(), INITIATOR)?;
-    ensure!(
-        !none.success(),
-        "login without CHAP accepted:\n{}",
-        none.combined()
-    );
+    ensure!(!none.success(), "login without CHAP accepted:\n{}", none.combined());
     let log = daemon.stop()?;
     ensure!(!log.contains("wrong-secret"), "a secret reached the log");
     ensure!(!log.contains("Eupen2marron"), "a secret reached the log");
@@ -139,20 +118,11 @@ fn initiator_name_acl_enforced_raftsan() -> Result<()> {
     let iqn = "iqn.2026-11.org.raftsan.test:name-acl";
     let allowed = "iqn.2026-11.org.raftsan.test:allowed";
     let other = "iqn.2026-11.org.raftsan.test:someone-else";
-    let (mut daemon, _) = start_single_target(
-        Kind::Raftsan,
-        iqn,
-        64 * MIB,
-        &[&format!("initiator-name {allowed}")],
-    )?;
+    let (mut daemon, _) = start_single_target(Kind::Raftsan, iqn, 64 * MIB, &[&format!("initiator-name {allowed}")])?;
     daemon.expect_error(other);
     let out = iscsi_ls(&["-s"], &daemon.portal_url(), allowed)?;
     ensure!(out.success(), "listed name refused:\n{}", out.combined());
-    ensure!(
-        out.stdout.contains(&target_line(iqn, &daemon)),
-        "{}",
-        out.combined()
-    );
+    ensure!(out.stdout.contains(&target_line(iqn, &daemon)), "{}", out.combined());
 
     let out = iscsi_ls(&[], &daemon.portal_url(), other)?;
     ensure!(
@@ -166,11 +136,7 @@ fn initiator_name_acl_enforced_raftsan() -> Result<()> {
             .arg(daemon.lun_url(iqn, 1)),
         raftsan_tests::CLIENT_TIMEOUT,
     )?;
-    ensure!(
-        !inq.success(),
-        "name outside the ACL logged in:\n{}",
-        inq.combined()
-    );
+    ensure!(!inq.success(), "name outside the ACL logged in:\n{}", inq.combined());
     daemon.stop()?;
     Ok(())
 }
@@ -183,12 +149,7 @@ fn initiator_name_acl_alone_restricts_nothing_in_tgtd() -> Result<()> {
     let iqn = "iqn.2026-11.org.raftsan.test:name-acl";
     let allowed = "iqn.2026-11.org.raftsan.test:allowed";
     let other = "iqn.2026-11.org.raftsan.test:someone-else";
-    let (daemon, _) = start_single_target(
-        Kind::Tgtd,
-        iqn,
-        64 * MIB,
-        &[&format!("initiator-name {allowed}")],
-    )?;
+    let (daemon, _) = start_single_target(Kind::Tgtd, iqn, 64 * MIB, &[&format!("initiator-name {allowed}")])?;
     let out = iscsi_ls(&["-s"], &daemon.portal_url(), other)?;
     ensure!(out.success(), "tgt behaviour changed:\n{}", out.combined());
     ensure!(out.stdout.contains("Lun:1 "), "{}", out.combined());
@@ -215,11 +176,7 @@ fn inquiry(kind: Kind) -> Result<()> {
         "{}",
         std.combined()
     );
-    ensure!(
-        std.stdout.contains("Version Descriptor:"),
-        "{}",
-        std.combined()
-    );
+    ensure!(std.stdout.contains("Version Descriptor:"), "{}", std.combined());
     // iscsi-inq parses -c with atoi: the page code must be decimal (0x83 = 131).
     let vpd = run_ok(
         Command::new("iscsi-inq")
@@ -227,14 +184,12 @@ fn inquiry(kind: Kind) -> Result<()> {
             .arg(&url),
     )?;
     ensure!(
-        vpd.stdout
-            .contains("Page Code:(0x83) DEVICE_IDENTIFICATION"),
+        vpd.stdout.contains("Page Code:(0x83) DEVICE_IDENTIFICATION"),
         "{}",
         vpd.combined()
     );
     ensure!(
-        vpd.stdout.contains("Association:(0) LOGICAL_UNIT")
-            && vpd.stdout.contains("Designator Type:(3) NAA"),
+        vpd.stdout.contains("Association:(0) LOGICAL_UNIT") && vpd.stdout.contains("Designator Type:(3) NAA"),
         "no NAA designator for the LU:\n{}",
         vpd.combined()
     );
@@ -409,11 +364,7 @@ fn unmap_round_trip(kind: Kind) -> Result<()> {
         check.combined()
     );
 
-    let caps = run_ok(
-        Command::new("iscsi-readcapacity16")
-            .args(["-i", INITIATOR])
-            .arg(&url),
-    )?;
+    let caps = run_ok(Command::new("iscsi-readcapacity16").args(["-i", INITIATOR]).arg(&url))?;
     ensure!(
         caps.stdout.contains("LBPME:1"),
         "LU not thin provisioned:\n{}",
@@ -495,12 +446,7 @@ fn sv1_start(kind: Kind) -> Result<Daemon> {
     }
 }
 
-fn sv1_inq(
-    daemon: &Daemon,
-    initiator: &str,
-    secret: &str,
-    iqn: &str,
-) -> Result<raftsan_tests::Output> {
+fn sv1_inq(daemon: &Daemon, initiator: &str, secret: &str, iqn: &str) -> Result<raftsan_tests::Output> {
     run(
         Command::new("iscsi-inq")
             .args(["-i", initiator])
@@ -526,11 +472,7 @@ fn sv1_config_starts_and_acl_and_chap_enforced_raftsan() -> Result<()> {
         &daemon.portal_url_chap("diskuser", "Eupen2marron"),
         SV1_INITIATOR,
     )?;
-    ensure!(
-        ls.stdout.contains(&target_line(SV1_IQN, &daemon)),
-        "{}",
-        ls.combined()
-    );
+    ensure!(ls.stdout.contains(&target_line(SV1_IQN, &daemon)), "{}", ls.combined());
     ensure!(
         !ls.stdout.contains(SV1_ELSEWHERE_IQN),
         "target for another address shown:\n{}",
@@ -543,17 +485,8 @@ fn sv1_config_starts_and_acl_and_chap_enforced_raftsan() -> Result<()> {
         "wrong secret accepted:\n{}",
         wrong_secret.combined()
     );
-    let wrong_name = sv1_inq(
-        &daemon,
-        "iqn.2023-02.dom.home.sv:intruder",
-        "Eupen2marron",
-        SV1_IQN,
-    )?;
-    ensure!(
-        !wrong_name.success(),
-        "wrong name accepted:\n{}",
-        wrong_name.combined()
-    );
+    let wrong_name = sv1_inq(&daemon, "iqn.2023-02.dom.home.sv:intruder", "Eupen2marron", SV1_IQN)?;
+    ensure!(!wrong_name.success(), "wrong name accepted:\n{}", wrong_name.combined());
     let wrong_address = sv1_inq(&daemon, SV1_INITIATOR, "Eupen2marron", SV1_ELSEWHERE_IQN)?;
     ensure!(
         !wrong_address.success(),
@@ -561,10 +494,7 @@ fn sv1_config_starts_and_acl_and_chap_enforced_raftsan() -> Result<()> {
         wrong_address.combined()
     );
     let log = daemon.stop()?;
-    ensure!(
-        !log.contains("Eupen2marron"),
-        "the CHAP secret reached the log"
-    );
+    ensure!(!log.contains("Eupen2marron"), "the CHAP secret reached the log");
     Ok(())
 }
 
@@ -582,12 +512,7 @@ fn sv1_config_under_tgtd_name_or_address_admits() -> Result<()> {
         "wrong secret accepted:\n{}",
         wrong_secret.combined()
     );
-    let wrong_name = sv1_inq(
-        &daemon,
-        "iqn.2023-02.dom.home.sv:intruder",
-        "Eupen2marron",
-        SV1_IQN,
-    )?;
+    let wrong_name = sv1_inq(&daemon, "iqn.2023-02.dom.home.sv:intruder", "Eupen2marron", SV1_IQN)?;
     ensure!(
         wrong_name.success(),
         "tgt behaviour changed (name):\n{}",
@@ -634,16 +559,9 @@ fn invalid_targets_conf_refused_with_file_and_line_raftsan() -> Result<()> {
         // Validation happens before any socket is bound: no reason to wait long.
         Duration::from_secs(15),
     )?;
-    ensure!(
-        !out.success(),
-        "invalid config accepted:\n{}",
-        out.combined()
-    );
+    ensure!(!out.success(), "invalid config accepted:\n{}", out.combined());
     let text = out.combined();
-    ensure!(
-        text.contains("targets.conf"),
-        "message does not name the file:\n{text}"
-    );
+    ensure!(text.contains("targets.conf"), "message does not name the file:\n{text}");
     ensure!(
         text.contains("line 3") || text.contains("targets.conf:3"),
         "message does not name line 3:\n{text}"

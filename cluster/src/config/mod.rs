@@ -68,10 +68,7 @@ impl NodeConfig {
     /// A configuration with every default and no targets.
     pub fn empty(format: ConfigFormat) -> Self {
         NodeConfig {
-            portals: vec![SocketAddr::new(
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-                ISCSI_PORT,
-            )],
+            portals: vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ISCSI_PORT)],
             data_dir: None,
             metrics_listen: None,
             admin_socket: None,

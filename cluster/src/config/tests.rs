@@ -42,20 +42,14 @@ impl Dir {
 
     /// The error message with the directory prefix replaced by `DIR`.
     fn err(&self, text: &str) -> String {
-        let e = self
-            .parse(text)
-            .expect_err("the configuration should be refused");
-        e.to_string()
-            .replace(&self.tmp.path().display().to_string(), "DIR")
+        let e = self.parse(text).expect_err("the configuration should be refused");
+        e.to_string().replace(&self.tmp.path().display().to_string(), "DIR")
     }
 
     fn warnings(&self, c: &NodeConfig) -> Vec<String> {
         c.warnings
             .iter()
-            .map(|w| {
-                w.to_string()
-                    .replace(&self.tmp.path().display().to_string(), "DIR")
-            })
+            .map(|w| w.to_string().replace(&self.tmp.path().display().to_string(), "DIR"))
             .collect()
     }
 }
@@ -110,10 +104,7 @@ fn sv1_block_parses_to_the_expected_target() {
     assert_eq!(c.catalog.targets, vec![expected]);
     assert_eq!(c.catalog.targets[0].luns[0].serial, "beaf11");
     assert!(c.catalog.discovery_users.is_empty());
-    assert_eq!(
-        c.portals,
-        vec!["0.0.0.0:3260".parse::<SocketAddr>().unwrap()]
-    );
+    assert_eq!(c.portals, vec!["0.0.0.0:3260".parse::<SocketAddr>().unwrap()]);
     assert_eq!(c.limits, Limits::default());
     assert_eq!(c.iscsi, IscsiSettings::default());
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
@@ -147,10 +138,7 @@ fn several_targets_take_tids_in_name_order_like_tgt_admin() {
         .map(|t| (t.name.rsplit(':').next().unwrap(), t.tid))
         .collect();
     // File order is kept; tids follow tgt-admin: alpha 1, mid 7 (controller_tid), omega 8, zeta 9.
-    assert_eq!(
-        tids,
-        vec![("zeta", 9), ("alpha", 1), ("mid", 7), ("omega", 8)]
-    );
+    assert_eq!(tids, vec![("zeta", 9), ("alpha", 1), ("mid", 7), ("omega", 8)]);
     assert_eq!(c.catalog.targets[0].luns[0].serial, "beaf91");
     assert!(c.catalog.targets[3].luns.is_empty());
 }
@@ -252,16 +240,7 @@ fn nested_store_blocks_with_lun_numbers_and_target_wide_defaults() {
         vec![
             (1, "beaf11", "MyCompan", "FASTDISK", 512, false, true, false),
             (2, "SERIAL", "back1", "VIRTUAL-DISK", 512, false, true, true),
-            (
-                15,
-                "fifteen",
-                "MyCompan",
-                "VIRTUAL-DISK",
-                4096,
-                true,
-                false,
-                false
-            ),
+            (15, "fifteen", "MyCompan", "VIRTUAL-DISK", 4096, true, false, false),
         ]
     );
     let w = d.warnings(&c);
@@ -274,11 +253,15 @@ fn nested_store_blocks_with_lun_numbers_and_target_wide_defaults() {
 #[test]
 fn target_level_lun_applies_to_the_single_store() {
     let d = Dir::new();
-    let c = d.parse("<target iqn.2008-09.com.example:server.target6>\n  backing-store a.img\n  lun 10\n</target>\n").unwrap();
+    let c = d
+        .parse("<target iqn.2008-09.com.example:server.target6>\n  backing-store a.img\n  lun 10\n</target>\n")
+        .unwrap();
     assert_eq!(c.catalog.targets[0].luns[0].lun, 10);
     assert_eq!(c.catalog.targets[0].luns[0].serial, "beaf110");
     assert_eq!(
-        d.err("<target iqn.2008-09.com.example:t>\n  backing-store a.img\n  backing-store b.img\n  lun 10\n</target>\n"),
+        d.err(
+            "<target iqn.2008-09.com.example:t>\n  backing-store a.img\n  backing-store b.img\n  lun 10\n</target>\n"
+        ),
         "DIR/main.conf:4: a target-level `lun` applies to a single store, but target `iqn.2008-09.com.example:t` has 2; \
          put `lun N` inside `<backing-store PATH>` blocks"
     );
@@ -296,10 +279,7 @@ fn includes_are_relative_to_the_including_file_and_may_glob() {
         "<target iqn.2023-02.com.example:two>\n  include ../two-body.inc\n</target>\n",
     );
     d.write("conf.d/notes.txt", "this is not included\n");
-    d.write(
-        "two-body.inc",
-        "backing-store b.img\nincominguser two Eupen2marron\n",
-    );
+    d.write("two-body.inc", "backing-store b.img\nincominguser two Eupen2marron\n");
     d.write("dir/x.conf", "incomingdiscoveryuser disco Eupen2marron\n");
     let c = d
         .parse("include conf.d/*.conf\ninclude dir\ninclude nothing/*.conf\n")
@@ -552,9 +532,7 @@ fn targets_conf_error_messages() {
             "DIR/main.conf:2: driver `iser`: raftsan only serves iscsi",
         ),
         (
-            t(
-                "  <backing-store a.img>\n    initiator-name iqn.2023-02.com.example:x\n  </backing-store>",
-            ),
+            t("  <backing-store a.img>\n    initiator-name iqn.2023-02.com.example:x\n  </backing-store>"),
             "DIR/main.conf:3: unknown directive `initiator-name` in `<backing-store a.img>`; see docs/configuration.md for what a targets.conf may contain",
         ),
         (
@@ -723,13 +701,10 @@ fn toml_parses_to_the_expected_config() {
     assert_eq!(c.iscsi.header_digests, vec![Digest::Crc32c]);
     let name = "iqn.2023-02.dom.home.sv:sv1.disk";
     let mut mem = lun(name, 1, 3, PathBuf::new());
-    mem.backing = Backing::Memory {
-        size_bytes: 64 << 20,
-    };
+    mem.backing = Backing::Memory { size_bytes: 64 << 20 };
     mem.serial = "mem3".into();
     mem.naa = [
-        0x60, 0x01, 0x40, 0x5a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5,
-        0xc6,
+        0x60, 0x01, 0x40, 0x5a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f, 0x60, 0x71, 0x82, 0x93, 0xa4, 0xb5, 0xc6,
     ];
     mem.read_only = true;
     assert_eq!(
@@ -899,14 +874,8 @@ fn shipped_examples_parse() {
     let t = &c.catalog.targets[0];
     assert_eq!(t.name, "iqn.2023-02.dom.home.sv:sv1.disk");
     assert_eq!(t.luns[0].backing, Backing::Path(PathBuf::from(img)));
-    assert_eq!(
-        t.initiator_names,
-        vec!["iqn.2023-02.dom.home.sv:sv.initiator01"]
-    );
-    assert_eq!(
-        t.initiator_addresses,
-        vec!["192.168.1.73".parse::<Cidr>().unwrap()]
-    );
+    assert_eq!(t.initiator_names, vec!["iqn.2023-02.dom.home.sv:sv.initiator01"]);
+    assert_eq!(t.initiator_addresses, vec!["192.168.1.73".parse::<Cidr>().unwrap()]);
     assert_eq!(
         t.incoming_users,
         vec![ChapAccount {
@@ -927,10 +896,7 @@ fn shipped_examples_parse() {
     assert_eq!(c.portals.len(), 2);
     assert_eq!(c.limits, Limits::default());
     assert_eq!(c.iscsi, IscsiSettings::default());
-    assert_eq!(
-        c.admin_socket_path(),
-        PathBuf::from("/run/raftsan/admin.sock")
-    );
+    assert_eq!(c.admin_socket_path(), PathBuf::from("/run/raftsan/admin.sock"));
     assert_eq!(c.catalog.discovery_users.len(), 1);
     assert!(c.catalog.discovery_outgoing_user.is_some());
     let t = &c.catalog.targets[0];
@@ -938,12 +904,7 @@ fn shipped_examples_parse() {
     assert_eq!(t.initiator_addresses.len(), 3);
     assert_eq!(t.luns.len(), 2);
     assert_eq!(t.luns[1].lun, 2);
-    assert_eq!(
-        t.luns[1].backing,
-        Backing::Memory {
-            size_bytes: 64 << 20
-        }
-    );
+    assert_eq!(t.luns[1].backing, Backing::Memory { size_bytes: 64 << 20 });
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 
     let extra = std::fs::read_to_string(examples_dir().join("targets.conf")).unwrap();
@@ -959,10 +920,7 @@ fn shipped_examples_parse() {
     }
     let c = parse_str(&text, &examples_dir().join("targets.conf")).unwrap();
     let db = &c.catalog.targets[0];
-    assert_eq!(
-        (db.tid, db.luns.len(), db.initiator_addresses.len()),
-        (1, 2, 2)
-    );
+    assert_eq!((db.tid, db.luns.len(), db.initiator_addresses.len()), (1, 2, 2));
     assert!(db.outgoing_user.is_some());
     let media = &c.catalog.targets[1];
     let luns: Vec<(u64, bool, bool, u32)> = media
@@ -981,10 +939,7 @@ fn load_reads_a_file() {
     let d = Dir::new();
     let p = d.write("node.conf", &SV1.replace("a.img", "b.img"));
     let c = load(&p).unwrap();
-    assert_eq!(
-        c.catalog.targets[0].luns[0].backing,
-        Backing::Path(d.path("b.img"))
-    );
+    assert_eq!(c.catalog.targets[0].luns[0].backing, Backing::Path(d.path("b.img")));
     let e = load(&d.path("none.toml")).unwrap_err();
     assert!(
         e.to_string()

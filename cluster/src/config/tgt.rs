@@ -24,9 +24,7 @@ use std::path::{Path, PathBuf};
 use raftsan_target::catalog::{Backing, ChapAccount, Cidr, LunDef, TargetDef, derive_naa};
 
 use super::validate::{self, LocatedTarget};
-use super::{
-    ConfigError, ConfigFormat, ConfigWarning, Digest, IscsiSettings, Location, NodeConfig,
-};
+use super::{ConfigError, ConfigFormat, ConfigWarning, Digest, IscsiSettings, Location, NodeConfig};
 
 /// How deep `include` may nest (a guard against include loops).
 const MAX_INCLUDE_DEPTH: usize = 8;
@@ -39,20 +37,9 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 512;
 /// One logical line of the file after comments, continuations and includes.
 #[derive(Debug)]
 enum Line {
-    Open {
-        at: Location,
-        block: String,
-        arg: String,
-    },
-    Close {
-        at: Location,
-        block: String,
-    },
-    Directive {
-        at: Location,
-        key: String,
-        value: String,
-    },
+    Open { at: Location, block: String, arg: String },
+    Close { at: Location, block: String },
+    Directive { at: Location, key: String, value: String },
 }
 
 fn strip_comment(line: &str) -> String {
@@ -136,9 +123,7 @@ fn lex(
             }
             continue;
         }
-        let key_end = line
-            .find(|c: char| c.is_whitespace() || c == '=')
-            .unwrap_or(line.len());
+        let key_end = line.find(|c: char| c.is_whitespace() || c == '=').unwrap_or(line.len());
         let key = &line[..key_end];
         let rest = line[key_end..].trim_start();
         let value = unquote(rest.strip_prefix('=').unwrap_or(rest)).to_string();
@@ -155,8 +140,7 @@ fn lex(
     if let Some((start, _)) = pending {
         return Err(ConfigError::Syntax {
             at: Location::new(file, start),
-            message: "the last line ends with `\\` but nothing follows; remove the backslash"
-                .into(),
+            message: "the last line ends with `\\` but nothing follows; remove the backslash".into(),
         });
     }
     Ok(())
@@ -188,9 +172,7 @@ fn include(
     if depth >= MAX_INCLUDE_DEPTH {
         return Err(ConfigError::invalid(
             at,
-            format!(
-                "includes nest deeper than {MAX_INCLUDE_DEPTH} levels; does a file include itself?"
-            ),
+            format!("includes nest deeper than {MAX_INCLUDE_DEPTH} levels; does a file include itself?"),
         ));
     }
     let target = super::base_dir(file).join(value);
@@ -200,18 +182,14 @@ fn include(
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        if dir.is_dir() {
-            list_dir(&dir, at)?
-        } else {
-            Vec::new()
-        }
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| wildcard_match(name.as_bytes(), n.as_bytes()))
-        })
-        .collect()
+        if dir.is_dir() { list_dir(&dir, at)? } else { Vec::new() }
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| wildcard_match(name.as_bytes(), n.as_bytes()))
+            })
+            .collect()
     } else if target.is_dir() {
         list_dir(&target, at)?
     } else {
@@ -430,11 +408,7 @@ const KNOWN: &[&str] = &[
 fn unknown(at: &Location, key: &str, place: &str) -> ConfigError {
     let hint = KNOWN
         .iter()
-        .find(|k| {
-            **k != key
-                && k.replace('-', "_")
-                    .eq_ignore_ascii_case(&key.replace('-', "_"))
-        })
+        .find(|k| **k != key && k.replace('-', "_").eq_ignore_ascii_case(&key.replace('-', "_")))
         .map(|k| format!(" (did you mean `{k}`?)"))
         .unwrap_or_default();
     directive_err(
@@ -493,7 +467,10 @@ impl Parser {
                 set_once(&mut self.discovery_out, a, key, at)
             }
             "control-port" => {
-                self.warn(at, "control-port is tgtd's management port; raftsan ignores it (see `admin_socket` in TOML)");
+                self.warn(
+                    at,
+                    "control-port is tgtd's management port; raftsan ignores it (see `admin_socket` in TOML)",
+                );
                 Ok(())
             }
             "iSNS" | "iSNSServerIP" | "iSNSServerPort" | "iSNSAccessControl" => Err(directive_err(
@@ -508,13 +485,7 @@ impl Parser {
     }
 
     /// An LU parameter at target level or in a store block. Returns false when `key` is not one.
-    fn lu_param(
-        &mut self,
-        p: &mut LuParams,
-        at: &Location,
-        key: &str,
-        value: &str,
-    ) -> Result<bool, ConfigError> {
+    fn lu_param(&mut self, p: &mut LuParams, at: &Location, key: &str, value: &str) -> Result<bool, ConfigError> {
         match key {
             "scsi_sn" => {
                 validate::serial(value).map_err(|m| ConfigError::invalid(at, format!("scsi_sn: {m}")))?;
@@ -649,10 +620,7 @@ impl Parser {
         };
         let s = &mut self.iscsi;
         match key {
-            "MaxRecvDataSegmentLength"
-            | "MaxBurstLength"
-            | "FirstBurstLength"
-            | "MaxOutstandingR2T" => {
+            "MaxRecvDataSegmentLength" | "MaxBurstLength" | "FirstBurstLength" | "MaxOutstandingR2T" => {
                 let v = u32v(value)?;
                 validate::iscsi_value(key, v, at)?;
                 *match key {
@@ -678,14 +646,14 @@ impl Parser {
             }
             "MaxXmitDataSegmentLength" => {
                 u32v(value)?;
-                self.warn(at, "MaxXmitDataSegmentLength is ignored; raftsan sends PDUs up to what each initiator declares");
+                self.warn(
+                    at,
+                    "MaxXmitDataSegmentLength is ignored; raftsan sends PDUs up to what each initiator declares",
+                );
             }
             "DataPDUInOrder" | "DataSequenceInOrder" => {
                 if !bool_value(key, value, at)? {
-                    self.warn(
-                        at,
-                        format!("{key} No is ignored; raftsan always offers Yes"),
-                    );
+                    self.warn(at, format!("{key} No is ignored; raftsan always offers Yes"));
                 }
             }
             "ErrorRecoveryLevel" => {
@@ -703,7 +671,10 @@ impl Parser {
             }
             "IFMarker" | "OFMarker" => {
                 if bool_value(key, value, at)? {
-                    self.warn(at, format!("{key} Yes is ignored; markers are obsolete (RFC 7143 §13) and always No"));
+                    self.warn(
+                        at,
+                        format!("{key} Yes is ignored; markers are obsolete (RFC 7143 §13) and always No"),
+                    );
                 }
             }
             "IFMarkInt" | "OFMarkInt" => {}
@@ -727,13 +698,7 @@ impl Parser {
         }
     }
 
-    fn target_line(
-        &mut self,
-        t: &mut RawTarget,
-        at: &Location,
-        key: &str,
-        value: &str,
-    ) -> Result<(), ConfigError> {
+    fn target_line(&mut self, t: &mut RawTarget, at: &Location, key: &str, value: &str) -> Result<(), ConfigError> {
         if value.is_empty() && key != "write-cache" {
             return Err(ConfigError::invalid(at, format!("`{key}` has no value")));
         }
@@ -747,13 +712,11 @@ impl Parser {
                 });
             }
             "lun" => {
-                let n = validate::lun(number(key, value, at)?)
-                    .map_err(|m| ConfigError::invalid(at, m))?;
+                let n = validate::lun(number(key, value, at)?).map_err(|m| ConfigError::invalid(at, m))?;
                 set_once(&mut t.params.lun, n, key, at)?;
             }
             "initiator-address" => {
-                let c =
-                    validate::initiator_address(value).map_err(|m| ConfigError::invalid(at, m))?;
+                let c = validate::initiator_address(value).map_err(|m| ConfigError::invalid(at, m))?;
                 t.addresses.push((c, at.clone()));
             }
             "initiator-name" => {
@@ -803,10 +766,7 @@ impl Parser {
             "controller_tid" | "tid" => {
                 let n = number(key, value, at)?;
                 let n = u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                    ConfigError::invalid(
-                        at,
-                        format!("{key} {value}: a tid is a number from 1 to 4294967295"),
-                    )
+                    ConfigError::invalid(at, format!("{key} {value}: a tid is a number from 1 to 4294967295"))
                 })?;
                 set_once(&mut t.tid, n, key, at)?;
             }
@@ -816,9 +776,7 @@ impl Parser {
                     return Err(directive_err(
                         at,
                         key,
-                        format!(
-                            "state `{value}`: raftsan targets are always ready; remove the line"
-                        ),
+                        format!("state `{value}`: raftsan targets are always ready; remove the line"),
                     ));
                 }
             },
@@ -885,8 +843,7 @@ fn parse_target(
     if name.is_empty() || name.contains(char::is_whitespace) {
         return Err(ConfigError::Syntax {
             at,
-            message: "`<target>` needs one iSCSI name: `<target iqn.2023-02.com.example:disk1>`"
-                .into(),
+            message: "`<target>` needs one iSCSI name: `<target iqn.2023-02.com.example:disk1>`".into(),
         });
     }
     let mut t = RawTarget {
@@ -917,9 +874,7 @@ fn parse_target(
                     message: format!("`</{block}>` found where `</target>` was expected"),
                 });
             }
-            Some(Line::Open { at, block, arg })
-                if block == "backing-store" || block == "direct-store" =>
-            {
+            Some(Line::Open { at, block, arg }) if block == "backing-store" || block == "direct-store" => {
                 if arg.is_empty() {
                     return Err(ConfigError::Syntax {
                         at,
@@ -932,21 +887,14 @@ fn parse_target(
                         None => {
                             return Err(ConfigError::Syntax {
                                 at,
-                                message: format!(
-                                    "`<{block} {arg}>` is never closed; add `</{block}>`"
-                                ),
+                                message: format!("`<{block} {arg}>` is never closed; add `</{block}>`"),
                             });
                         }
-                        Some(Line::Close {
-                            at: close_at,
-                            block: b,
-                        }) => {
+                        Some(Line::Close { at: close_at, block: b }) => {
                             if b != block {
                                 return Err(ConfigError::Syntax {
                                     at: close_at,
-                                    message: format!(
-                                        "`</{b}>` found where `</{block}>` was expected"
-                                    ),
+                                    message: format!("`</{b}>` found where `</{block}>` was expected"),
                                 });
                             }
                             break;
@@ -957,11 +905,7 @@ fn parse_target(
                                 message: format!("`<{b}>` cannot be nested in `<{block}>`"),
                             });
                         }
-                        Some(Line::Directive {
-                            at: lat,
-                            key,
-                            value,
-                        }) => {
+                        Some(Line::Directive { at: lat, key, value }) => {
                             if key == "lun" {
                                 let n = validate::lun(number(&key, &value, &lat)?)
                                     .map_err(|m| ConfigError::invalid(&lat, m))?;
@@ -1029,8 +973,7 @@ fn build(mut p: Parser, origin: &Path) -> Result<NodeConfig, ConfigError> {
 }
 
 fn build_target(p: &mut Parser, t: RawTarget, tid: u32) -> Result<LocatedTarget, ConfigError> {
-    let name = validate::iscsi_name(&t.name)
-        .map_err(|m| ConfigError::invalid(&t.at, format!("target name: {m}")))?;
+    let name = validate::iscsi_name(&t.name).map_err(|m| ConfigError::invalid(&t.at, format!("target name: {m}")))?;
 
     if let Some((_, lun_at)) = &t.params.lun
         && t.stores.len() > 1
@@ -1102,10 +1045,7 @@ fn build_target(p: &mut Parser, t: RawTarget, tid: u32) -> Result<LocatedTarget,
             }
             Err(e) => return Err(e),
         };
-        let block_size = params
-            .block_size
-            .map(|(b, _)| b)
-            .unwrap_or(DEFAULT_BLOCK_SIZE);
+        let block_size = params.block_size.map(|(b, _)| b).unwrap_or(DEFAULT_BLOCK_SIZE);
         luns.push(LunDef {
             lun,
             backing: Backing::Path(path),
@@ -1114,14 +1054,8 @@ fn build_target(p: &mut Parser, t: RawTarget, tid: u32) -> Result<LocatedTarget,
                 .map(|(s, _)| s)
                 .unwrap_or_else(|| format!("beaf{tid}{lun}")),
             naa: derive_naa(&name, lun),
-            vendor: params
-                .vendor
-                .map(|(s, _)| s)
-                .unwrap_or_else(|| DEFAULT_VENDOR.into()),
-            product: params
-                .product
-                .map(|(s, _)| s)
-                .unwrap_or_else(|| DEFAULT_PRODUCT.into()),
+            vendor: params.vendor.map(|(s, _)| s).unwrap_or_else(|| DEFAULT_VENDOR.into()),
+            product: params.product.map(|(s, _)| s).unwrap_or_else(|| DEFAULT_PRODUCT.into()),
             revision: params
                 .revision
                 .map(|(s, _)| s)

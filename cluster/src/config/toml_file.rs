@@ -131,11 +131,7 @@ struct Lines<'a> {
 impl Lines<'_> {
     fn at(&self, offset: usize) -> Location {
         let end = offset.min(self.text.len());
-        let line = self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1;
+        let line = self.text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1;
         Location::new(self.origin, u32::try_from(line).unwrap_or(u32::MAX))
     }
 
@@ -170,13 +166,17 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
         config.portals.clear();
         for p in portals.into_inner() {
             let at = lines.of(&p);
-            let addr = socket_addr(p.get_ref(), ISCSI_PORT)
-                .ok_or_else(|| ConfigError::invalid(&at, format!("portal `{}` is not an address; write `192.168.1.10:3260` or `[fd00::10]:3260`", p.get_ref())))?;
-            if !seen.insert(addr) {
-                return Err(ConfigError::invalid(
+            let addr = socket_addr(p.get_ref(), ISCSI_PORT).ok_or_else(|| {
+                ConfigError::invalid(
                     &at,
-                    format!("portal {addr} is listed twice"),
-                ));
+                    format!(
+                        "portal `{}` is not an address; write `192.168.1.10:3260` or `[fd00::10]:3260`",
+                        p.get_ref()
+                    ),
+                )
+            })?;
+            if !seen.insert(addr) {
+                return Err(ConfigError::invalid(&at, format!("portal {addr} is listed twice")));
             }
             config.portals.push(addr);
         }
@@ -185,17 +185,15 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
     config.admin_socket = node.admin_socket.map(|d| base.join(d));
     if let Some(m) = node.metrics {
         let at = lines.of(&m);
-        let addr = socket_addr(m.get_ref(), 0)
-            .filter(|a| a.port() != 0)
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    &at,
-                    format!(
-                        "metrics `{}` must be an address with a port, such as `127.0.0.1:9860`",
-                        m.get_ref()
-                    ),
-                )
-            })?;
+        let addr = socket_addr(m.get_ref(), 0).filter(|a| a.port() != 0).ok_or_else(|| {
+            ConfigError::invalid(
+                &at,
+                format!(
+                    "metrics `{}` must be an address with a port, such as `127.0.0.1:9860`",
+                    m.get_ref()
+                ),
+            )
+        })?;
         config.metrics_listen = Some(addr);
     }
 
@@ -206,10 +204,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
     // Each key is checked on its own so the message names its line; then the whole set.
     let positive = |key: &str, v: u64, at: &Location| {
         if v == 0 {
-            Err(ConfigError::invalid(
-                at,
-                format!("{key} must be at least 1"),
-            ))
+            Err(ConfigError::invalid(at, format!("{key} must be at least 1")))
         } else {
             Ok(())
         }
@@ -234,21 +229,9 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
         }
     }
     for (key, src, dst) in [
-        (
-            "login_timeout_ms",
-            l.login_timeout_ms,
-            &mut lim.login_timeout_ms,
-        ),
-        (
-            "nop_in_interval_ms",
-            l.nop_in_interval_ms,
-            &mut lim.nop_in_interval_ms,
-        ),
-        (
-            "nop_in_timeout_ms",
-            l.nop_in_timeout_ms,
-            &mut lim.nop_in_timeout_ms,
-        ),
+        ("login_timeout_ms", l.login_timeout_ms, &mut lim.login_timeout_ms),
+        ("nop_in_interval_ms", l.nop_in_interval_ms, &mut lim.nop_in_interval_ms),
+        ("nop_in_timeout_ms", l.nop_in_timeout_ms, &mut lim.nop_in_timeout_ms),
     ] {
         if let Some(v) = src {
             limits_at = lines.of(&v);
@@ -270,21 +253,9 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
             i.max_recv_data_segment_length,
             &mut s.max_recv_data_segment_length,
         ),
-        (
-            "MaxBurstLength",
-            i.max_burst_length,
-            &mut s.max_burst_length,
-        ),
-        (
-            "FirstBurstLength",
-            i.first_burst_length,
-            &mut s.first_burst_length,
-        ),
-        (
-            "MaxOutstandingR2T",
-            i.max_outstanding_r2t,
-            &mut s.max_outstanding_r2t,
-        ),
+        ("MaxBurstLength", i.max_burst_length, &mut s.max_burst_length),
+        ("FirstBurstLength", i.first_burst_length, &mut s.first_burst_length),
+        ("MaxOutstandingR2T", i.max_outstanding_r2t, &mut s.max_outstanding_r2t),
     ] {
         if let Some(v) = src {
             iscsi_at = lines.of(&v);
@@ -293,16 +264,8 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
         }
     }
     for (key, src, dst) in [
-        (
-            "DefaultTime2Wait",
-            i.default_time2wait,
-            &mut s.default_time2wait,
-        ),
-        (
-            "DefaultTime2Retain",
-            i.default_time2retain,
-            &mut s.default_time2retain,
-        ),
+        ("DefaultTime2Wait", i.default_time2wait, &mut s.default_time2wait),
+        ("DefaultTime2Retain", i.default_time2retain, &mut s.default_time2retain),
     ] {
         if let Some(v) = src {
             let at = lines.of(&v);
@@ -333,12 +296,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
         config.catalog.discovery_users.push(acc);
     }
     if let Some(a) = file.discovery.outgoing_user {
-        config.catalog.discovery_outgoing_user = Some(account(
-            "discovery outgoing user",
-            &a,
-            &lines,
-            &mut warnings,
-        )?);
+        config.catalog.discovery_outgoing_user = Some(account("discovery outgoing user", &a, &lines, &mut warnings)?);
     }
 
     // [[target]]
@@ -352,10 +310,7 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
     for t in file.target {
         let tid = match &t.get_ref().tid {
             Some(tid) if *tid.get_ref() == 0 => {
-                return Err(ConfigError::invalid(
-                    &lines.of(tid),
-                    "tid must be at least 1",
-                ));
+                return Err(ConfigError::invalid(&lines.of(tid), "tid must be at least 1"));
             }
             Some(tid) => *tid.get_ref(),
             None => {
@@ -402,10 +357,7 @@ fn digests(list: &[String], at: &Location) -> Result<Vec<Digest>, ConfigError> {
         }
     }
     if out.is_empty() {
-        return Err(ConfigError::invalid(
-            at,
-            "a digest list must name None, CRC32C or both",
-        ));
+        return Err(ConfigError::invalid(at, "a digest list must name None, CRC32C or both"));
     }
     Ok(out)
 }
@@ -420,14 +372,8 @@ fn account(
     validate::chap(role, &a.get_ref().user, &a.get_ref().secret, &at, warnings)
 }
 
-fn text_field(
-    what: &str,
-    v: &Spanned<String>,
-    max: usize,
-    lines: &Lines<'_>,
-) -> Result<String, ConfigError> {
-    validate::inquiry_field(what, v.get_ref(), max)
-        .map_err(|m| ConfigError::invalid(&lines.of(v), m))?;
+fn text_field(what: &str, v: &Spanned<String>, max: usize, lines: &Lines<'_>) -> Result<String, ConfigError> {
+    validate::inquiry_field(what, v.get_ref(), max).map_err(|m| ConfigError::invalid(&lines.of(v), m))?;
     Ok(v.get_ref().clone())
 }
 
@@ -516,34 +462,24 @@ fn target(
             }
         };
         let block_size = match &l.block_size {
-            Some(b) => validate::block_size(*b.get_ref())
-                .map_err(|m| ConfigError::invalid(&lines.of(b), m))?,
+            Some(b) => validate::block_size(*b.get_ref()).map_err(|m| ConfigError::invalid(&lines.of(b), m))?,
             None => DEFAULT_BLOCK_SIZE,
         };
         let backing = match (&l.path, &l.memory_size) {
-            (Some(p), None) => {
-                Backing::Path(validate::backing_path(p.get_ref(), base, &lines.of(p))?)
-            }
+            (Some(p), None) => Backing::Path(validate::backing_path(p.get_ref(), base, &lines.of(p))?),
             (None, Some(m)) => {
                 let m_at = lines.of(m);
                 let bytes = match m.get_ref() {
                     Size::Bytes(0) => {
-                        return Err(ConfigError::invalid(
-                            &m_at,
-                            "memory_size must be more than zero",
-                        ));
+                        return Err(ConfigError::invalid(&m_at, "memory_size must be more than zero"));
                     }
                     Size::Bytes(n) => *n,
-                    Size::Text(s) => {
-                        validate::memory_size(s).map_err(|e| ConfigError::invalid(&m_at, e))?
-                    }
+                    Size::Text(s) => validate::memory_size(s).map_err(|e| ConfigError::invalid(&m_at, e))?,
                 };
                 if bytes % u64::from(block_size) != 0 {
                     return Err(ConfigError::invalid(
                         &m_at,
-                        format!(
-                            "memory_size ({bytes} bytes) is not a multiple of the block size {block_size}"
-                        ),
+                        format!("memory_size ({bytes} bytes) is not a multiple of the block size {block_size}"),
                     ));
                 }
                 Backing::Memory { size_bytes: bytes }
@@ -557,9 +493,7 @@ fn target(
             (None, None) => {
                 return Err(ConfigError::invalid(
                     &at,
-                    format!(
-                        "LUN {lun} of target `{name}` needs `path = \"/dev/sdb1\"` or `memory_size = \"64M\"`"
-                    ),
+                    format!("LUN {lun} of target `{name}` needs `path = \"/dev/sdb1\"` or `memory_size = \"64M\"`"),
                 ));
             }
         };
@@ -625,11 +559,7 @@ fn target(
 /// 32 hexadecimal digits of an NAA IEEE Registered Extended designator (NAA 6, SPC-4 §7.8.6.6.5).
 fn parse_naa(s: &str) -> Result<[u8; 16], String> {
     let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
-    let bad = || {
-        format!(
-            "naa `{s}` must be 32 hexadecimal digits starting with 6 (NAA IEEE Registered Extended)"
-        )
-    };
+    let bad = || format!("naa `{s}` must be 32 hexadecimal digits starting with 6 (NAA IEEE Registered Extended)");
     if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) || !hex.starts_with('6') {
         return Err(bad());
     }

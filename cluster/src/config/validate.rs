@@ -71,14 +71,8 @@ pub fn iscsi_name(raw: &str) -> Result<String, String> {
             );
         }
         let authority = rest[8..].split(':').next().unwrap_or("");
-        if authority.is_empty()
-            || authority.starts_with('.')
-            || authority.ends_with('.')
-            || authority.contains("..")
-        {
-            return bad(
-                "the naming authority after the date must be a reversed domain name such as `com.example`",
-            );
+        if authority.is_empty() || authority.starts_with('.') || authority.ends_with('.') || authority.contains("..") {
+            return bad("the naming authority after the date must be a reversed domain name such as `com.example`");
         }
         Ok(name)
     } else if let Some(hex) = name.strip_prefix("eui.") {
@@ -130,8 +124,7 @@ pub fn chap(
     at: &Location,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Result<ChapAccount, ConfigError> {
-    if user.is_empty() || user.len() > MAX_CHAP_CHARS || !user.bytes().all(|b| b.is_ascii_graphic())
-    {
+    if user.is_empty() || user.len() > MAX_CHAP_CHARS || !user.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ConfigError::invalid(
             at,
             format!(
@@ -175,20 +168,16 @@ pub fn chap(
 pub fn block_size(n: u64) -> Result<u32, String> {
     match BLOCK_SIZES.iter().find(|&&b| u64::from(b) == n) {
         Some(&b) => Ok(b),
-        None => Err(format!(
-            "block size {n} is not supported; use 512, 1024, 2048 or 4096"
-        )),
+        None => Err(format!("block size {n} is not supported; use 512, 1024, 2048 or 4096")),
     }
 }
 
 /// A LUN for a backing store: 1..=16383 (LUN 0 is the controller, as in tgt).
 pub fn lun(n: u64) -> Result<u64, String> {
     if n == 0 {
-        return Err(
-            "LUN 0 is reserved for the storage-array controller (as in tgt); \
+        return Err("LUN 0 is reserved for the storage-array controller (as in tgt); \
                     number backing stores from 1"
-                .to_string(),
-        );
+            .to_string());
     }
     if n > MAX_LUN {
         return Err(format!("LUN {n} is out of range; use 1 to {MAX_LUN}"));
@@ -206,9 +195,7 @@ pub fn backing_path(raw: &str, base: &Path, at: &Location) -> Result<PathBuf, Co
     };
     match std::fs::metadata(&path) {
         Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(path),
-        Ok(m) if m.is_dir() => Err(problem(
-            "is a directory; give a regular file or a block device",
-        )),
+        Ok(m) if m.is_dir() => Err(problem("is a directory; give a regular file or a block device")),
         Ok(_) => Err(problem("is neither a regular file nor a block device")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(problem(
             "does not exist; create it (for example `truncate -s 10G FILE`) or fix the path",
@@ -251,9 +238,9 @@ pub fn initiator_address(s: &str) -> Result<Option<Cidr>, String> {
     if s.eq_ignore_ascii_case("ALL") {
         return Ok(None);
     }
-    s.parse::<Cidr>()
-        .map(Some)
-        .map_err(|e| format!("initiator address {e}; write an address (192.168.1.73), a network (192.168.1.0/24) or ALL"))
+    s.parse::<Cidr>().map(Some).map_err(|e| {
+        format!("initiator address {e}; write an address (192.168.1.73), a network (192.168.1.0/24) or ALL")
+    })
 }
 
 /// RFC 7143 ranges of the numeric negotiation keys: (key, low, high, clause).
@@ -279,11 +266,7 @@ pub fn iscsi_value(key: &str, v: u32, at: &Location) -> Result<(), ConfigError> 
 
 /// Range and consistency checks of the negotiation values (RFC 7143 §13).
 pub fn iscsi(s: &IscsiSettings, at: &Location) -> Result<(), ConfigError> {
-    iscsi_value(
-        "MaxRecvDataSegmentLength",
-        s.max_recv_data_segment_length,
-        at,
-    )?;
+    iscsi_value("MaxRecvDataSegmentLength", s.max_recv_data_segment_length, at)?;
     iscsi_value("MaxBurstLength", s.max_burst_length, at)?;
     iscsi_value("FirstBurstLength", s.first_burst_length, at)?;
     iscsi_value("MaxOutstandingR2T", s.max_outstanding_r2t, at)?;
@@ -311,18 +294,12 @@ pub fn iscsi(s: &IscsiSettings, at: &Location) -> Result<(), ConfigError> {
 pub fn limits(l: &Limits, at: &Location) -> Result<(), ConfigError> {
     let positive = |name: &str, v: u64| {
         if v == 0 {
-            Err(ConfigError::invalid(
-                at,
-                format!("{name} must be at least 1"),
-            ))
+            Err(ConfigError::invalid(at, format!("{name} must be at least 1")))
         } else {
             Ok(())
         }
     };
-    positive(
-        "max_connections_per_portal",
-        l.max_connections_per_portal.into(),
-    )?;
+    positive("max_connections_per_portal", l.max_connections_per_portal.into())?;
     positive("login_timeout_ms", l.login_timeout_ms)?;
     positive("max_sessions", l.max_sessions.into())?;
     positive("max_cmds_per_session", l.max_cmds_per_session.into())?;
@@ -354,10 +331,7 @@ pub struct LocatedTarget {
 
 /// Uniqueness across the catalog: target names, tids, LUNs within a target; warnings for a
 /// backing store shared by two LUNs and for two LUNs of a target with one serial number.
-pub fn targets(
-    targets: &[LocatedTarget],
-    warnings: &mut Vec<ConfigWarning>,
-) -> Result<(), ConfigError> {
+pub fn targets(targets: &[LocatedTarget], warnings: &mut Vec<ConfigWarning>) -> Result<(), ConfigError> {
     let mut names: HashMap<&str, &Location> = HashMap::new();
     let mut tids: HashMap<u32, &Location> = HashMap::new();
     let mut paths: HashMap<&Path, &Location> = HashMap::new();
@@ -404,12 +378,12 @@ pub fn targets(
                 && let Some(first) = paths.insert(p, at)
             {
                 warnings.push(ConfigWarning {
-                        at: at.clone(),
-                        message: format!(
-                            "backing store `{}` is also used at {first}; two LUNs writing one store corrupt each other",
-                            p.display()
-                        ),
-                    });
+                    at: at.clone(),
+                    message: format!(
+                        "backing store `{}` is also used at {first}; two LUNs writing one store corrupt each other",
+                        p.display()
+                    ),
+                });
             }
         }
     }
@@ -443,13 +417,13 @@ pub fn mutual_chap(t: &TargetDef, at: &Location, warnings: &mut Vec<ConfigWarnin
         && t.incoming_users.iter().any(|u| u.secret == out.secret)
     {
         warnings.push(ConfigWarning {
-                at: at.clone(),
-                message: format!(
-                    "target `{}`: the outgoing user's secret equals an incoming user's; RFC 7143 §12.1.3 requires \
+            at: at.clone(),
+            message: format!(
+                "target `{}`: the outgoing user's secret equals an incoming user's; RFC 7143 §12.1.3 requires \
                      different secrets per direction and open-iscsi refuses such a login",
-                    t.name
-                ),
-            });
+                t.name
+            ),
+        });
     }
 }
 
@@ -471,14 +445,8 @@ mod tests {
             iscsi_name("iqn.2001-04.com.example").unwrap(),
             "iqn.2001-04.com.example"
         );
-        assert_eq!(
-            iscsi_name("eui.02004567A425678D").unwrap(),
-            "eui.02004567a425678d"
-        );
-        assert_eq!(
-            iscsi_name("naa.52004567BA64678D").unwrap(),
-            "naa.52004567ba64678d"
-        );
+        assert_eq!(iscsi_name("eui.02004567A425678D").unwrap(), "eui.02004567a425678d");
+        assert_eq!(iscsi_name("naa.52004567BA64678D").unwrap(), "naa.52004567ba64678d");
         assert!(iscsi_name("naa.62004567BA64678D0123456789ABCDEF").is_ok());
         for bad in [
             "",

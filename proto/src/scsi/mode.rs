@@ -53,12 +53,7 @@ const IE_LEN: usize = 12;
 
 /// One page as MODE SENSE reports it for `pc` (`Saved` is the caller's decision: we report
 /// SAVING PARAMETERS NOT SUPPORTED). `None` for a page we do not have.
-pub fn page_bytes(
-    code: u8,
-    pc: PageControl,
-    current: &ModeParams,
-    default: &ModeParams,
-) -> Option<Vec<u8>> {
+pub fn page_bytes(code: u8, pc: PageControl, current: &ModeParams, default: &ModeParams) -> Option<Vec<u8>> {
     let p = match pc {
         PageControl::Default | PageControl::Saved => *default,
         _ => *current,
@@ -154,12 +149,7 @@ pub fn mode_sense_data(
 /// Parses MODE SELECT parameter data and applies the pages to `params`. Only WCE and D_SENSE may
 /// differ from `current`; any other difference (or an unknown page) is INVALID FIELD IN PARAMETER
 /// LIST with a field pointer to the offending byte.
-pub fn mode_select(
-    ten: bool,
-    data: &[u8],
-    current: &ModeParams,
-    default: &ModeParams,
-) -> Result<ModeParams, Sense> {
+pub fn mode_select(ten: bool, data: &[u8], current: &ModeParams, default: &ModeParams) -> Result<ModeParams, Sense> {
     let header_len = if ten { 8 } else { 4 };
     if data.len() < header_len {
         return Err(Sense::from(PARAMETER_LIST_LENGTH_ERROR));
@@ -181,11 +171,7 @@ pub fn mode_select(
         let code = data[at] & 0x3f;
         if data[at] & 0x40 != 0 {
             // SPF: no subpages here.
-            return Err(Sense::param_field(
-                INVALID_FIELD_IN_PARAMETER_LIST,
-                at as u16,
-                Some(6),
-            ));
+            return Err(Sense::param_field(INVALID_FIELD_IN_PARAMETER_LIST, at as u16, Some(6)));
         }
         let len = usize::from(data[at + 1]) + 2;
         if at + len > data.len() {
@@ -193,18 +179,10 @@ pub fn mode_select(
         }
         let given = &data[at..at + len];
         let Some(cur) = page_bytes(code, PageControl::Current, current, default) else {
-            return Err(Sense::param_field(
-                INVALID_FIELD_IN_PARAMETER_LIST,
-                at as u16,
-                None,
-            ));
+            return Err(Sense::param_field(INVALID_FIELD_IN_PARAMETER_LIST, at as u16, None));
         };
         let Some(mask) = page_bytes(code, PageControl::Changeable, current, default) else {
-            return Err(Sense::param_field(
-                INVALID_FIELD_IN_PARAMETER_LIST,
-                at as u16,
-                None,
-            ));
+            return Err(Sense::param_field(INVALID_FIELD_IN_PARAMETER_LIST, at as u16, None));
         };
         if len != cur.len() {
             return Err(Sense::param_field(
@@ -246,12 +224,7 @@ mod tests {
     #[test]
     fn pages_exact() {
         let c = page_bytes(page::CACHING, PageControl::Current, &P, &P).unwrap();
-        assert_eq!(
-            c,
-            [
-                0x08, 0x12, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
-            ]
-        );
+        assert_eq!(c, [0x08, 0x12, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         let ctl = page_bytes(page::CONTROL, PageControl::Current, &P, &P).unwrap();
         assert_eq!(ctl, [0x0a, 0x0a, 0, 0x10, 0, 0, 0, 0, 0xff, 0xff, 0, 0]);
         let ch = page_bytes(page::CONTROL, PageControl::Changeable, &P, &P).unwrap();
@@ -273,10 +246,7 @@ mod tests {
                 0, 22, 0, 0x10, 1, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0x10, 0
             ]
         );
-        assert_eq!(
-            mode_sense_data(false, false, None, false, &[]),
-            [3, 0, 0x10, 0]
-        );
+        assert_eq!(mode_sense_data(false, false, None, false, &[]), [3, 0, 0x10, 0]);
     }
 
     /// SPC-4 §6.11: MODE SELECT may change D_SENSE; changing a fixed bit is refused.

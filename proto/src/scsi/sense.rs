@@ -43,18 +43,14 @@ impl SenseCode {
 }
 
 // Codes used across the target; the names are SPC-4 Annex D's.
-pub const INVALID_COMMAND_OPERATION_CODE: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
+pub const INVALID_COMMAND_OPERATION_CODE: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
 pub const LBA_OUT_OF_RANGE: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
 pub const INVALID_FIELD_IN_CDB: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
 pub const LOGICAL_UNIT_NOT_SUPPORTED: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
-pub const INVALID_FIELD_IN_PARAMETER_LIST: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
+pub const INVALID_FIELD_IN_PARAMETER_LIST: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
 pub const PARAMETER_LIST_LENGTH_ERROR: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x1a, 0x00);
-pub const SAVING_PARAMETERS_NOT_SUPPORTED: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
-pub const INSUFFICIENT_REGISTRATION_RESOURCES: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+pub const SAVING_PARAMETERS_NOT_SUPPORTED: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
+pub const INSUFFICIENT_REGISTRATION_RESOURCES: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
 pub const WRITE_PROTECTED: SenseCode = SenseCode::new(key::DATA_PROTECT, 0x27, 0x00);
 pub const POWER_ON_RESET: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x29, 0x00);
 pub const BUS_DEVICE_RESET: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x29, 0x03);
@@ -63,22 +59,17 @@ pub const MODE_PARAMETERS_CHANGED: SenseCode = SenseCode::new(key::UNIT_ATTENTIO
 pub const RESERVATIONS_PREEMPTED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x03);
 pub const RESERVATIONS_RELEASED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x04);
 pub const REGISTRATIONS_PREEMPTED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x05);
-pub const ASYMMETRIC_ACCESS_STATE_CHANGED: SenseCode =
-    SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x06);
+pub const ASYMMETRIC_ACCESS_STATE_CHANGED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x06);
 pub const CAPACITY_DATA_HAS_CHANGED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x2a, 0x09);
-pub const REPORTED_LUNS_DATA_HAS_CHANGED: SenseCode =
-    SenseCode::new(key::UNIT_ATTENTION, 0x3f, 0x0e);
-pub const LOGICAL_UNIT_NOT_READY_TRANSITIONING: SenseCode =
-    SenseCode::new(key::NOT_READY, 0x04, 0x0a);
+pub const REPORTED_LUNS_DATA_HAS_CHANGED: SenseCode = SenseCode::new(key::UNIT_ATTENTION, 0x3f, 0x0e);
+pub const LOGICAL_UNIT_NOT_READY_TRANSITIONING: SenseCode = SenseCode::new(key::NOT_READY, 0x04, 0x0a);
 pub const MISCOMPARE_DURING_VERIFY: SenseCode = SenseCode::new(key::MISCOMPARE, 0x1d, 0x00);
 pub const UNRECOVERED_READ_ERROR: SenseCode = SenseCode::new(key::MEDIUM_ERROR, 0x11, 0x00);
 pub const WRITE_ERROR: SenseCode = SenseCode::new(key::MEDIUM_ERROR, 0x0c, 0x00);
 pub const INTERNAL_TARGET_FAILURE: SenseCode = SenseCode::new(key::HARDWARE_ERROR, 0x44, 0x00);
-pub const INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
+pub const INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
 pub const NO_SENSE: SenseCode = SenseCode::new(key::NO_SENSE, 0x00, 0x00);
-pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
+pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
 
 /// Fixed-format (0x70) layout, SPC-4 §4.5.3 table 46.
 mod fixed {
@@ -190,12 +181,7 @@ impl Sense {
         b[descriptor::ASC] = self.code.asc;
         b[descriptor::ASCQ] = self.code.ascq;
         if let Some(info) = self.information {
-            b.extend_from_slice(&[
-                descriptor::INFORMATION_TYPE,
-                descriptor::INFORMATION_LEN,
-                0x80,
-                0,
-            ]);
+            b.extend_from_slice(&[descriptor::INFORMATION_TYPE, descriptor::INFORMATION_LEN, 0x80, 0]);
             b.extend_from_slice(&info.to_be_bytes());
         }
         if let Some(sks) = self.sense_key_specific {

@@ -135,11 +135,7 @@ fn push_designator(b: &mut Vec<u8>, byte0: u8, byte1: u8, value: &[u8]) {
 /// VPD 83h device identification (SPC-4 §7.8.6): the NAA designator of the logical unit (when it
 /// has one), then the iSCSI target port name (`<iqn>,t,0x<tpgt>`), the relative target port and
 /// the target port group.
-pub fn device_identification(
-    peripheral: u8,
-    naa: Option<&[u8; 16]>,
-    port: &PortIdentity<'_>,
-) -> Vec<u8> {
+pub fn device_identification(peripheral: u8, naa: Option<&[u8; 16]>, port: &PortIdentity<'_>) -> Vec<u8> {
     use designator::*;
     let mut body = Vec::new();
     if let Some(naa) = naa {
@@ -238,21 +234,9 @@ pub fn block_limits(peripheral: u8, l: &BlockLimits) -> Vec<u8> {
         bl::OPTIMAL_TRANSFER_LEN_GRANULARITY,
         &l.optimal_transfer_granularity.to_be_bytes(),
     );
-    put(
-        &mut b,
-        bl::MAX_TRANSFER_LEN,
-        &l.max_transfer_len.to_be_bytes(),
-    );
-    put(
-        &mut b,
-        bl::OPTIMAL_TRANSFER_LEN,
-        &l.optimal_transfer_len.to_be_bytes(),
-    );
-    put(
-        &mut b,
-        bl::MAX_UNMAP_LBA_COUNT,
-        &l.max_unmap_lba_count.to_be_bytes(),
-    );
+    put(&mut b, bl::MAX_TRANSFER_LEN, &l.max_transfer_len.to_be_bytes());
+    put(&mut b, bl::OPTIMAL_TRANSFER_LEN, &l.optimal_transfer_len.to_be_bytes());
+    put(&mut b, bl::MAX_UNMAP_LBA_COUNT, &l.max_unmap_lba_count.to_be_bytes());
     put(
         &mut b,
         bl::MAX_UNMAP_BLOCK_DESCRIPTOR_COUNT,
@@ -263,21 +247,13 @@ pub fn block_limits(peripheral: u8, l: &BlockLimits) -> Vec<u8> {
         bl::OPTIMAL_UNMAP_GRANULARITY,
         &l.optimal_unmap_granularity.to_be_bytes(),
     );
-    put(
-        &mut b,
-        bl::MAX_WRITE_SAME_LEN,
-        &l.max_write_same_len.to_be_bytes(),
-    );
+    put(&mut b, bl::MAX_WRITE_SAME_LEN, &l.max_write_same_len.to_be_bytes());
     put(
         &mut b,
         bl::MAX_ATOMIC_TRANSFER_LEN,
         &l.max_atomic_transfer_len.to_be_bytes(),
     );
-    put(
-        &mut b,
-        bl::ATOMIC_ALIGNMENT,
-        &l.atomic_alignment.to_be_bytes(),
-    );
+    put(&mut b, bl::ATOMIC_ALIGNMENT, &l.atomic_alignment.to_be_bytes());
     put(
         &mut b,
         bl::ATOMIC_TRANSFER_LEN_GRANULARITY,
@@ -317,10 +293,7 @@ mod tests {
         assert_eq!(&b[8..16], b"RAFTSAN ");
         assert_eq!(&b[16..32], b"VIRTUAL-DISK    ");
         assert_eq!(&b[32..36], b"0001");
-        assert_eq!(
-            &b[58..68],
-            &[0x00, 0xa0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xc0, 0, 0]
-        );
+        assert_eq!(&b[58..68], &[0x00, 0xa0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xc0, 0, 0]);
         // A controller does not claim SBC-3.
         let c = standard(device_type::STORAGE_ARRAY_CONTROLLER, "V", "P", "R");
         assert_eq!(c[0], 0x0c);
@@ -350,10 +323,7 @@ mod tests {
 
     #[test]
     fn serial_and_supported_pages() {
-        assert_eq!(
-            unit_serial_number(0, "ab1"),
-            [0, 0x80, 0, 3, b'a', b'b', b'1']
-        );
+        assert_eq!(unit_serial_number(0, "ab1"), [0, 0x80, 0, 3, b'a', b'b', b'1']);
         assert_eq!(supported_pages(0, &[0, 0x80]), [0, 0, 0, 2, 0, 0x80]);
     }
 
@@ -378,14 +348,9 @@ mod tests {
         assert_eq!(b.len(), 64);
         assert_eq!(
             &b[0..16],
-            &[
-                0, 0xb0, 0, 0x3c, 0x01, 0xff, 0, 8, 0, 0, 0x40, 0, 0, 0, 0x08, 0
-            ]
+            &[0, 0xb0, 0, 0x3c, 0x01, 0xff, 0, 8, 0, 0, 0x40, 0, 0, 0, 0x08, 0]
         );
-        assert_eq!(
-            &b[20..32],
-            &[0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0, 0, 0, 0, 8]
-        );
+        assert_eq!(&b[20..32], &[0xff, 0xff, 0xff, 0xff, 0, 0, 1, 0, 0, 0, 0, 8]);
         assert_eq!(&b[36..44], &[0, 0, 0, 0, 0, 0, 0xff, 0xff]);
         assert_eq!(&b[44..56], &[0, 0, 1, 0, 0, 0, 0, 8, 0, 0, 0, 8]);
         assert_eq!(&b[56..64], &[0; 8]);
@@ -399,17 +364,8 @@ mod tests {
     fn characteristics_and_provisioning() {
         let b = block_device_characteristics(0);
         assert_eq!(&b[0..6], &[0, 0xb1, 0, 0x3c, 0, 1]);
-        assert_eq!(
-            logical_block_provisioning(0, true),
-            [0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]
-        );
-        assert_eq!(
-            logical_block_provisioning(0, false),
-            [0, 0xb2, 0, 4, 0, 0, 0, 0]
-        );
-        assert_eq!(
-            &extended_inquiry(0)[0..7],
-            &[0, 0x86, 0, 0x3c, 0, 0x07, 0x01]
-        );
+        assert_eq!(logical_block_provisioning(0, true), [0, 0xb2, 0, 4, 0, 0xe4, 0x02, 0]);
+        assert_eq!(logical_block_provisioning(0, false), [0, 0xb2, 0, 4, 0, 0, 0, 0]);
+        assert_eq!(&extended_inquiry(0)[0..7], &[0, 0x86, 0, 0x3c, 0, 0x07, 0x01]);
     }
 }

@@ -282,15 +282,11 @@ impl TargetLus {
         for def in &target.luns {
             let store: Box<dyn BackingStore> = match &def.backing {
                 Backing::Path(p) => Box::new(FileStore::open(p, def.read_only).map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!("LUN {} backing store {}: {e}", def.lun, p.display()),
-                    )
+                    std::io::Error::new(e.kind(), format!("LUN {} backing store {}: {e}", def.lun, p.display()))
                 })?),
-                Backing::Memory { size_bytes } => Box::new(MemStore::with_granularity(
-                    *size_bytes,
-                    u64::from(def.block_size),
-                )),
+                Backing::Memory { size_bytes } => {
+                    Box::new(MemStore::with_granularity(*size_bytes, u64::from(def.block_size)))
+                }
             };
             let aptpl = state_dir.map(|d| d.join(format!("{}.lun{}.pr", target.name, def.lun)));
             lus.push(LogicalUnit::new(
@@ -308,10 +304,7 @@ impl TargetLus {
     }
 
     /// A target over explicit stores (tests and benchmarks): `(definition, store)` per LU.
-    pub fn with_stores(
-        target_name: &str,
-        luns: Vec<(LunDef, Box<dyn BackingStore>)>,
-    ) -> std::io::Result<Self> {
+    pub fn with_stores(target_name: &str, luns: Vec<(LunDef, Box<dyn BackingStore>)>) -> std::io::Result<Self> {
         let mut lus = Vec::new();
         if !luns.iter().any(|(d, _)| d.lun == 0) {
             lus.push(LogicalUnit::new(0, LuKind::Controller, false));
@@ -352,14 +345,9 @@ impl TargetLus {
             return self.execute_unknown_lun(nexus, cmd);
         };
         let descriptor_format = lu.d_sense.load(Ordering::Relaxed);
-        let transfer_len = lu
-            .disk()
-            .and_then(|d| sbc::data_out_len(cmd.cdb, d.block_size));
+        let transfer_len = lu.disk().and_then(|d| sbc::data_out_len(cmd.cdb, d.block_size));
         if cmd.cdb.is_empty() || cmd.cdb.len() < cdb::cdb_len(opcode) {
-            return Outcome::check(
-                &Sense::from(sense::INVALID_COMMAND_OPERATION_CODE),
-                descriptor_format,
-            );
+            return Outcome::check(&Sense::from(sense::INVALID_COMMAND_OPERATION_CODE), descriptor_format);
         }
         let exempt = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
         if !exempt && let Some(code) = lu.ua.pop(nexus.id) {
@@ -407,13 +395,7 @@ impl TargetLus {
         }
     }
 
-    fn dispatch_disk(
-        &self,
-        lu: &LogicalUnit,
-        disk: &Disk,
-        nexus: &Nexus,
-        cmd: &Command<'_>,
-    ) -> CmdResult {
+    fn dispatch_disk(&self, lu: &LogicalUnit, disk: &Disk, nexus: &Nexus, cmd: &Command<'_>) -> CmdResult {
         match cmd.cdb[0] {
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => spc::mode_sense(lu, disk, cmd.cdb),
             op::MODE_SELECT_6 | op::MODE_SELECT_10 => {
@@ -429,9 +411,7 @@ impl TargetLus {
             }
             op::PERSISTENT_RESERVE_OUT => {
                 let len = (cdb::u32_at(cmd.cdb, 5) as usize).min(cmd.data_out.len());
-                let uas = disk
-                    .pr
-                    .reserve_out(&nexus.pr(), cmd.cdb, &cmd.data_out[..len])?;
+                let uas = disk.pr.reserve_out(&nexus.pr(), cmd.cdb, &cmd.data_out[..len])?;
                 self.deliver(lu, &uas);
                 Ok(Vec::new())
             }
@@ -457,9 +437,7 @@ impl TargetLus {
         match result {
             Ok(data) => Outcome::good(data),
             Err(Fail::Check(s)) => Outcome::check(&s, false),
-            Err(Fail::Conflict) => {
-                Outcome::check(&Sense::from(sense::LOGICAL_UNIT_NOT_SUPPORTED), false)
-            }
+            Err(Fail::Conflict) => Outcome::check(&Sense::from(sense::LOGICAL_UNIT_NOT_SUPPORTED), false),
         }
     }
 
@@ -479,9 +457,7 @@ impl TargetLus {
         let Ok(n) = self.nexuses.lock() else { return };
         for ua in uas {
             for (&id, (port, rel)) in n.iter() {
-                if port.eq_ignore_ascii_case(&ua.initiator_port)
-                    && ua.relative_target_port.is_none_or(|r| r == *rel)
-                {
+                if port.eq_ignore_ascii_case(&ua.initiator_port) && ua.relative_target_port.is_none_or(|r| r == *rel) {
                     lu.ua.push(id, ua.sense);
                 }
             }
@@ -493,10 +469,7 @@ impl TargetLus {
         if let Ok(mut n) = self.nexuses.lock() {
             n.insert(
                 nexus.id,
-                (
-                    nexus.initiator_port.clone(),
-                    nexus.target_port.relative_port_id,
-                ),
+                (nexus.initiator_port.clone(), nexus.target_port.relative_port_id),
             );
         }
         for lu in &self.lus {
@@ -582,11 +555,7 @@ impl LogicalUnit {
 }
 
 impl Disk {
-    fn new(
-        def: LunDef,
-        store: Box<dyn BackingStore>,
-        aptpl: Option<std::path::PathBuf>,
-    ) -> std::io::Result<Self> {
+    fn new(def: LunDef, store: Box<dyn BackingStore>, aptpl: Option<std::path::PathBuf>) -> std::io::Result<Self> {
         let block_size = def.block_size;
         if !(512..=65536).contains(&block_size) || !block_size.is_power_of_two() {
             return Err(std::io::Error::new(

@@ -86,8 +86,7 @@ pub struct UaTarget {
 }
 
 /// ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (SPC-4 Annex D).
-pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: SenseCode =
-    SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
+pub const INVALID_RELEASE_OF_PERSISTENT_RESERVATION: SenseCode = SenseCode::new(key::ILLEGAL_REQUEST, 0x26, 0x04);
 
 /// Most registrations one LU keeps; one more is INSUFFICIENT REGISTRATION RESOURCES.
 pub const MAX_REGISTRATIONS: usize = 256;
@@ -207,9 +206,7 @@ impl PrType {
     fn write_exclusive(self) -> bool {
         matches!(
             self,
-            PrType::WriteExclusive
-                | PrType::WriteExclusiveRegistrantsOnly
-                | PrType::WriteExclusiveAllRegistrants
+            PrType::WriteExclusive | PrType::WriteExclusiveRegistrantsOnly | PrType::WriteExclusiveAllRegistrants
         )
     }
 }
@@ -227,14 +224,11 @@ struct RegId {
 impl RegId {
     fn same(&self, other: &RegId) -> bool {
         self.relative_target_port == other.relative_target_port
-            && self
-                .initiator_port
-                .eq_ignore_ascii_case(&other.initiator_port)
+            && self.initiator_port.eq_ignore_ascii_case(&other.initiator_port)
     }
 
     fn covers(&self, port: &str, rtp: u16) -> bool {
-        self.initiator_port.eq_ignore_ascii_case(port)
-            && self.relative_target_port.is_none_or(|p| p == rtp)
+        self.initiator_port.eq_ignore_ascii_case(port) && self.relative_target_port.is_none_or(|p| p == rtp)
     }
 }
 
@@ -261,9 +255,7 @@ struct PrState {
 
 impl PrState {
     fn find(&self, port: &str, rtp: u16) -> Option<usize> {
-        self.registrations
-            .iter()
-            .position(|r| r.id.covers(port, rtp))
+        self.registrations.iter().position(|r| r.id.covers(port, rtp))
     }
 
     fn is_holder(&self, reg: &RegId) -> bool {
@@ -382,9 +374,7 @@ fn encode_transport_id(port: &str, out: &mut Vec<u8>) {
 fn decode_transport_id(b: &[u8]) -> Result<(String, usize), PrError> {
     let bad = || illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST);
     let head = *b.first().ok_or_else(bad)?;
-    if head & tid::PROTOCOL_MASK != tid::PROTOCOL_ISCSI
-        || head & tid::FORMAT_MASK != tid::FORMAT_INITIATOR_PORT
-    {
+    if head & tid::PROTOCOL_MASK != tid::PROTOCOL_ISCSI || head & tid::FORMAT_MASK != tid::FORMAT_INITIATOR_PORT {
         return Err(bad());
     }
     if b.len() < tid::NAME {
@@ -452,8 +442,8 @@ fn classify(cdb: &[u8]) -> AccessClass {
         // READ(6/10/12/16), VERIFY(10/12/16), PRE-FETCH(10/16), MODE SENSE(6/10), READ BUFFER,
         // RECEIVE DIAGNOSTIC RESULTS, READ ATTRIBUTE, READ DEFECT DATA(10/12),
         // SECURITY PROTOCOL IN, RECEIVE COPY RESULTS.
-        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x1a | 0x5a | 0x3c
-        | 0x1c | 0x8c | 0x37 | 0xb7 | 0xa2 | 0x84 => Read,
+        0x08 | 0x28 | 0xa8 | 0x88 | 0x2f | 0xaf | 0x8f | 0x34 | 0x90 | 0x1a | 0x5a | 0x3c | 0x1c | 0x8c | 0x37
+        | 0xb7 | 0xa2 | 0x84 => Read,
         // Variable length: READ(32) and VERIFY(32).
         0x7f if matches!(be_u16(cdb, 8), 0x0009 | 0x000a) => Read,
         _ => Write,
@@ -496,10 +486,7 @@ impl PersistentReservations {
                 Err(e) => {
                     return Err(io::Error::new(
                         e.kind(),
-                        format!(
-                            "reading persistent reservation file {}: {e}",
-                            path.display()
-                        ),
+                        format!("reading persistent reservation file {}: {e}", path.display()),
                     ));
                 }
             },
@@ -603,12 +590,7 @@ impl PersistentReservations {
 
     /// PERSISTENT RESERVE OUT (SPC-4 §6.16, §5.13.7–§5.13.11): on success, the unit attentions
     /// to establish.
-    pub fn reserve_out(
-        &self,
-        nexus: &PrNexus<'_>,
-        cdb: &[u8],
-        params: &[u8],
-    ) -> Result<Vec<UaTarget>, PrError> {
+    pub fn reserve_out(&self, nexus: &PrNexus<'_>, cdb: &[u8], params: &[u8]) -> Result<Vec<UaTarget>, PrError> {
         if cdb.len() < cdb_off::PROUT_LEN {
             return Err(illegal(sense::INVALID_FIELD_IN_CDB));
         }
@@ -666,10 +648,7 @@ impl PersistentReservations {
         if p.spec_i_pt && sa != prout_sa::REGISTER {
             return Err(illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST));
         }
-        let registers = matches!(
-            sa,
-            prout_sa::REGISTER | prout_sa::REGISTER_AND_IGNORE_EXISTING_KEY
-        );
+        let registers = matches!(sa, prout_sa::REGISTER | prout_sa::REGISTER_AND_IGNORE_EXISTING_KEY);
         if registers && p.aptpl && self.aptpl_file.is_none() {
             return Err(illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST));
         }
@@ -790,8 +769,7 @@ impl PersistentReservations {
                         // every other registrant (SPC-4 §5.13.11.2.3).
                         if matches!(
                             t,
-                            PrType::WriteExclusiveRegistrantsOnly
-                                | PrType::ExclusiveAccessRegistrantsOnly
+                            PrType::WriteExclusiveRegistrantsOnly | PrType::ExclusiveAccessRegistrantsOnly
                         ) {
                             for r in &st.registrations {
                                 if !r.id.same(&gone.id) {
@@ -811,20 +789,12 @@ impl PersistentReservations {
     }
 
     /// REGISTER AND MOVE (SPC-4 §5.13.8, §6.16.4).
-    fn register_and_move(
-        &self,
-        nexus: &PrNexus<'_>,
-        pr_type: PrType,
-        params: &[u8],
-    ) -> Result<Vec<UaTarget>, PrError> {
+    fn register_and_move(&self, nexus: &PrNexus<'_>, pr_type: PrType, params: &[u8]) -> Result<Vec<UaTarget>, PrError> {
         if params.len() < move_off::TIDS {
             return Err(illegal(sense::PARAMETER_LIST_LENGTH_ERROR));
         }
         let tid_len = be_u32(params, move_off::TID_LENGTH) as usize;
-        if move_off::TIDS
-            .checked_add(tid_len)
-            .is_none_or(|end| end > params.len())
-        {
+        if move_off::TIDS.checked_add(tid_len).is_none_or(|end| end > params.len()) {
             return Err(illegal(sense::PARAMETER_LIST_LENGTH_ERROR));
         }
         let reservation_key = be_u64(params, param_off::RESERVATION_KEY);
@@ -851,8 +821,7 @@ impl PersistentReservations {
         let (dest_port, _) = decode_transport_id(tids)?;
         if sa_key == 0
             || dest_rtp == 0
-            || (dest_port.eq_ignore_ascii_case(nexus.initiator_port)
-                && dest_rtp == nexus.relative_target_port)
+            || (dest_port.eq_ignore_ascii_case(nexus.initiator_port) && dest_rtp == nexus.relative_target_port)
         {
             return Err(illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST));
         }
@@ -949,11 +918,7 @@ impl PersistentReservations {
             let holder = st
                 .find(nexus.initiator_port, nexus.relative_target_port)
                 .is_some_and(|i| st.is_holder(&st.registrations[i].id));
-            return if holder {
-                Ok(())
-            } else {
-                Err(PrError::Conflict)
-            };
+            return if holder { Ok(()) } else { Err(PrError::Conflict) };
         }
         match &inner.spc2_holder {
             Some(h) if !h.is(nexus) => Err(PrError::Conflict),
@@ -970,14 +935,8 @@ impl PersistentReservations {
         let mut inner = self.lock();
         let st = &inner.state;
         if st.reservation.is_some() {
-            let registered = st
-                .find(nexus.initiator_port, nexus.relative_target_port)
-                .is_some();
-            return if registered {
-                Ok(())
-            } else {
-                Err(PrError::Conflict)
-            };
+            let registered = st.find(nexus.initiator_port, nexus.relative_target_port).is_some();
+            return if registered { Ok(()) } else { Err(PrError::Conflict) };
         }
         if inner.spc2_holder.as_ref().is_some_and(|h| h.is(nexus)) {
             inner.spc2_holder = None;
@@ -1022,12 +981,7 @@ fn reserve(st: &mut PrState, me: &RegId, pr_type: PrType) -> Result<(), PrError>
 }
 
 /// RELEASE (SPC-4 §5.13.11.2.2).
-fn release(
-    st: &mut PrState,
-    me: &RegId,
-    pr_type: PrType,
-    uas: &mut Vec<UaTarget>,
-) -> Result<(), PrError> {
+fn release(st: &mut PrState, me: &RegId, pr_type: PrType, uas: &mut Vec<UaTarget>) -> Result<(), PrError> {
     let Some(res) = &st.reservation else {
         return Ok(());
     };
@@ -1061,13 +1015,7 @@ fn clear(st: &mut PrState, me: &RegId, uas: &mut Vec<UaTarget>) {
 }
 
 /// PREEMPT and PREEMPT AND ABORT (SPC-4 §5.13.11.4).
-fn preempt(
-    st: &mut PrState,
-    me: &RegId,
-    pr_type: PrType,
-    sa_key: u64,
-    uas: &mut Vec<UaTarget>,
-) -> Result<(), PrError> {
+fn preempt(st: &mut PrState, me: &RegId, pr_type: PrType, sa_key: u64, uas: &mut Vec<UaTarget>) -> Result<(), PrError> {
     let remove_key = |st: &mut PrState, uas: &mut Vec<UaTarget>, k: u64| -> usize {
         let before = st.registrations.len();
         let mut kept = Vec::with_capacity(before);
@@ -1087,10 +1035,7 @@ fn preempt(
             if sa_key == 0 {
                 return Err(illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST));
             }
-            let own = st
-                .registrations
-                .iter()
-                .any(|r| r.key == sa_key && r.id.same(me));
+            let own = st.registrations.iter().any(|r| r.key == sa_key && r.id.same(me));
             if remove_key(st, uas, sa_key) == 0 && !own {
                 return Err(PrError::Conflict);
             }
@@ -1112,21 +1057,14 @@ fn preempt(
                     holder: me.clone(),
                 });
             } else {
-                let own = st
-                    .registrations
-                    .iter()
-                    .any(|r| r.key == sa_key && r.id.same(me));
+                let own = st.registrations.iter().any(|r| r.key == sa_key && r.id.same(me));
                 if remove_key(st, uas, sa_key) == 0 && !own {
                     return Err(PrError::Conflict);
                 }
             }
         }
         Some(res) => {
-            let holder_key = st
-                .registrations
-                .iter()
-                .find(|r| r.id.same(&res.holder))
-                .map(|r| r.key);
+            let holder_key = st.registrations.iter().find(|r| r.id.same(&res.holder)).map(|r| r.key);
             if sa_key == 0 {
                 return Err(illegal(sense::INVALID_FIELD_IN_PARAMETER_LIST));
             }
@@ -1145,10 +1083,7 @@ fn preempt(
                     }
                 }
             } else {
-                let own = st
-                    .registrations
-                    .iter()
-                    .any(|r| r.key == sa_key && r.id.same(me));
+                let own = st.registrations.iter().any(|r| r.key == sa_key && r.id.same(me));
                 if remove_key(st, uas, sa_key) == 0 && !own {
                     return Err(PrError::Conflict);
                 }
@@ -1240,16 +1175,11 @@ fn decode_state_file(bytes: &[u8]) -> Result<PrState, String> {
     }
     let version = be_u32(bytes, 4);
     if version != FILE_VERSION {
-        return Err(format!(
-            "unknown version {version}, expected {FILE_VERSION}"
-        ));
+        return Err(format!("unknown version {version}, expected {FILE_VERSION}"));
     }
     let len = be_u32(bytes, 8) as usize;
     if len > FILE_MAX_PAYLOAD || bytes.len() != FILE_HEADER_LEN + len {
-        return Err(format!(
-            "payload length {len} does not match file size {}",
-            bytes.len()
-        ));
+        return Err(format!("payload length {len} does not match file size {}", bytes.len()));
     }
     let payload = &bytes[FILE_HEADER_LEN..];
     let crc = be_u32(bytes, 12);
@@ -1352,18 +1282,7 @@ mod tests {
 
     fn prout_cdb(sa: u8, pr_type: u8, len: u32) -> [u8; 10] {
         let l = len.to_be_bytes();
-        [
-            PERSISTENT_RESERVE_OUT,
-            sa,
-            pr_type,
-            0,
-            0,
-            l[0],
-            l[1],
-            l[2],
-            l[3],
-            0,
-        ]
+        [PERSISTENT_RESERVE_OUT, sa, pr_type, 0, 0, l[0], l[1], l[2], l[3], 0]
     }
 
     fn basic(rk: u64, sark: u64, flags: u8) -> Vec<u8> {
@@ -1463,18 +1382,12 @@ mod tests {
     fn report_capabilities_exact_bytes() {
         let pr = fresh();
         let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
-        assert_eq!(
-            caps,
-            Ok(vec![0x00, 0x08, 0x1c, 0xb0, 0xea, 0x01, 0x00, 0x00])
-        );
+        assert_eq!(caps, Ok(vec![0x00, 0x08, 0x1c, 0xb0, 0xea, 0x01, 0x00, 0x00]));
 
         let dir = tempfile::tempdir().expect("tempdir");
         let pr = PersistentReservations::open(Some(dir.path().join("pr"))).expect("open");
         let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
-        assert_eq!(
-            caps,
-            Ok(vec![0x00, 0x08, 0x1d, 0xb0, 0xea, 0x01, 0x00, 0x00])
-        );
+        assert_eq!(caps, Ok(vec![0x00, 0x08, 0x1d, 0xb0, 0xea, 0x01, 0x00, 0x00]));
         pr.reserve_out(
             &nx(P1, 1),
             &prout_cdb(prout_sa::REGISTER, 0, 24),
@@ -1482,10 +1395,7 @@ mod tests {
         )
         .expect("register aptpl");
         let caps = pr.reserve_in(&nx(P1, 1), &prin_cdb(prin_sa::REPORT_CAPABILITIES));
-        assert_eq!(
-            caps,
-            Ok(vec![0x00, 0x08, 0x1d, 0xb1, 0xea, 0x01, 0x00, 0x00])
-        );
+        assert_eq!(caps, Ok(vec![0x00, 0x08, 0x1d, 0xb1, 0xea, 0x01, 0x00, 0x00]));
     }
 
     /// SPC-4 §6.15.5 with an iSCSI initiator-port TransportID (§7.6.4.6).
@@ -1546,20 +1456,14 @@ mod tests {
         let pr = fresh();
         let n1 = nx(P1, 1);
         // Unregistered nexus with a non-zero RESERVATION KEY: conflict.
-        assert_eq!(
-            out(&pr, &n1, prout_sa::REGISTER, 0, 7, K1),
-            Err(PrError::Conflict)
-        );
+        assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, 7, K1), Err(PrError::Conflict));
         // Unregistered, SARK 0: GOOD, nothing happens, generation unchanged.
         assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, 0, 0), Ok(vec![]));
         assert_eq!(keys(&pr), (0, vec![]));
         reg(&pr, &n1, K1);
         assert_eq!(keys(&pr), (1, vec![K1]));
         // REGISTER with RESERVATION KEY 0 while registered with K1: conflict.
-        assert_eq!(
-            out(&pr, &n1, prout_sa::REGISTER, 0, 0, K1 + 1),
-            Err(PrError::Conflict)
-        );
+        assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, 0, K1 + 1), Err(PrError::Conflict));
         assert_eq!(keys(&pr), (1, vec![K1]));
         // Key change.
         assert_eq!(out(&pr, &n1, prout_sa::REGISTER, 0, K1, K2), Ok(vec![]));
@@ -1572,10 +1476,7 @@ mod tests {
         assert_eq!(keys(&pr), (4, vec![]));
         // Another target port is another I_T nexus.
         reg(&pr, &nx(P1, 2), K2);
-        assert_eq!(
-            out(&pr, &n1, prout_sa::RESERVE, 1, K2, 0),
-            Err(PrError::Conflict)
-        );
+        assert_eq!(out(&pr, &n1, prout_sa::RESERVE, 1, K2, 0), Err(PrError::Conflict));
         // RESERVE and RELEASE leave the generation alone.
         out(&pr, &nx(P1, 2), prout_sa::RESERVE, 1, K2, 0).expect("reserve");
         out(&pr, &nx(P1, 2), prout_sa::RELEASE, 1, K2, 0).expect("release");
@@ -1631,12 +1532,7 @@ mod tests {
     fn unregistered_or_wrong_key_conflicts() {
         let pr = fresh();
         reg(&pr, &nx(P1, 1), K1);
-        for sa in [
-            prout_sa::RESERVE,
-            prout_sa::RELEASE,
-            prout_sa::CLEAR,
-            prout_sa::PREEMPT,
-        ] {
+        for sa in [prout_sa::RESERVE, prout_sa::RELEASE, prout_sa::CLEAR, prout_sa::PREEMPT] {
             assert_eq!(out(&pr, &nx(P2, 1), sa, 1, K2, K1), Err(PrError::Conflict));
             assert_eq!(out(&pr, &nx(P1, 1), sa, 1, K2, K1), Err(PrError::Conflict));
         }
@@ -1650,10 +1546,7 @@ mod tests {
         reg(&pr, &nx(P1, 1), K1);
         reg(&pr, &nx(P2, 1), K2);
         out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve");
-        assert_eq!(
-            out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0),
-            Ok(vec![])
-        );
+        assert_eq!(out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0), Ok(vec![]));
         assert_eq!(
             out(&pr, &nx(P1, 1), prout_sa::RESERVE, 3, K1, 0),
             Err(PrError::Conflict)
@@ -1673,10 +1566,7 @@ mod tests {
         reg(&pr, &nx(P1, 1), K1);
         reg(&pr, &nx(P2, 1), K2);
         out(&pr, &nx(P1, 1), prout_sa::RESERVE, 5, K1, 0).expect("reserve WE-RO");
-        assert_eq!(
-            out(&pr, &nx(P2, 1), prout_sa::RELEASE, 5, K2, 0),
-            Ok(vec![])
-        );
+        assert_eq!(out(&pr, &nx(P2, 1), prout_sa::RELEASE, 5, K2, 0), Ok(vec![]));
         assert_eq!(read_res(&pr)[21], 0x05);
         assert_eq!(
             out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
@@ -1693,15 +1583,9 @@ mod tests {
         assert_eq!(read_res(&pr), vec![0, 0, 0, 2, 0, 0, 0, 0]);
         // WE and EA releases raise no unit attention.
         out(&pr, &nx(P1, 1), prout_sa::RESERVE, 1, K1, 0).expect("reserve WE");
-        assert_eq!(
-            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
-            Ok(vec![])
-        );
+        assert_eq!(out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0), Ok(vec![]));
         // No reservation: GOOD.
-        assert_eq!(
-            out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0),
-            Ok(vec![])
-        );
+        assert_eq!(out(&pr, &nx(P1, 1), prout_sa::RELEASE, 1, K1, 0), Ok(vec![]));
     }
 
     /// libiscsi ProutClear.Simple and SPC-4 §5.13.11.2.6: CLEAR drops everything, +1
@@ -1814,14 +1698,7 @@ mod tests {
     /// registrant remains and that registrant may release them.
     #[test]
     fn ownership_when_holder_unregisters() {
-        for (t, shared) in [
-            (1u8, false),
-            (3, false),
-            (5, false),
-            (6, false),
-            (7, true),
-            (8, true),
-        ] {
+        for (t, shared) in [(1u8, false), (3, false), (5, false), (6, false), (7, true), (8, true)] {
             let pr = fresh();
             reg(&pr, &nx(P1, 1), K1);
             reg(&pr, &nx(P2, 1), K2);
@@ -1872,37 +1749,13 @@ mod tests {
             reg(&pr, &n1, K1);
             reg(&pr, &n2, K2);
             out(&pr, &n1, prout_sa::RESERVE, t, K1, 0).expect("reserve");
-            assert_eq!(
-                pr.check_access(&n1, &READ10),
-                Ok(()),
-                "holder read, type {t}"
-            );
-            assert_eq!(
-                pr.check_access(&n1, &WRITE10),
-                Ok(()),
-                "holder write, type {t}"
-            );
-            assert_eq!(
-                pr.check_access(&n2, &READ10),
-                ok(reg_r),
-                "reg read, type {t}"
-            );
-            assert_eq!(
-                pr.check_access(&n2, &WRITE10),
-                ok(reg_w),
-                "reg write, type {t}"
-            );
+            assert_eq!(pr.check_access(&n1, &READ10), Ok(()), "holder read, type {t}");
+            assert_eq!(pr.check_access(&n1, &WRITE10), Ok(()), "holder write, type {t}");
+            assert_eq!(pr.check_access(&n2, &READ10), ok(reg_r), "reg read, type {t}");
+            assert_eq!(pr.check_access(&n2, &WRITE10), ok(reg_w), "reg write, type {t}");
             out(&pr, &n2, prout_sa::REGISTER, 0, K2, 0).expect("unregister");
-            assert_eq!(
-                pr.check_access(&n2, &READ10),
-                ok(unreg_r),
-                "unreg read, type {t}"
-            );
-            assert_eq!(
-                pr.check_access(&n2, &WRITE10),
-                ok(unreg_w),
-                "unreg write, type {t}"
-            );
+            assert_eq!(pr.check_access(&n2, &READ10), ok(unreg_r), "unreg read, type {t}");
+            assert_eq!(pr.check_access(&n2, &WRITE10), ok(unreg_w), "unreg write, type {t}");
             // Always allowed through every type (table 63): INQUIRY, TUR (ALLOW COMMANDS 011b),
             // REPORT LUNS, PRIN, READ CAPACITY(10/16), PROUT (checked by service action).
             for cdb in [
@@ -1917,14 +1770,8 @@ mod tests {
                 assert_eq!(pr.check_access(&n2, cdb), Ok(()), "type {t} cdb {cdb:02x?}");
             }
             // MODE SENSE follows reads, SYNCHRONIZE CACHE follows writes.
-            assert_eq!(
-                pr.check_access(&n2, &[0x1a, 0, 0x3f, 0, 0xff, 0]),
-                ok(unreg_r)
-            );
-            assert_eq!(
-                pr.check_access(&n2, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-                ok(unreg_w)
-            );
+            assert_eq!(pr.check_access(&n2, &[0x1a, 0, 0x3f, 0, 0xff, 0]), ok(unreg_r));
+            assert_eq!(pr.check_access(&n2, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]), ok(unreg_w));
         }
     }
 
@@ -2005,19 +1852,13 @@ mod tests {
         reg(&pr, &nx(P2, 1), 9);
         let mut p9 = params.clone();
         p9[0..8].copy_from_slice(&9u64.to_be_bytes());
-        assert_eq!(
-            pr.reserve_out(&nx(P2, 1), &cdb, &p9),
-            Err(PrError::Conflict)
-        );
+        assert_eq!(pr.reserve_out(&nx(P2, 1), &cdb, &p9), Err(PrError::Conflict));
         assert_eq!(pr.reserve_out(&nx(P1, 1), &cdb, &params), Ok(vec![]));
         assert_eq!(keys(&pr), (3, vec![9, K2]));
         let r = read_res(&pr);
         assert_eq!((be_u64(&r, 8), r[21]), (K2, 0x01));
         assert_eq!(pr.check_access(&nx(P2, 2), &WRITE10), Ok(()));
-        assert_eq!(
-            pr.check_access(&nx(P1, 1), &WRITE10),
-            Err(PrError::Conflict)
-        );
+        assert_eq!(pr.check_access(&nx(P1, 1), &WRITE10), Err(PrError::Conflict));
     }
 
     /// SPC-4 §6.16.3: SPEC_I_PT registers the listed initiator ports too; with other service
@@ -2072,9 +1913,8 @@ mod tests {
     fn aptpl_persist_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("lu1.pr");
-        let snapshot = |pr: &PersistentReservations| {
-            [0u8, 1, 3].map(|sa| pr.reserve_in(&nx(P1, 1), &prin_cdb(sa)).expect("prin"))
-        };
+        let snapshot =
+            |pr: &PersistentReservations| [0u8, 1, 3].map(|sa| pr.reserve_in(&nx(P1, 1), &prin_cdb(sa)).expect("prin"));
         let before = {
             let pr = PersistentReservations::open(Some(path.clone())).expect("open");
             pr.reserve_out(

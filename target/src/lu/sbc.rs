@@ -6,8 +6,8 @@ use raftsan_proto::scsi::cdb::{self, op, sa};
 use raftsan_proto::scsi::sense::{self, Sense};
 
 use super::spc::{
-    MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
-    atomic_granularity, max_atomic_transfer_blocks,
+    MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS, atomic_granularity,
+    max_atomic_transfer_blocks,
 };
 use super::{CmdResult, Command, Disk, Fail, LogicalUnit, bad_cdb, truncate};
 
@@ -314,10 +314,7 @@ pub(crate) fn read_capacity16_data(d: &Disk) -> Vec<u8> {
 }
 
 fn read_capacity16(d: &Disk, c: &[u8]) -> CmdResult {
-    Ok(truncate(
-        read_capacity16_data(d),
-        cdb::u32_at(c, 10) as usize,
-    ))
+    Ok(truncate(read_capacity16_data(d), cdb::u32_at(c, 10) as usize))
 }
 
 /// GET LBA STATUS (SBC-3 §5.6): mapped/deallocated extents from the backing store.
@@ -369,11 +366,7 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
     let ten = c[0] == op::WRITE_SAME_10;
     let b1 = cdb::u8_at(c, 1);
     let (lba, blocks, len_byte) = if ten {
-        (
-            u64::from(cdb::u32_at(c, 2)),
-            u64::from(cdb::u16_at(c, 7)),
-            7,
-        )
+        (u64::from(cdb::u32_at(c, 2)), u64::from(cdb::u16_at(c, 7)), 7)
     } else {
         (cdb::u64_at(c, 2), u64::from(cdb::u32_at(c, 10)), 10)
     };
@@ -402,11 +395,7 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
     }
     check_writable(d)?;
     check_range(d, lba, blocks)?;
-    let block: Vec<u8> = if ndob {
-        vec![0; bs]
-    } else {
-        data_out[..bs].to_vec()
-    };
+    let block: Vec<u8> = if ndob { vec![0; bs] } else { data_out[..bs].to_vec() };
     let offset = byte_offset(d, lba);
     let len = blocks * bs as u64;
     let _shared = d
@@ -414,9 +403,7 @@ fn write_same(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out: &[u8]) -> CmdResul
         .read()
         .map_err(|_| Fail::from(sense::INTERNAL_TARGET_FAILURE))?;
     if unmap && d.def.thin && block.iter().all(|&b| b == 0) {
-        d.store
-            .punch_hole(offset, len)
-            .map_err(|e| write_error(d, e, offset))?;
+        d.store.punch_hole(offset, len).map_err(|e| write_error(d, e, offset))?;
     } else {
         const CHUNK_BLOCKS: u64 = 256;
         let chunk: Vec<u8> = block

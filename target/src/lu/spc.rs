@@ -219,10 +219,7 @@ const COMMON_COMMANDS: &[Supported] = &[
     cmd!(op::TEST_UNIT_READY, [0, 0, 0, 0, 0x07]),
     cmd!(op::REQUEST_SENSE, [0x01, 0, 0, 0xff, 0x07]),
     cmd!(op::INQUIRY, [0x01, 0xff, 0xff, 0xff, 0x07]),
-    cmd!(
-        op::REPORT_LUNS,
-        [0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x07]
-    ),
+    cmd!(op::REPORT_LUNS, [0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x07]),
     cmd!(op::MAINTENANCE_IN, sa 0x0a, [0xea, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x07]),
     cmd!(op::MAINTENANCE_IN, sa 0x0c, [0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x07]),
 ];
@@ -248,8 +245,7 @@ macro_rules! rw {
             opcode: $op,
             sa: None,
             usage: &[
-                $op, $b1, RW12[0], RW12[1], RW12[2], RW12[3], RW12[4], RW12[5], RW12[6], RW12[7],
-                RW12[8], RW12[9],
+                $op, $b1, RW12[0], RW12[1], RW12[2], RW12[3], RW12[4], RW12[5], RW12[6], RW12[7], RW12[8], RW12[9],
             ],
         }
     };
@@ -258,8 +254,8 @@ macro_rules! rw {
             opcode: $op,
             sa: None,
             usage: &[
-                $op, $b1, RW16[0], RW16[1], RW16[2], RW16[3], RW16[4], RW16[5], RW16[6], RW16[7],
-                RW16[8], RW16[9], RW16[10], RW16[11], RW16[12], RW16[13],
+                $op, $b1, RW16[0], RW16[1], RW16[2], RW16[3], RW16[4], RW16[5], RW16[6], RW16[7], RW16[8], RW16[9],
+                RW16[10], RW16[11], RW16[12], RW16[13],
             ],
         }
     };
@@ -274,29 +270,20 @@ const DISK_COMMANDS: &[Supported] = &[
     cmd!(op::MODE_SENSE_6, [0x08, 0xff, 0xff, 0xff, 0x07]),
     cmd!(op::START_STOP_UNIT, [0x01, 0, 0x0f, 0xf7, 0x07]),
     cmd!(op::PREVENT_ALLOW_MEDIUM_REMOVAL, [0, 0, 0, 0x03, 0x07]),
-    cmd!(
-        op::READ_CAPACITY_10,
-        [0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x07]
-    ),
+    cmd!(op::READ_CAPACITY_10, [0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x07]),
     rw!(op::READ_10, 0x18, 10),
     rw!(op::WRITE_10, 0x18, 10),
     rw!(op::WRITE_AND_VERIFY_10, 0x12, 10),
     rw!(op::VERIFY_10, 0x16, 10),
     rw!(op::PRE_FETCH_10, 0x02, 10),
     rw!(op::SYNCHRONIZE_CACHE_10, 0x02, 10),
-    cmd!(
-        op::READ_DEFECT_DATA_10,
-        [0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x07]
-    ),
+    cmd!(op::READ_DEFECT_DATA_10, [0, 0x1f, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
     rw!(op::WRITE_SAME_10, 0x08, 10),
     cmd!(op::UNMAP, [0, 0, 0, 0, 0, 0x1f, 0xff, 0xff, 0x07]),
     cmd!(op::MODE_SELECT_10, [0x10, 0, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
     cmd!(op::RESERVE_10, [0, 0, 0, 0, 0, 0, 0, 0, 0x07]),
     cmd!(op::RELEASE_10, [0, 0, 0, 0, 0, 0, 0, 0, 0x07]),
-    cmd!(
-        op::MODE_SENSE_10,
-        [0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x07]
-    ),
+    cmd!(op::MODE_SENSE_10, [0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x07]),
     cmd!(op::PERSISTENT_RESERVE_IN, sa 0x00, [0x00, 0, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
     cmd!(op::PERSISTENT_RESERVE_IN, sa 0x01, [0x01, 0, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
     cmd!(op::PERSISTENT_RESERVE_IN, sa 0x02, [0x02, 0, 0, 0, 0, 0, 0xff, 0xff, 0x07]),
@@ -337,9 +324,7 @@ const DISK_COMMANDS: &[Supported] = &[
     rw!(op::VERIFY_12, 0x16, 12),
     cmd!(
         op::READ_DEFECT_DATA_12,
-        [
-            0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x07
-        ]
+        [0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x07]
     ),
 ];
 
@@ -404,10 +389,7 @@ fn report_supported_opcodes(lu: &LogicalUnit, cdb: &[u8]) -> CmdResult {
             if table.iter().any(|c| c.opcode == req_op && c.sa.is_some()) {
                 return Err(bad_cdb(3, None));
             }
-            one(
-                &mut data,
-                table.iter().copied().find(|c| c.opcode == req_op),
-            );
+            one(&mut data, table.iter().copied().find(|c| c.opcode == req_op));
         }
         2 => {
             if table.iter().any(|c| c.opcode == req_op && c.sa.is_none()) {

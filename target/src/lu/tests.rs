@@ -134,10 +134,7 @@ fn out_of_range() {
     // RDPROTECT without protection information: INVALID FIELD IN CDB.
     let mut c = read10(0, 1);
     c[1] = 0x20;
-    assert_eq!(
-        sense_of(&run(&t, &n, 1, &c, &[])),
-        (key::ILLEGAL_REQUEST, 0x24, 0)
-    );
+    assert_eq!(sense_of(&run(&t, &n, 1, &c, &[])), (key::ILLEGAL_REQUEST, 0x24, 0));
 }
 
 /// FUA flushes: a failing flush turns a FUA write into a write error, a plain one stays GOOD.
@@ -263,29 +260,18 @@ fn write_same() {
     let mut c = read10(10, 4);
     c[0] = op::WRITE_SAME_10;
     good(&run(&t, &n, 1, &c, &[0x5a; 512]));
-    assert_eq!(
-        run(&t, &n, 1, &read10(10, 5), &[]).data_in[..2048],
-        [0x5a; 2048]
-    );
+    assert_eq!(run(&t, &n, 1, &read10(10, 5), &[]).data_in[..2048], [0x5a; 2048]);
     assert_eq!(run(&t, &n, 1, &read10(14, 1), &[]).data_in, vec![0; 512]);
     // WSNZ = 1 (SBC-3 §6.6.3): zero blocks is INVALID FIELD IN CDB pointing at the length.
     let o = run(&t, &n, 1, &write_same10(0, 0), &[0; 512]);
     assert_eq!(
         o.sense.unwrap(),
-        [
-            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 7
-        ]
+        [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 7]
     );
     let o = run(&t, &n, 1, &write_same16(0, 0), &[0; 512]);
     assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x24, 0));
-    assert_eq!(
-        sense_of(&run(&t, &n, 1, &c, &[0; 1024])).0,
-        key::ILLEGAL_REQUEST
-    );
-    assert_eq!(
-        sense_of(&run(&t, &n, 1, &c, &[0; 256])).0,
-        key::ILLEGAL_REQUEST
-    );
+    assert_eq!(sense_of(&run(&t, &n, 1, &c, &[0; 1024])).0, key::ILLEGAL_REQUEST);
+    assert_eq!(sense_of(&run(&t, &n, 1, &c, &[0; 256])).0, key::ILLEGAL_REQUEST);
     let mut anchor = c.clone();
     anchor[1] = 0x10;
     assert_eq!(
@@ -363,20 +349,12 @@ fn read_defect_data() {
     };
     assert_eq!(run(&t, &n, 1, &rdd10(0, 32), &[]).data_in, [0, 0, 0, 0]);
     // REQ_PLIST, REQ_GLIST, long block format 011b.
-    assert_eq!(
-        run(&t, &n, 1, &rdd10(0x1b, 32), &[]).data_in,
-        [0, 0x1b, 0, 0]
-    );
+    assert_eq!(run(&t, &n, 1, &rdd10(0x1b, 32), &[]).data_in, [0, 0x1b, 0, 0]);
     assert_eq!(run(&t, &n, 1, &rdd10(0x1b, 2), &[]).data_in, [0, 0x1b]);
-    assert_eq!(
-        run(&t, &n, 1, &rdd10(0x1b, 0), &[]),
-        Outcome::good(Vec::new())
-    );
+    assert_eq!(run(&t, &n, 1, &rdd10(0x1b, 0), &[]), Outcome::good(Vec::new()));
     assert_eq!(
         run(&t, &n, 1, &rdd10(0x07, 32), &[]).sense.unwrap(),
-        [
-            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xca, 0, 2
-        ]
+        [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xca, 0, 2]
     );
     assert_eq!(
         run(&t, &n, 1, &rdd12(0x0c, 32), &[]).data_in,
@@ -416,12 +394,7 @@ fn orwrite16() {
     good(&run(&t, &n, 1, &orwrite(6, 1, 0x18), &[0x01; 512]));
     assert_eq!(run(&t, &n, 1, &read10(6, 1), &[]).data_in, vec![0x01; 512]);
     good(&run(&t, &n, 1, &orwrite(0, 0, 0), &[]));
-    for (lba, blocks) in [
-        (BLOCKS + 1, 0),
-        (1 << 63, 0),
-        (u64::MAX, 1),
-        (BLOCKS - 1, 2),
-    ] {
+    for (lba, blocks) in [(BLOCKS + 1, 0), (1 << 63, 0), (u64::MAX, 1), (BLOCKS - 1, 2)] {
         let data = vec![0xa6; blocks as usize * 512];
         let o = run(&t, &n, 1, &orwrite(lba, blocks, 0), &data);
         assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
@@ -496,12 +469,7 @@ fn write_atomic16() {
     }
     assert_eq!(run(&t, &n, 1, &read10(0, 1), &[]).data_in, vec![0; 512]);
     // Out of range wins over the length limit (libiscsi test_writeatomic16_beyond_eol).
-    for (lba, blocks) in [
-        (BLOCKS - 256, 512),
-        (1 << 63, 8),
-        (u64::MAX - 7, 8),
-        (BLOCKS + 8, 0),
-    ] {
+    for (lba, blocks) in [(BLOCKS - 256, 512), (1 << 63, 8), (u64::MAX - 7, 8), (BLOCKS + 8, 0)] {
         let data = vec![0xa6; blocks as usize * 512];
         let o = run(&t, &n, 1, &write_atomic(lba, blocks, 0), &data);
         assert_eq!(sense_of(&o), (key::ILLEGAL_REQUEST, 0x21, 0));
@@ -521,10 +489,7 @@ fn read_only_new_commands() {
         (write_atomic(0, 8, 0), vec![0; 8 * 512]),
         (write_same10(0, 1), vec![0; 512]),
     ] {
-        assert_eq!(
-            sense_of(&run(&t, &n, 1, &c, &data)),
-            (key::DATA_PROTECT, 0x27, 0)
-        );
+        assert_eq!(sense_of(&run(&t, &n, 1, &c, &data)), (key::DATA_PROTECT, 0x27, 0));
     }
     good(&run(&t, &n, 1, &pre_fetch10(0, 1, false), &[]));
     good(&run(
@@ -600,10 +565,7 @@ fn get_lba_status(lba: u64) -> Vec<u8> {
 fn unmap_and_get_lba_status_on_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("lu.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
     let mut d = def(1);
     d.block_size = 4096;
     d.backing = Backing::Path(path.clone());
@@ -622,13 +584,7 @@ fn unmap_and_get_lba_status_on_file() {
     )
     .unwrap();
     let n = nexus(1);
-    good(&run(
-        &t,
-        &n,
-        1,
-        &write10(0, 256, 0),
-        &vec![0xaa; 256 * 4096],
-    ));
+    good(&run(&t, &n, 1, &write10(0, 256, 0), &vec![0xaa; 256 * 4096]));
     let p = unmap_params(&[(16, 32)]);
     good(&run(&t, &n, 1, &unmap_cdb(p.len() as u16), &p));
     assert_eq!(run(&t, &n, 1, &read10(16, 1), &[]).data_in, vec![0; 4096]);
@@ -665,21 +621,12 @@ fn unit_attention_once() {
     t.nexus_joined(&a);
     t.nexus_joined(&b);
     good(&run(&t, &a, 1, &[op::INQUIRY, 0, 0, 0, 96, 0], &[]));
-    assert_eq!(
-        sense_of(&run(&t, &a, 1, &[0; 6], &[])),
-        (key::UNIT_ATTENTION, 0x29, 0)
-    );
+    assert_eq!(sense_of(&run(&t, &a, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
     good(&run(&t, &a, 1, &[0; 6], &[]));
     // LUN 0 (controller) had its own.
-    assert_eq!(
-        sense_of(&run(&t, &a, 0, &[0; 6], &[])),
-        (key::UNIT_ATTENTION, 0x29, 0)
-    );
+    assert_eq!(sense_of(&run(&t, &a, 0, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
     // A LU reset by b: a gets 29/03, b does not.
-    assert_eq!(
-        sense_of(&run(&t, &b, 1, &[0; 6], &[])),
-        (key::UNIT_ATTENTION, 0x29, 0)
-    );
+    assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
     assert!(t.lu_reset(1, &b));
     good(&run(&t, &b, 1, &[0; 6], &[]));
     assert_eq!(
@@ -722,23 +669,12 @@ fn unknown_lun() {
     good(&o);
     assert_eq!(o.data_in[0], 0x7f);
     assert_eq!(o.data_in.len(), 36);
-    assert_eq!(
-        sense_of(&run(&t, &n, 7, &[0; 6], &[])),
-        (key::ILLEGAL_REQUEST, 0x25, 0)
-    );
-    let o = run(
-        &t,
-        &n,
-        7,
-        &[op::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-        &[],
-    );
+    assert_eq!(sense_of(&run(&t, &n, 7, &[0; 6], &[])), (key::ILLEGAL_REQUEST, 0x25, 0));
+    let o = run(&t, &n, 7, &[op::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
     good(&o);
     assert_eq!(
         o.data_in,
-        [
-            0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0
-        ]
+        [0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
     );
     // The controller at LUN 0 has no media commands.
     assert_eq!(
@@ -764,13 +700,7 @@ fn read_capacity() {
     want[8..12].copy_from_slice(&BS.to_be_bytes());
     want[14] = 0xc0;
     assert_eq!(o.data_in, want);
-    let o = run(
-        &t,
-        &n,
-        1,
-        &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        &[],
-    );
+    let o = run(&t, &n, 1, &[op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
     assert_eq!(o.data_in, [0, 0, 0x07, 0xff, 0, 0, 2, 0]);
 }
 
@@ -782,10 +712,7 @@ fn inquiry_pages() {
     let o = run(&t, &n, 1, &[op::INQUIRY, 0, 0, 0, 5, 0], &[]);
     assert_eq!(o.data_in, [0, 0, 6, 0x12, 69]);
     let o = run(&t, &n, 1, &[op::INQUIRY, 1, 0, 0, 255, 0], &[]);
-    assert_eq!(
-        o.data_in,
-        [0, 0, 0, 7, 0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2]
-    );
+    assert_eq!(o.data_in, [0, 0, 0, 7, 0x00, 0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2]);
     for page in [0x80, 0x83, 0x86, 0xb0, 0xb1, 0xb2] {
         let o = run(&t, &n, 1, &[op::INQUIRY, 1, page, 0, 255, 0], &[]);
         good(&o);
@@ -801,9 +728,7 @@ fn inquiry_pages() {
     let o = run(&t, &n, 1, &[op::INQUIRY, 0, 0x80, 0, 255, 0], &[]);
     assert_eq!(
         o.sense.unwrap(),
-        [
-            0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 2
-        ]
+        [0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0xc0, 0, 2]
     );
 }
 
@@ -823,21 +748,12 @@ fn mode_sense_select_and_descriptor_sense() {
     assert_eq!(&o.data_in[12..15], &[0x08, 0x12, 0x04]);
     // Residual test of libiscsi: allocation length 4 gives 4 bytes.
     assert_eq!(
-        run(&t, &a, 1, &[op::MODE_SENSE_6, 0, 0x3f, 0, 4, 0], &[])
-            .data_in
-            .len(),
+        run(&t, &a, 1, &[op::MODE_SENSE_6, 0, 0x3f, 0, 4, 0], &[]).data_in.len(),
         4
     );
     // Saved values: SAVING PARAMETERS NOT SUPPORTED.
     assert_eq!(
-        sense_of(&run(
-            &t,
-            &a,
-            1,
-            &[op::MODE_SENSE_6, 0, 0xca, 0, 255, 0],
-            &[]
-        ))
-        .1,
+        sense_of(&run(&t, &a, 1, &[op::MODE_SENSE_6, 0, 0xca, 0, 255, 0], &[])).1,
         0x39
     );
     let o = run(&t, &a, 1, &[op::MODE_SENSE_6, 0x08, 0x0a, 0, 255, 0], &[]);
@@ -878,21 +794,14 @@ fn report_supported_operation_codes() {
     let o = run(&t, &n, 1, &rsoc(0x80, 0, 0), &[]);
     assert_eq!(
         &o.data_in[4..24],
-        &[
-            0, 0, 0, 0, 0, 0x02, 0, 6, 0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30
-        ]
+        &[0, 0, 0, 0, 0, 0x02, 0, 6, 0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 30]
     );
     let o = run(&t, &n, 1, &rsoc(1, op::READ_10, 0), &[]);
     assert_eq!(
         o.data_in,
-        [
-            0, 3, 0, 10, 0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x07
-        ]
+        [0, 3, 0, 10, 0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0x1f, 0xff, 0xff, 0x07]
     );
-    assert_eq!(
-        sense_of(&run(&t, &n, 1, &rsoc(2, op::READ_10, 0), &[])).1,
-        0x24
-    );
+    assert_eq!(sense_of(&run(&t, &n, 1, &rsoc(2, op::READ_10, 0), &[])).1, 0x24);
     assert_eq!(
         sense_of(&run(&t, &n, 1, &rsoc(1, op::SERVICE_ACTION_IN_16, 0), &[])).1,
         0x24
@@ -914,10 +823,7 @@ fn report_target_port_groups() {
         &[op::MAINTENANCE_IN, 0x0a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
         &[],
     );
-    assert_eq!(
-        o.data_in,
-        [0, 0, 0, 12, 0x80, 0x8f, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]
-    );
+    assert_eq!(o.data_in, [0, 0, 0, 12, 0x80, 0x8f, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]);
     let o = run(
         &t,
         &n,
@@ -933,18 +839,9 @@ fn report_target_port_groups() {
 fn report_luns() {
     let t = target();
     let n = nexus(1);
-    let o = run(
-        &t,
-        &n,
-        1,
-        &[op::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
-        &[],
-    );
+    let o = run(&t, &n, 1, &[op::REPORT_LUNS, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[]);
     assert_eq!(o.data_in[0..4], [0, 0, 0, 16]);
-    assert_eq!(
-        o.data_in[8..24],
-        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]
-    );
+    assert_eq!(o.data_in[8..24], [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
     assert_eq!(
         sense_of(&run(
             &t,

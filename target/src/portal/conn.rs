@@ -21,9 +21,9 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use raftsan_proto::login::{LoginAuthority, LoginFailure, LoginStep, Lookup, TargetAuth, TargetLogin};
 use raftsan_proto::pdu::{
-    self, Bhs, DataIn, DataOut, Digests, Framing, LogoutRequest, NopIn, NopOut, Pdu, ReadyToTransfer,
-    Reject, Request, Residual, ScsiCommand, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, TextRequest, TextResponse,
-    reject_reason, tmf,
+    self, Bhs, DataIn, DataOut, Digests, Framing, LogoutRequest, NopIn, NopOut, Pdu, ReadyToTransfer, Reject, Request,
+    Residual, ScsiCommand, ScsiResponse, TaskMgmtRequest, TaskMgmtResponse, TextRequest, TextResponse, reject_reason,
+    tmf,
 };
 use raftsan_proto::scsi::sense::status;
 use raftsan_proto::serial;
@@ -64,7 +64,11 @@ enum Sn {
 
 /// What the reader and command tasks hand the writer.
 enum Out {
-    Pdu { bhs: Bhs, data: Bytes, sn: Sn },
+    Pdu {
+        bhs: Bhs,
+        data: Bytes,
+        sn: Sn,
+    },
     Scsi(ScsiReply),
     /// Flush what is queued and close the connection (after a Logout Response).
     Close,
@@ -235,7 +239,13 @@ impl Conn {
                 return Ok(Some(p));
             }
             match self.rd.read_buf(&mut self.buf).await {
-                Ok(0) => return if self.buf.is_empty() { Ok(None) } else { Err(End::Closed) },
+                Ok(0) => {
+                    return if self.buf.is_empty() {
+                        Ok(None)
+                    } else {
+                        Err(End::Closed)
+                    };
+                }
                 Ok(_) => {}
                 Err(e) => return Err(End::Io(e)),
             }
@@ -251,7 +261,9 @@ impl Conn {
             }
             Ok(Framing::Complete { len }) => {
                 let bytes = self.buf.split_to(len).freeze();
-                pdu::decode(bytes, self.digests).map(Some).map_err(|e| End::Protocol(e.to_string()))
+                pdu::decode(bytes, self.digests)
+                    .map(Some)
+                    .map_err(|e| End::Protocol(e.to_string()))
             }
             Err(e) => Err(End::Protocol(e.to_string())),
         }
@@ -264,7 +276,9 @@ impl Conn {
         let mut machine = TargetLogin::new(settings.iscsi.clone(), rand::random::<u8>(), challenge);
         let mut statsn: Option<u32> = None;
         loop {
-            let Some(p) = self.read_pdu().await? else { return Err(End::Closed) };
+            let Some(p) = self.read_pdu().await? else {
+                return Err(End::Closed);
+            };
             let Ok(Request::Login(req)) = Request::parse(&p.bhs) else {
                 return Err(End::Protocol(format!("{:?} before login completed", p.bhs.opcode())));
             };
@@ -285,7 +299,10 @@ impl Conn {
                     cmdsn: req.cmdsn,
                     data: &p.data,
                 },
-                &Authority { server: &self.server, peer: self.peer },
+                &Authority {
+                    server: &self.server,
+                    peer: self.peer,
+                },
             );
             let respond = |r: &raftsan_proto::login::LoginResponse, tsih: u16| {
                 let bhs = pdu::LoginResponse {
@@ -330,12 +347,20 @@ impl Conn {
                 }
                 LoginStep::FullFeature(mut r, params) => {
                     let target = match params.session_type {
-                        SessionType::Normal => params.target_name.as_deref().and_then(|n| self.server.target(n)).cloned(),
+                        SessionType::Normal => params
+                            .target_name
+                            .as_deref()
+                            .and_then(|n| self.server.target(n))
+                            .cloned(),
                         SessionType::Discovery => None,
                     };
                     if req.tsih != 0 {
                         // Adding a connection to a session (MC/S): MaxConnections is 1.
-                        let detail = if self.server.session_exists(req.tsih) { 0x06 } else { 0x0a };
+                        let detail = if self.server.session_exists(req.tsih) {
+                            0x06
+                        } else {
+                            0x0a
+                        };
                         fail_status(&mut r, 0x02, detail);
                         self.server.metrics.login_protocol_error.increment(1);
                         let _ = wr.write_all(&respond(&r, 0)).await;
@@ -367,7 +392,10 @@ impl Conn {
                         peer = %self.peer, tsih, initiator = %params.initiator_name, target = ?params.target_name,
                         discovery = params.session_type == SessionType::Discovery, "login succeeded"
                     );
-                    self.digests = Digests { header: params.header_digest, data: params.data_digest };
+                    self.digests = Digests {
+                        header: params.header_digest,
+                        data: params.data_digest,
+                    };
                     self.max_recv = params.target_max_recv_data_segment_length;
                     return Ok(LoginDone {
                         tsih,
@@ -538,7 +566,12 @@ impl FullFeature {
 
     fn reject(&self, reason: u8, bhs: &Bhs) {
         tracing::debug!(tsih = self.tsih, reason, opcode = ?bhs.opcode(), "rejecting PDU");
-        let r = Reject { reason, seq: Default::default(), datasn_r2tsn: 0 }.to_bhs();
+        let r = Reject {
+            reason,
+            seq: Default::default(),
+            datasn_r2tsn: 0,
+        }
+        .to_bhs();
         self.send(r, Bytes::copy_from_slice(&bhs.0), Sn::Advance);
     }
 
@@ -551,7 +584,13 @@ impl FullFeature {
             self.nop_ttt = 1;
         }
         self.nop_pending = Some(Instant::now());
-        let b = NopIn { lun: 0, itt: pdu::RESERVED_TAG, ttt: self.nop_ttt, seq: Default::default() }.to_bhs();
+        let b = NopIn {
+            lun: 0,
+            itt: pdu::RESERVED_TAG,
+            ttt: self.nop_ttt,
+            seq: Default::default(),
+        }
+        .to_bhs();
         self.send(b, Bytes::new(), Sn::Peek);
     }
 
@@ -598,12 +637,21 @@ impl FullFeature {
         if !immediate {
             let exp = self.window.exp();
             if cmdsn != exp {
-                if serial::lt(exp, cmdsn) && serial::le(cmdsn, self.window.max()) && self.held.len() < self.window.size as usize {
+                if serial::lt(exp, cmdsn)
+                    && serial::le(cmdsn, self.window.max())
+                    && self.held.len() < self.window.size as usize
+                {
                     // Ahead of a gap: hold until the missing commands arrive (§3.2.2.1).
                     self.held.insert(cmdsn, p);
                 } else {
                     // Outside the window: silently ignored (§4.2.2.1).
-                    tracing::debug!(tsih = self.tsih, cmdsn, exp, max = self.window.max(), "dropping command outside the CmdSN window");
+                    tracing::debug!(
+                        tsih = self.tsih,
+                        cmdsn,
+                        exp,
+                        max = self.window.max(),
+                        "dropping command outside the CmdSN window"
+                    );
                 }
                 return Ok(true);
             }
@@ -645,7 +693,13 @@ impl FullFeature {
         // Echo the ping data (bounded by what the initiator accepts).
         let max = self.params.initiator_max_recv_data_segment_length as usize;
         let data = p.data.slice(..p.data.len().min(max));
-        let b = NopIn { lun: n.lun, itt: n.itt, ttt: pdu::RESERVED_TAG, seq: Default::default() }.to_bhs();
+        let b = NopIn {
+            lun: n.lun,
+            itt: n.itt,
+            ttt: pdu::RESERVED_TAG,
+            seq: Default::default(),
+        }
+        .to_bhs();
         self.send(b, data, Sn::Advance);
     }
 
@@ -669,7 +723,12 @@ impl FullFeature {
         }
         let edtl = c.expected_data_len;
         let immediate = p.data.len() as u32;
-        if immediate > 0 && (!c.write || !self.params.immediate_data || immediate > edtl || immediate > self.params.first_burst_length) {
+        if immediate > 0
+            && (!c.write
+                || !self.params.immediate_data
+                || immediate > edtl
+                || immediate > self.params.first_burst_length)
+        {
             return Err(End::Protocol(format!(
                 "SCSI command ITT {:#x} carries {immediate} bytes of immediate data (EDTL {edtl}, W {}, ImmediateData {}, FirstBurstLength {})",
                 c.itt, c.write, self.params.immediate_data, self.params.first_burst_length
@@ -718,7 +777,6 @@ impl FullFeature {
         self.writes.insert(c.itt, task);
         Ok(())
     }
-
 
     /// Sends R2Ts until MaxOutstandingR2T are out or everything is asked for (§4.2.5.3).
     fn issue_r2ts(&mut self, task: &mut WriteTask) {
@@ -782,7 +840,10 @@ impl FullFeature {
             task.datasn.remove(&d.ttt);
         }
         if task.received >= edtl && task.outstanding_r2t == 0 && task.next_r2t_offset >= edtl {
-            let session = self.session.clone().ok_or_else(|| End::Protocol("Data-Out in a discovery session".into()))?;
+            let session = self
+                .session
+                .clone()
+                .ok_or_else(|| End::Protocol("Data-Out in a discovery session".into()))?;
             session.write_bytes.fetch_sub(u64::from(edtl), Ordering::AcqRel);
             // The command was counted in flight when it arrived.
             self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -799,9 +860,12 @@ impl FullFeature {
         tracing::warn!(tsih = self.tsih, itt = task.cmd.itt, "failing write command: {why}");
         self.server.metrics.protocol_errors.increment(1);
         let Some(session) = self.session.clone() else { return };
-        session.write_bytes.fetch_sub(u64::from(task.cmd.expected_data_len), Ordering::AcqRel);
+        session
+            .write_bytes
+            .fetch_sub(u64::from(task.cmd.expected_data_len), Ordering::AcqRel);
         self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
-        let code = raftsan_proto::scsi::sense::SenseCode::new(raftsan_proto::scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
+        let code =
+            raftsan_proto::scsi::sense::SenseCode::new(raftsan_proto::scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
         self.complete_now(&session, &task.cmd, status::CHECK_CONDITION, Some(fixed_sense(code)));
     }
 
@@ -891,7 +955,8 @@ impl FullFeature {
             Some(s) => match t.function {
                 tmf::ABORT_TASK => {
                     if let Some(w) = self.writes.remove(&t.referenced_task_tag) {
-                        s.write_bytes.fetch_sub(u64::from(w.cmd.expected_data_len), Ordering::AcqRel);
+                        s.write_bytes
+                            .fetch_sub(u64::from(w.cmd.expected_data_len), Ordering::AcqRel);
                         self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
                         tmf::FUNCTION_COMPLETE
                     } else {
@@ -932,16 +997,27 @@ impl FullFeature {
                 _ => tmf::FUNCTION_NOT_SUPPORTED,
             },
         };
-        let b = TaskMgmtResponse { response, itt: t.itt, seq: Default::default() }.to_bhs();
+        let b = TaskMgmtResponse {
+            response,
+            itt: t.itt,
+            seq: Default::default(),
+        }
+        .to_bhs();
         self.send(b, Bytes::new(), Sn::Advance);
     }
 
     /// Aborts this session's tasks on the LUNs `which` selects and waits until they are gone.
     async fn abort_where(&mut self, s: &Session, which: impl Fn(u64) -> bool) {
-        let collecting: Vec<u32> = self.writes.iter().filter(|(_, w)| which(w.cmd.lun)).map(|(i, _)| *i).collect();
+        let collecting: Vec<u32> = self
+            .writes
+            .iter()
+            .filter(|(_, w)| which(w.cmd.lun))
+            .map(|(i, _)| *i)
+            .collect();
         for itt in collecting {
             if let Some(w) = self.writes.remove(&itt) {
-                s.write_bytes.fetch_sub(u64::from(w.cmd.expected_data_len), Ordering::AcqRel);
+                s.write_bytes
+                    .fetch_sub(u64::from(w.cmd.expected_data_len), Ordering::AcqRel);
                 self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
             }
         }
@@ -969,7 +1045,14 @@ impl FullFeature {
         }
         self.text.extend_from_slice(&p.data);
         if t.cont {
-            let b = TextResponse { final_: false, cont: false, lun: t.lun, itt: t.itt, ttt: self.alloc_ttt(), seq: Default::default() };
+            let b = TextResponse {
+                final_: false,
+                cont: false,
+                lun: t.lun,
+                itt: t.itt,
+                ttt: self.alloc_ttt(),
+                seq: Default::default(),
+            };
             self.send(b.to_bhs(), Bytes::new(), Sn::Advance);
             return Ok(());
         }
@@ -991,13 +1074,24 @@ impl FullFeature {
     }
 
     fn send_text_chunk(&mut self, t: TextRequest, mut data: Vec<u8>, max: usize) {
-        let rest = if data.len() > max { data.split_off(max) } else { Vec::new() };
+        let rest = if data.len() > max {
+            data.split_off(max)
+        } else {
+            Vec::new()
+        };
         let more = !rest.is_empty();
         let ttt = if more { self.alloc_ttt() } else { pdu::RESERVED_TAG };
         if more {
             self.text_pending = Some((ttt, rest));
         }
-        let b = TextResponse { final_: !more, cont: more, lun: t.lun, itt: t.itt, ttt, seq: Default::default() };
+        let b = TextResponse {
+            final_: !more,
+            cont: more,
+            lun: t.lun,
+            itt: t.itt,
+            ttt,
+            seq: Default::default(),
+        };
         self.send(b.to_bhs(), Bytes::from(data), Sn::Advance);
     }
 
@@ -1015,7 +1109,10 @@ impl FullFeature {
                 "" => self.session.as_ref().is_some_and(|s| Arc::ptr_eq(&s.target, t)),
                 name => t.def.name.eq_ignore_ascii_case(name),
             })
-            .map(|t| SendTarget { name: t.def.name.clone(), addresses: addresses.clone() })
+            .map(|t| SendTarget {
+                name: t.def.name.clone(),
+                addresses: addresses.clone(),
+            })
             .collect();
         text::send_targets_response(&chosen)
     }
@@ -1034,11 +1131,17 @@ impl FullFeature {
                 wait_done(&ctl).await;
             }
         }
-        let b = pdu::LogoutResponse { response, itt: l.itt, seq: Default::default(), time2wait: 0, time2retain: 0 }.to_bhs();
+        let b = pdu::LogoutResponse {
+            response,
+            itt: l.itt,
+            seq: Default::default(),
+            time2wait: 0,
+            time2retain: 0,
+        }
+        .to_bhs();
         self.send(b, Bytes::new(), Sn::Advance);
         let _ = self.out.send(Out::Close);
     }
-
 }
 
 fn invalid_field_sense() -> Vec<u8> {
@@ -1102,7 +1205,14 @@ async fn writer(
 
 /// Data-In PDUs of at most `max_send` bytes each, the last carrying the status when there is no
 /// sense data (status collapse, §11.7.4); otherwise a SCSI Response follows (§11.4).
-fn encode_scsi_reply(r: ScsiReply, statsn: &mut u32, window: &Window, digests: Digests, max_send: u32, buf: &mut BytesMut) {
+fn encode_scsi_reply(
+    r: ScsiReply,
+    statsn: &mut u32,
+    window: &Window,
+    digests: Digests,
+    max_send: u32,
+    buf: &mut BytesMut,
+) {
     let exp = window.exp();
     let max = window.max();
     let collapse = r.sense.is_none() && !r.data_in.is_empty();
@@ -1142,7 +1252,11 @@ fn encode_scsi_reply(r: ScsiReply, statsn: &mut u32, window: &Window, digests: D
         response: 0,
         status: r.status,
         itt: r.itt,
-        seq: pdu::Sequence { statsn: *statsn, exp_cmdsn: exp, max_cmdsn: max },
+        seq: pdu::Sequence {
+            statsn: *statsn,
+            exp_cmdsn: exp,
+            max_cmdsn: max,
+        },
         exp_datasn: datasn,
         residual: r.residual,
     }

@@ -150,7 +150,14 @@ impl PortalServer {
             }
             let lus = TargetLus::open(def, dir.as_deref())?;
             let metrics = LuMetrics::new(&def.name, def.luns.iter().map(|l| l.lun));
-            targets.insert(def.name.to_ascii_lowercase(), Arc::new(TargetRuntime { def: def.clone(), lus, metrics }));
+            targets.insert(
+                def.name.to_ascii_lowercase(),
+                Arc::new(TargetRuntime {
+                    def: def.clone(),
+                    lus,
+                    metrics,
+                }),
+            );
         }
         Ok(Arc::new(PortalServer {
             catalog,
@@ -310,7 +317,11 @@ impl PortalServer {
         targets.sort_by_key(|t| t.tid);
         let mut sessions: Vec<SessionInfo> = lock(&self.sessions).values().map(|s| s.info.clone()).collect();
         sessions.sort_by_key(|s| s.tsih);
-        ShowState { portals: lock(&self.portal_addrs).clone(), targets, sessions }
+        ShowState {
+            portals: lock(&self.portal_addrs).clone(),
+            targets,
+            sessions,
+        }
     }
 }
 

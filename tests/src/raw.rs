@@ -1,0 +1,268 @@
+//! A raw iSCSI client for tests that must send exactly the bytes they choose (hostile input,
+//! protocol corner cases), built on `raftsan_proto`'s PDU types. Real clients (libiscsi tools,
+//! qemu-img) are used everywhere else.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddrV4, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::BytesMut;
+use raftsan_proto::pdu::{
+    self, Bhs, Digests, Framing, LoginRequest, LoginResponse, NopIn, NopOut, Opcode, Pdu, RESERVED_TAG, ScsiCommand,
+    ScsiResponse,
+};
+
+/// A raw iSCSI connection that speaks only what the test scripts.
+pub struct Raw {
+    pub s: TcpStream,
+    buf: BytesMut,
+    pub cmdsn: u32,
+    pub statsn: u32,
+    itt: u32,
+}
+
+impl Raw {
+    pub fn connect(portal: SocketAddrV4) -> Result<Raw> {
+        let s = TcpStream::connect_timeout(&portal.into(), Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Raw {
+            s,
+            buf: BytesMut::new(),
+            cmdsn: 1,
+            statsn: 0,
+            itt: 1,
+        })
+    }
+
+    pub fn send(&mut self, bhs: Bhs, data: &[u8]) -> Result<()> {
+        let mut out = BytesMut::new();
+        pdu::encode_parts(bhs, &[], data, Digests::default(), &mut out);
+        self.s.write_all(&out)?;
+        Ok(())
+    }
+
+    /// The next PDU, or `None` when the target closed the connection.
+    pub fn recv(&mut self) -> Result<Option<Pdu>> {
+        loop {
+            if let Framing::Complete { len } = pdu::check(&self.buf, Digests::default(), 1 << 24)? {
+                let p = pdu::decode(self.buf.split_to(len).freeze(), Digests::default())?;
+                return Ok(Some(p));
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(None),
+                Err(e) => return Err(e).context("reading from the target"),
+            }
+        }
+    }
+
+    /// Whether the target closes the connection within the read timeout (PDUs before the close
+    /// are skipped).
+    pub fn closed(&mut self) -> bool {
+        for _ in 0..64 {
+            match self.recv() {
+                Ok(None) => return true,
+                Ok(Some(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    pub fn login_request(&self, data: &[u8]) -> (Bhs, Vec<u8>) {
+        let req = LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 1,
+            nsg: 3,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x40, 0, 0, 0x12, 0x34, 0x56],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: 0,
+        };
+        (req.to_bhs(), data.to_vec())
+    }
+
+    /// A normal-session login in one PDU (no CHAP).
+    pub fn login(&mut self, initiator: &str, target: &str) -> Result<()> {
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(
+            &[
+                ("InitiatorName", initiator),
+                ("TargetName", target),
+                ("SessionType", "Normal"),
+                ("HeaderDigest", "None"),
+                ("DataDigest", "None"),
+                ("MaxRecvDataSegmentLength", "262144"),
+                ("ImmediateData", "Yes"),
+                ("InitialR2T", "No"),
+            ],
+            &mut text,
+        );
+        let (bhs, data) = self.login_request(&text);
+        self.send(bhs, &data)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        ensure!(r.status_class == 0 && r.transit && r.nsg == 3, "login refused: {r:?}");
+        self.statsn = r.seq.statsn.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Sends one Login Request and returns the response's header fields and text.
+    fn login_step(
+        &mut self,
+        csg: u8,
+        nsg: u8,
+        transit: bool,
+        pairs: &[(&str, &str)],
+    ) -> Result<(LoginResponse, Vec<(String, String)>)> {
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(pairs, &mut text);
+        let req = LoginRequest {
+            transit,
+            cont: false,
+            csg,
+            nsg,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x40, 0, 0, 0x12, 0x34, 0x57],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+        };
+        self.send(req.to_bhs(), &text)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        ensure!(
+            r.status_class == 0,
+            "login step refused with status {:02x}{:02x}",
+            r.status_class,
+            r.status_detail
+        );
+        self.statsn = r.seq.statsn.wrapping_add(1);
+        let keys = raftsan_proto::text::parse(&p.data).map_err(|e| anyhow::anyhow!("bad login text: {e:?}"))?;
+        Ok((r, keys))
+    }
+
+    /// A normal-session login with one-way CHAP (MD5), security stage then operational stage
+    /// (RFC 7143 §6.3, §12.1.3).
+    pub fn login_chap(&mut self, initiator: &str, target: &str, user: &str, secret: &str) -> Result<()> {
+        let base = [
+            ("InitiatorName", initiator),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "CHAP"),
+        ];
+        self.login_step(0, 1, false, &base)?;
+        let (_, keys) = self.login_step(0, 1, false, &[("CHAP_A", "5")])?;
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("no {k} from the target"))
+        };
+        let id: u8 = get("CHAP_I")?.parse()?;
+        let challenge = raftsan_proto::chap::decode_binary(&get("CHAP_C")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let response = raftsan_proto::chap::chap_response(
+            raftsan_proto::chap::ChapAlgorithm::Md5,
+            id,
+            secret.as_bytes(),
+            &challenge,
+        );
+        let hex = raftsan_proto::chap::encode_hex(&response);
+        let (r, _) = self.login_step(0, 1, true, &[("CHAP_N", user), ("CHAP_R", &hex)])?;
+        ensure!(r.transit && r.nsg == 1, "CHAP did not complete: {r:?}");
+        let (r, _) = self.login_step(
+            1,
+            3,
+            true,
+            &[
+                ("HeaderDigest", "None"),
+                ("DataDigest", "None"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ],
+        )?;
+        ensure!(r.transit && r.nsg == 3, "no full-feature phase: {r:?}");
+        Ok(())
+    }
+
+    pub fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    pub fn scsi(&mut self, cdb: [u8; 16], read_len: u32) -> Result<()> {
+        let itt = self.next_itt();
+        let c = ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: read_len > 0,
+            write: false,
+            attr: 1,
+            lun: 1,
+            itt,
+            expected_data_len: read_len,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+            cdb,
+        };
+        self.cmdsn += 1;
+        self.send(c.to_bhs(), &[])
+    }
+
+    /// Reads PDUs until the next SCSI Response.
+    pub fn response(&mut self) -> Result<Pdu> {
+        loop {
+            let p = self
+                .recv()?
+                .context("connection closed while waiting for a SCSI Response")?;
+            if p.bhs.opcode() == Opcode::ScsiResponse {
+                return Ok(p);
+            }
+        }
+    }
+
+    /// TEST UNIT READY until GOOD: consumes the unit attention a new I_T nexus starts with
+    /// (SAM-5 §5.14: POWER ON, RESET, OR BUS DEVICE RESET OCCURRED).
+    pub fn clear_unit_attention(&mut self) -> Result<()> {
+        for _ in 0..4 {
+            self.scsi([0u8; 16], 0)?;
+            if ScsiResponse::parse(&self.response()?.bhs).status == 0 {
+                return Ok(());
+            }
+        }
+        bail!("TEST UNIT READY never returned GOOD")
+    }
+
+    /// Sends a NOP-Out ping and waits for its NOP-In: the session is alive.
+    pub fn ping(&mut self) -> Result<()> {
+        let itt = self.next_itt();
+        let n = NopOut {
+            immediate: true,
+            lun: 0,
+            itt,
+            ttt: RESERVED_TAG,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+        };
+        self.send(n.to_bhs(), b"ping")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let p = self.recv()?.context("connection closed while waiting for NOP-In")?;
+            if p.bhs.opcode() == Opcode::NopIn && NopIn::parse(&p.bhs).itt == itt {
+                ensure!(&p.data[..] == b"ping", "NOP-In did not echo the ping data");
+                return Ok(());
+            }
+        }
+        bail!("no NOP-In for the ping")
+    }
+}
