@@ -35,7 +35,7 @@ PORT=3260
 LUN_SIZE="${CONFORMANCE_LUN_SIZE:-1G}"
 case $SUBJECT in
 tgtd) ADDR=127.0.0.41 ;;
-raftsan) ADDR=127.0.0.42 ;;
+raftsan) ADDR=127.0.0.42 ADDR2=127.0.0.43 ;;
 *) usage ;;
 esac
 command -v iscsi-test-cu >/dev/null || die "iscsi-test-cu not installed (scripts/install-deps.sh)"
@@ -64,23 +64,27 @@ trap cleanup EXIT
 log "starting $SUBJECT on $ADDR:$PORT (LUN 1: $LUN_SIZE sparse file $BACKING)"
 case $SUBJECT in
 tgtd) start_tgtd "$ADDR" "$PORT" 41 "$CONF" "$DAEMON_LOG" ;;
-raftsan) start_raftsan "$ADDR" "$PORT" "$CONF" "$WORK/data" "$DAEMON_LOG" ;;
+raftsan) start_raftsan "$ADDR" "$PORT" "$CONF" "$WORK/data" "$DAEMON_LOG" "$ADDR2" ;;
 esac
 PID=$STARTED_PID
 [[ $KEEP -eq 1 ]] && log "target kept running: kill $PID"
 
 URL="iscsi://$ADDR:$PORT/$IQN/1"
+# raftsan serves the LU on a second portal too, so the MultipathIO suite runs (one LU designator,
+# two paths) instead of being skipped. tgtd gets one portal, as tgt users run it.
+URLS=("$URL")
+[[ -n "${ADDR2:-}" ]] && URLS+=("iscsi://$ADDR2:$PORT/$IQN/1")
 ARGS=(--dataloss --xml
     -i iqn.2026-11.org.raftsan.ci:initiator-1
     -I iqn.2026-11.org.raftsan.ci:initiator-2)
 [[ -n "$TEST_RE" ]] && ARGS+=(--test "$TEST_RE")
 
-log "iscsi-test-cu ${ARGS[*]} $URL"
+log "iscsi-test-cu ${ARGS[*]} ${URLS[*]}"
 START=$(date +%s)
 # XML mode writes CUnitAutomated-Results.xml into the current directory.
 rc=0
 (cd "$OUTDIR" && timeout --signal=KILL "${CONFORMANCE_TIMEOUT:-2400}" \
-    iscsi-test-cu "${ARGS[@]}" "$URL" >"$OUTDIR/iscsi-test-cu.out" 2>&1) || rc=$?
+    iscsi-test-cu "${ARGS[@]}" "${URLS[@]}" >"$OUTDIR/iscsi-test-cu.out" 2>&1) || rc=$?
 ELAPSED=$(($(date +%s) - START))
 RESULTS="$OUTDIR/CUnitAutomated-Results.xml"
 [[ -s "$RESULTS" ]] || die "iscsi-test-cu wrote no results (exit $rc); see $OUTDIR/iscsi-test-cu.out"

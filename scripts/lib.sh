@@ -80,17 +80,26 @@ start_tgtd() {
     wait_port "$addr" "$port" "$STARTED_PID" 30 || die "tgtd portal $addr:$port not up; log: $logfile"
 }
 
-# start_raftsan ADDR PORT CONF DATA_DIR LOGFILE: raftsan serve, waits for the portal. Sets STARTED_PID.
+# start_raftsan ADDR PORT CONF DATA_DIR LOGFILE [ADDR2]: raftsan serve on ADDR:PORT (and ADDR2:PORT,
+# a second portal of the same node, when given), waits for the portals. Sets STARTED_PID.
 start_raftsan() {
-    local addr=$1 port=$2 conf=$3 data=$4 logfile=$5 bin
+    local addr=$1 port=$2 conf=$3 data=$4 logfile=$5 addr2=${6:-} bin
+    local listen=(--listen "$addr:$port")
     require_loopback "$addr"
+    if [[ -n "$addr2" ]]; then
+        require_loopback "$addr2"
+        listen+=(--listen "$addr2:$port")
+    fi
     bin="$(raftsan_bin)"
     [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
     mkdir -p "$data"
-    RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$conf" --listen "$addr:$port" --data-dir "$data" \
+    RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$conf" "${listen[@]}" --data-dir "$data" \
         >"$logfile" 2>&1 &
     STARTED_PID=$!
     wait_port "$addr" "$port" "$STARTED_PID" 30 || die "raftsan portal $addr:$port not up; log: $logfile"
+    if [[ -n "$addr2" ]]; then
+        wait_port "$addr2" "$port" "$STARTED_PID" 30 || die "raftsan portal $addr2:$port not up; log: $logfile"
+    fi
 }
 
 # stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once

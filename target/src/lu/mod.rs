@@ -495,21 +495,32 @@ impl TargetLus {
     /// there is no such LUN.
     pub fn lu_reset(&self, lun: u64, by: &Nexus) -> bool {
         let Some(lu) = self.lu(lun) else { return false };
-        self.reset_lu(lu, by);
+        tracing::debug!(lun, by = %by.initiator_port, "logical unit reset");
+        self.reset_lu(lu);
         true
     }
 
-    fn reset_lu(&self, lu: &LogicalUnit, by: &Nexus) {
+    fn reset_lu(&self, lu: &LogicalUnit) {
         if let Some(d) = lu.disk() {
             d.pr.lu_reset();
         }
-        self.ua_others(lu, by.id, sense::BUS_DEVICE_RESET);
+        // Every I_T nexus, the requester's included, learns of the reset (SAM-5 §6.3.3; the
+        // initiator's other paths depend on it, libiscsi MultipathIO.Reset).
+        self.ua_all(lu, sense::BUS_DEVICE_RESET);
+    }
+
+    fn ua_all(&self, lu: &LogicalUnit, code: SenseCode) {
+        let Ok(n) = self.nexuses.lock() else { return };
+        for &id in n.keys() {
+            lu.ua.push(id, code);
+        }
     }
 
     /// TARGET WARM RESET: every LU is reset.
     pub fn target_reset(&self, by: &Nexus) {
+        tracing::debug!(by = %by.initiator_port, "target reset");
         for lu in &self.lus {
-            self.reset_lu(lu, by);
+            self.reset_lu(lu);
         }
     }
 

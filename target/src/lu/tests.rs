@@ -625,9 +625,10 @@ fn unit_attention_once() {
     good(&run(&t, &a, 1, &[0; 6], &[]));
     // LUN 0 (controller) had its own.
     assert_eq!(sense_of(&run(&t, &a, 0, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
-    // A LU reset by b: a gets 29/03, b does not.
+    // A LU reset by b: every nexus gets 29/03, b included (SAM-5 §6.3.3).
     assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
     assert!(t.lu_reset(1, &b));
+    assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0x03));
     good(&run(&t, &b, 1, &[0; 6], &[]));
     assert_eq!(
         sense_of(&run(&t, &a, 1, &[0; 6], &[])),
