@@ -236,3 +236,47 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     (0..len).map(|_| next(&mut x) as u8).collect()
 }
+
+/// Invariant 6: an initiator that sends but never reads cannot make the target queue without
+/// bound. It floods pings with 4 KiB of data and reads nothing. Once the socket buffers and the
+/// target's bounded response queue are full, the target closes that connection, and everyone
+/// else is still served.
+#[test]
+fn an_initiator_that_never_reads_is_disconnected() -> Result<()> {
+    use raftsan_proto::pdu::NopOut;
+    let d = start()?;
+    let mut r = Raw::connect(d.portal())?;
+    r.login(INITIATOR, IQN)?;
+    r.s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let ping = vec![0x5au8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut sent = 0u32;
+    let cut = loop {
+        let n = NopOut {
+            immediate: true,
+            lun: 0,
+            itt: sent + 2,
+            ttt: RESERVED_TAG,
+            cmdsn: r.cmdsn,
+            exp_statsn: 0,
+        };
+        if r.send(n.to_bhs(), &ping).is_err() {
+            break true;
+        }
+        sent += 1;
+        if Instant::now() > deadline || sent > 200_000 {
+            break false;
+        }
+    };
+    assert!(
+        cut,
+        "the target kept accepting {sent} pings from an initiator that reads nothing"
+    );
+    real_client_works(&d)?;
+    let log = d.stop()?;
+    assert!(
+        log.contains("not reading its responses"),
+        "no log line says why the connection was closed"
+    );
+    Ok(())
+}

@@ -628,7 +628,10 @@ fn unit_attention_once() {
     // A LU reset by b: every nexus gets 29/03, b included (SAM-5 §6.3.3).
     assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
     assert!(t.lu_reset(1, &b));
-    assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0x03));
+    assert_eq!(
+        sense_of(&run(&t, &b, 1, &[0; 6], &[])),
+        (key::UNIT_ATTENTION, 0x29, 0x03)
+    );
     good(&run(&t, &b, 1, &[0; 6], &[]));
     assert_eq!(
         sense_of(&run(&t, &a, 1, &[0; 6], &[])),

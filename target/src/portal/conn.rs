@@ -40,6 +40,8 @@ use crate::metrics::Op;
 /// Data segment limit while logging in, before MaxRecvDataSegmentLength is negotiated
 /// (RFC 7143 §13.12 default 8192; leave room for initiators that send more text).
 const LOGIN_MAX_DATA_SEGMENT: u32 = 65536;
+/// PDUs queued for the writer; an initiator that lets more pile up is not reading responses.
+const MAX_QUEUED_PDUS: usize = 4096;
 /// Text accumulated across continued Text Requests.
 const MAX_TEXT_BYTES: usize = 64 * 1024;
 
@@ -114,7 +116,7 @@ struct TaskCtl {
 struct Session {
     target: Arc<TargetRuntime>,
     nexus: Nexus,
-    out: mpsc::UnboundedSender<Out>,
+    out: mpsc::Sender<Out>,
     window: Arc<Window>,
     tasks: Mutex<HashMap<u32, Arc<TaskCtl>>>,
     write_bytes: AtomicU64,
@@ -418,7 +420,7 @@ impl Conn {
             in_flight: AtomicU32::new(0),
             size: settings.cmd_window.max(1),
         });
-        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let (out_tx, out_rx) = mpsc::channel(MAX_QUEUED_PDUS);
         let writer = tokio::spawn(writer(
             wr,
             out_rx,
@@ -451,6 +453,7 @@ impl Conn {
             })
         });
         let mut ffp = FullFeature {
+            overflow: std::cell::Cell::new(false),
             server: self.server.clone(),
             local: self.local,
             peer: self.peer,
@@ -501,6 +504,11 @@ impl Conn {
                 Err(e) => break e,
             };
             match ffp.handle(pdu).await {
+                Ok(true) if ffp.overflow.get() => {
+                    break End::Protocol(format!(
+                        "the initiator is not reading its responses ({MAX_QUEUED_PDUS} PDUs queued)"
+                    ));
+                }
                 Ok(true) => {}
                 Ok(false) => break End::Logout,
                 Err(e) => break e,
@@ -515,9 +523,16 @@ impl Conn {
             }
             s.target.lus.nexus_left(&s.nexus);
         }
-        let _ = ffp.out.send(Out::Close);
+        let _ = ffp.out.try_send(Out::Close);
         drop(ffp);
-        let _ = writer.await;
+        // A peer that stopped reading can hold the writer in a blocked write forever.
+        let abort = writer.abort_handle();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
         end
     }
 }
@@ -540,12 +555,14 @@ async fn wait_done(t: &TaskCtl) {
 }
 
 struct FullFeature {
+    /// Set when the writer queue is full: the initiator does not read its responses.
+    overflow: std::cell::Cell<bool>,
     server: Arc<PortalServer>,
     local: SocketAddr,
     peer: SocketAddr,
     params: SessionParams,
     session: Option<Arc<Session>>,
-    out: mpsc::UnboundedSender<Out>,
+    out: mpsc::Sender<Out>,
     window: Arc<Window>,
     writes: HashMap<u32, WriteTask>,
     /// Non-immediate commands that arrived ahead of ExpCmdSN, keyed by CmdSN.
@@ -561,7 +578,10 @@ struct FullFeature {
 
 impl FullFeature {
     fn send(&self, bhs: Bhs, data: Bytes, sn: Sn) {
-        let _ = self.out.send(Out::Pdu { bhs, data, sn });
+        if self.out.try_send(Out::Pdu { bhs, data, sn }).is_err() {
+            // The initiator is not reading what we send: stop serving it (checked after each PDU).
+            self.overflow.set(true);
+        }
     }
 
     fn reject(&self, reason: u8, bhs: &Bhs) {
@@ -871,14 +891,17 @@ impl FullFeature {
 
     /// Answers a command without running it (limits exceeded).
     fn complete_now(&self, session: &Session, c: &ScsiCommand, status: u8, sense: Option<Vec<u8>>) {
-        let _ = session.out.send(Out::Scsi(ScsiReply {
+        let reply = ScsiReply {
             itt: c.itt,
             lun: c.lun,
             status,
             sense,
             data_in: Bytes::new(),
             residual: Residual::between(c.expected_data_len, 0),
-        }));
+        };
+        if session.out.try_send(Out::Scsi(reply)).is_err() {
+            self.overflow.set(true);
+        }
     }
 
     /// Runs a command whose data is complete on its own task.
@@ -933,14 +956,17 @@ impl FullFeature {
             };
             // A task aborted by task management gets no response (§4.2.3.4 / SAM-5 §7.11).
             if !ctl.aborted.load(Ordering::Acquire) {
-                let _ = session.out.send(Out::Scsi(ScsiReply {
-                    itt: c.itt,
-                    lun: c.lun,
-                    status: outcome.status,
-                    sense: outcome.sense,
-                    data_in,
-                    residual,
-                }));
+                let _ = session
+                    .out
+                    .send(Out::Scsi(ScsiReply {
+                        itt: c.itt,
+                        lun: c.lun,
+                        status: outcome.status,
+                        sense: outcome.sense,
+                        data_in,
+                        residual,
+                    }))
+                    .await;
             }
             lock(&session.tasks).remove(&c.itt);
             session.window.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -1140,7 +1166,7 @@ impl FullFeature {
         }
         .to_bhs();
         self.send(b, Bytes::new(), Sn::Advance);
-        let _ = self.out.send(Out::Close);
+        let _ = self.out.try_send(Out::Close);
     }
 }
 
@@ -1155,7 +1181,7 @@ fn fixed_sense(c: raftsan_proto::scsi::sense::SenseCode) -> Vec<u8> {
 /// The writer task: assigns StatSN in send order and batches queued PDUs into one write.
 async fn writer(
     mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Out>,
+    mut rx: mpsc::Receiver<Out>,
     window: Arc<Window>,
     mut statsn: u32,
     digests: Digests,
