@@ -9,6 +9,7 @@
 # prints "passed N of M" and the failed tests, and keeps the CUnit XML, the test-tool output and
 # the daemon log in OUTDIR (default <cargo target dir>/conformance/SUBJECT).
 # For raftsan, a full run (no -t) fails if N is below the floor in tests/conformance-floor.txt.
+# CONFORMANCE_TIMEOUT (seconds, default 900) bounds the iscsi-test-cu run; CONFORMANCE_LUN_SIZE (1G).
 # -k keeps the target running after the run (for poking at it); stop it with the printed kill.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -83,10 +84,19 @@ log "iscsi-test-cu ${ARGS[*]} ${URLS[*]}"
 START=$(date +%s)
 # XML mode writes CUnitAutomated-Results.xml into the current directory.
 rc=0
-(cd "$OUTDIR" && timeout --signal=KILL "${CONFORMANCE_TIMEOUT:-2400}" \
+# A target bug can send iscsi-test-cu into an endless loop; CI must still end.
+TIMEOUT="${CONFORMANCE_TIMEOUT:-900}"
+(cd "$OUTDIR" && timeout --signal=KILL "$TIMEOUT" \
     iscsi-test-cu "${ARGS[@]}" "${URLS[@]}" >"$OUTDIR/iscsi-test-cu.out" 2>&1) || rc=$?
 ELAPSED=$(($(date +%s) - START))
 RESULTS="$OUTDIR/CUnitAutomated-Results.xml"
+if [[ $rc -eq 137 ]]; then
+    LAST_SUITE=$(grep -o '<SUITE_NAME>[^<]*' "$RESULTS" 2>/dev/null | tail -1 | sed 's/<SUITE_NAME> *//')
+    echo "FAIL: iscsi-test-cu did not finish within ${TIMEOUT}s (killed; last suite started: ${LAST_SUITE:-none})"
+    echo "last output:"
+    tail -5 "$OUTDIR/iscsi-test-cu.out" | sed 's/^/  /'
+    exit 1
+fi
 [[ -s "$RESULTS" ]] || die "iscsi-test-cu wrote no results (exit $rc); see $OUTDIR/iscsi-test-cu.out"
 
 # One line per executed test: "<suite>.<test> PASS|FAIL", in run order. The same suite runs once
