@@ -20,6 +20,8 @@ pub struct Raw {
     pub cmdsn: u32,
     pub statsn: u32,
     itt: u32,
+    /// Digests in force on this connection (both off until a login negotiates them).
+    pub digests: Digests,
 }
 
 impl Raw {
@@ -32,12 +34,13 @@ impl Raw {
             cmdsn: 1,
             statsn: 0,
             itt: 1,
+            digests: Digests::default(),
         })
     }
 
     pub fn send(&mut self, bhs: Bhs, data: &[u8]) -> Result<()> {
         let mut out = BytesMut::new();
-        pdu::encode_parts(bhs, &[], data, Digests::default(), &mut out);
+        pdu::encode_parts(bhs, &[], data, self.digests, &mut out);
         self.s.write_all(&out)?;
         Ok(())
     }
@@ -45,8 +48,8 @@ impl Raw {
     /// The next PDU, or `None` when the target closed the connection.
     pub fn recv(&mut self) -> Result<Option<Pdu>> {
         loop {
-            if let Framing::Complete { len } = pdu::check(&self.buf, Digests::default(), 1 << 24)? {
-                let p = pdu::decode(self.buf.split_to(len).freeze(), Digests::default())?;
+            if let Framing::Complete { len } = pdu::check(&self.buf, self.digests, 1 << 24)? {
+                let p = pdu::decode(self.buf.split_to(len).freeze(), self.digests)?;
                 return Ok(Some(p));
             }
             let mut chunk = [0u8; 65536];
@@ -112,6 +115,78 @@ impl Raw {
         let r = LoginResponse::parse(&p.bhs);
         ensure!(r.status_class == 0 && r.transit && r.nsg == 3, "login refused: {r:?}");
         self.statsn = r.seq.statsn.wrapping_add(1);
+        Ok(())
+    }
+
+    /// One-PDU normal-session login (security stage skipped, csg 1 → nsg 3) with the given ISID and
+    /// extra operational keys (which replace the defaults of the same name). Returns the Login
+    /// Response's header fields and text whatever its status; on success `statsn` is advanced and
+    /// `digests` follows the negotiated HeaderDigest/DataDigest (RFC 7143 §13.1).
+    pub fn login_response(
+        &mut self,
+        initiator: &str,
+        target: &str,
+        isid: [u8; 6],
+        extra: &[(&str, &str)],
+    ) -> Result<(LoginResponse, Vec<(String, String)>)> {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("InitiatorName", initiator),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+        ];
+        for (k, v) in [
+            ("HeaderDigest", "None"),
+            ("DataDigest", "None"),
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("ImmediateData", "Yes"),
+            ("InitialR2T", "No"),
+        ] {
+            if !extra.iter().any(|(key, _)| *key == k) {
+                pairs.push((k, v));
+            }
+        }
+        pairs.extend_from_slice(extra);
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(&pairs, &mut text);
+        let req = LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 1,
+            nsg: 3,
+            version_max: 0,
+            version_min: 0,
+            isid,
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: 0,
+        };
+        self.send(req.to_bhs(), &text)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        let keys = raftsan_proto::text::parse(&p.data).map_err(|e| anyhow::anyhow!("bad login text: {e:?}"))?;
+        if r.status_class == 0 {
+            self.statsn = r.seq.statsn.wrapping_add(1);
+            let on = |k: &str| keys.iter().any(|(key, v)| key == k && v == "CRC32C");
+            self.digests = Digests {
+                header: on("HeaderDigest"),
+                data: on("DataDigest"),
+            };
+        }
+        Ok((r, keys))
+    }
+
+    /// Like [`Raw::login`] with a chosen ISID (RFC 7143 §10.12.5): the session identity is
+    /// (initiator name, ISID, target), which session reinstatement (§6.3.5) keys on.
+    pub fn login_isid(&mut self, initiator: &str, target: &str, isid: [u8; 6]) -> Result<()> {
+        let (r, _) = self.login_response(initiator, target, isid, &[])?;
+        ensure!(
+            r.status_class == 0 && r.transit && r.nsg == 3,
+            "login refused with status {:02x}{:02x}: {r:?}",
+            r.status_class,
+            r.status_detail
+        );
         Ok(())
     }
 
