@@ -479,7 +479,7 @@ impl Daemon {
         Ok(())
     }
 
-        /// Stops the daemon (SIGTERM, SIGKILL after [`STOP_GRACE`]; tgtd, which ignores SIGTERM
+    /// Stops the daemon (SIGTERM, SIGKILL after [`STOP_GRACE`]; tgtd, which ignores SIGTERM
     /// once it has targets, gets SIGKILL at once) and checks its log. Returns the log.
     pub fn stop(mut self) -> Result<String> {
         self.shutdown()

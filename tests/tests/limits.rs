@@ -7,7 +7,7 @@
 use std::fs;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use sha2::{Digest, Sha256};
 const MIB: u64 = 1 << 20;
 const INITIATOR: &str = "iqn.2026-11.org.raftsan.test:limits-initiator";
 const IQN: &str = "iqn.2026-11.org.raftsan.test:limits";
+/// The initiator name qemu logs in with where a test finds its session in `raftsan show`.
+const QEMU_INITIATOR: &str = "iqn.2026-11.org.raftsan.test:limits-qemu";
 
 /// A TOML config with `limits` (lines of the `[limits]` table) and one 16 MiB memory LUN.
 fn config_with_limits(limits: &str) -> String {
@@ -86,18 +88,28 @@ fn qemu_round_trip_1mib(target: &str, seed: u64) -> Result<()> {
 /// it: a connection that sends nothing is closed after about that time (not at once, not never).
 #[test]
 fn login_timeout_closes_silent_connection_raftsan() -> Result<()> {
-    let daemon = Daemon::raftsan(&config_with_limits("login_timeout_ms = 500"), vec![Loopback::reserve()?])?;
+    let daemon = Daemon::raftsan(
+        &config_with_limits("login_timeout_ms = 500"),
+        vec![Loopback::reserve()?],
+    )?;
     let mut r = Raw::connect(daemon.portal())?;
     let started = Instant::now();
     ensure!(r.closed(), "a silent connection was not closed within the read timeout");
     let took = started.elapsed();
-    ensure!(took > Duration::from_millis(400), "closed after {took:?}, before the 500 ms login timeout");
-    ensure!(took < Duration::from_secs(3), "closed only after {took:?} with a 500 ms login timeout");
+    ensure!(
+        took > Duration::from_millis(400),
+        "closed after {took:?}, before the 500 ms login timeout"
+    );
+    ensure!(
+        took < Duration::from_secs(3),
+        "closed only after {took:?} with a 500 ms login timeout"
+    );
     // A connection that does log in within the time stays up past it.
     let mut ok = Raw::connect(daemon.portal())?;
     ok.login(INITIATOR, IQN)?;
     thread::sleep(Duration::from_millis(900));
-    ok.ping().context("a logged-in session was closed by the login timeout")?;
+    ok.ping()
+        .context("a logged-in session was closed by the login timeout")?;
     daemon.stop()?;
     Ok(())
 }
@@ -204,17 +216,14 @@ fn ipv6_portal_discovery_and_qemu_round_trip_raftsan() -> Result<()> {
     let port = free_ipv6_loopback_port()?;
     let portal = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0));
     let listen = format!("[::1]:{port}");
-    let daemon = Daemon::raftsan_with_args(
-        &config_with_limits(""),
-        Vec::new(),
-        &["--listen", &listen],
-        &[portal],
-    )?;
+    let daemon = Daemon::raftsan_with_args(&config_with_limits(""), Vec::new(), &["--listen", &listen], &[portal])?;
     let url = format!("iscsi://[::1]:{port}");
     let ls = iscsi_ls(&[], &url)?;
     ensure!(ls.success(), "IPv6 discovery failed:\n{}", ls.combined());
     ensure!(
-        ls.stdout.lines().any(|l| l.starts_with(&format!("Target:{IQN} Portal:[::1]:{port},"))),
+        ls.stdout
+            .lines()
+            .any(|l| l.starts_with(&format!("Target:{IQN} Portal:[::1]:{port},"))),
         "target or its IPv6 portal missing:\n{}",
         ls.combined()
     );
@@ -254,7 +263,10 @@ fn header_digest_crc32c_negotiated_and_reported_raftsan() -> Result<()> {
     let digested_isid = [0x40, 0, 0, 0, 0xdd, 1];
     let mut r = Raw::connect(daemon.portal())?;
     let (resp, keys) = r.login_response(INITIATOR, IQN, digested_isid, &[("HeaderDigest", "CRC32C")])?;
-    ensure!(resp.status_class == 0, "login with HeaderDigest=CRC32C refused: {resp:?}");
+    ensure!(
+        resp.status_class == 0,
+        "login with HeaderDigest=CRC32C refused: {resp:?}"
+    );
     ensure!(
         keys.iter().any(|(k, v)| k == "HeaderDigest" && v == "CRC32C"),
         "target did not answer HeaderDigest=CRC32C: {keys:?}"
@@ -284,9 +296,66 @@ fn header_digest_crc32c_negotiated_and_reported_raftsan() -> Result<()> {
     );
     r.ping()?;
 
+    drop(r);
+    drop(plain);
+
+    // qemu's driver with header-digest=crc32c: observed mid-session (qemu-io sleeps between a
+    // write and its read-back), then a full round trip. libiscsi quietly falls back to no digest
+    // when a target rejects CRC32C, so only `show` proves the digest is really on.
     let spec = format!(
-        r#"json:{{"driver":"raw","file":{{"driver":"iscsi","transport":"tcp","portal":"{}","target":"{IQN}","lun":1,"initiator-name":"{INITIATOR}","header-digest":"crc32c"}}}}"#,
+        r#"json:{{"driver":"raw","file":{{"driver":"iscsi","transport":"tcp","portal":"{}","target":"{IQN}","lun":1,"initiator-name":"{QEMU_INITIATOR}","header-digest":"crc32c"}}}}"#,
         daemon.portal()
+    );
+    let mut qemu = Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0xd1 0 1M",
+            "-c",
+            "sleep 3000",
+            "-c",
+            "read -P 0xd1 0 1M",
+        ])
+        .arg(&spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning qemu-io")?;
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let seen = loop {
+        let sessions = show_sessions(&daemon)?;
+        if let Some(s) = sessions
+            .iter()
+            .find(|s| s.get("initiator_name").and_then(|v| v.as_str()) == Some(QEMU_INITIATOR))
+        {
+            break Some(s.clone());
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let finished = Instant::now() + CLIENT_TIMEOUT;
+    while qemu.try_wait()?.is_none() && Instant::now() < finished {
+        thread::sleep(Duration::from_millis(50));
+    }
+    if qemu.try_wait()?.is_none() {
+        let _ = qemu.kill();
+    }
+    let out = qemu.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.success() && !text.contains("failed") && text.contains("read 1048576/1048576"),
+        "qemu-io with header-digest=crc32c failed:\n{text}"
+    );
+    let seen = seen.context("qemu-io's session never appeared in raftsan show --json")?;
+    ensure!(
+        seen.get("header_digest") == Some(&serde_json::Value::Bool(true)),
+        "qemu asked for header-digest=crc32c but the session runs without: {seen}"
     );
     qemu_round_trip_1mib(&spec, 0xd1)?;
     daemon.stop()?;
@@ -296,7 +365,9 @@ fn header_digest_crc32c_negotiated_and_reported_raftsan() -> Result<()> {
 // --- 6. read-only LUN ------------------------------------------------------------------------------
 
 fn sha256_file(path: &Path) -> Result<String> {
-    Ok(sha256(&fs::read(path).with_context(|| format!("reading {}", path.display()))?))
+    Ok(sha256(
+        &fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    ))
 }
 
 /// SBC-3 §6.4.1 (WP bit of the mode parameter header; writes end in DATA PROTECT): a `readonly 1`
@@ -330,7 +401,10 @@ fn read_only_lun(kind: Kind) -> Result<()> {
         CLIENT_TIMEOUT,
     )?;
     ensure!(out.success(), "reading the read-only LUN failed:\n{}", out.combined());
-    ensure!(sha256_file(&back)? == before, "read-only LUN read back differs from its backing file");
+    ensure!(
+        sha256_file(&back)? == before,
+        "read-only LUN read back differs from its backing file"
+    );
 
     let source = work.path().join("source.raw");
     fs::write(&source, vec![0x5au8; MIB as usize])?;
@@ -341,7 +415,11 @@ fn read_only_lun(kind: Kind) -> Result<()> {
             .arg(&url),
         CLIENT_TIMEOUT,
     )?;
-    ensure!(!write.success(), "a write to a read-only LUN succeeded:\n{}", write.combined());
+    ensure!(
+        !write.success(),
+        "a write to a read-only LUN succeeded:\n{}",
+        write.combined()
+    );
     let io = run(
         Command::new("qemu-io")
             .args(["-f", "raw", "-c", "write -P 0x77 0 64k"])
@@ -354,7 +432,10 @@ fn read_only_lun(kind: Kind) -> Result<()> {
         io.combined()
     );
     // (The scratch dir, and so the backing file, goes with the daemon: check it first.)
-    ensure!(sha256_file(&backing)? == before, "the read-only LUN's backing file changed");
+    ensure!(
+        sha256_file(&backing)? == before,
+        "the read-only LUN's backing file changed"
+    );
     daemon.stop()?;
     Ok(())
 }
@@ -445,7 +526,11 @@ fn several_luns_and_targets(kind: Kind) -> Result<()> {
             .arg(daemon.lun_url(t1, 3)),
         CLIENT_TIMEOUT,
     )?;
-    ensure!(cap.stdout.contains(&format!("Total size:{}\n", 48 * MIB)), "{}", cap.combined());
+    ensure!(
+        cap.stdout.contains(&format!("Total size:{}\n", 48 * MIB)),
+        "{}",
+        cap.combined()
+    );
     daemon.stop()?;
     Ok(())
 }

@@ -26,7 +26,10 @@ fn iscsi_ls(args: &[&str], url: &str) -> Result<Output> {
 }
 
 fn iscsi_inq(url: &str) -> Result<Output> {
-    run(Command::new("iscsi-inq").args(["-i", INITIATOR]).arg(url), CLIENT_TIMEOUT)
+    run(
+        Command::new("iscsi-inq").args(["-i", INITIATOR]).arg(url),
+        CLIENT_TIMEOUT,
+    )
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -60,7 +63,10 @@ fn qemu_round_trip_1mib(url: &str, backing: &Path) -> Result<()> {
     )?;
     ensure!(out.success(), "qemu-img read failed:\n{}", out.combined());
     let want = hex::encode(Sha256::digest(&data));
-    ensure!(sha256_file(&back)? == want, "1 MiB read back differs from the one written");
+    ensure!(
+        sha256_file(&back)? == want,
+        "1 MiB read back differs from the one written"
+    );
     let stored = fs::read(backing)?;
     ensure!(
         hex::encode(Sha256::digest(&stored[..MIB as usize])) == want,
@@ -99,7 +105,11 @@ fn mutual_chap(kind: Kind) -> Result<()> {
         ],
     )?;
     let good = iscsi_inq(&mutual_url(&daemon, OUT_SECRET))?;
-    ensure!(good.success(), "mutual CHAP with the right target secret failed:\n{}", good.combined());
+    ensure!(
+        good.success(),
+        "mutual CHAP with the right target secret failed:\n{}",
+        good.combined()
+    );
     ensure!(good.stdout.contains("DIRECT_ACCESS"), "{}", good.combined());
     let cap = run(
         Command::new("iscsi-readcapacity16")
@@ -108,7 +118,11 @@ fn mutual_chap(kind: Kind) -> Result<()> {
         CLIENT_TIMEOUT,
     )?;
     ensure!(cap.success(), "{}", cap.combined());
-    ensure!(cap.stdout.contains(&format!("Total size:{}\n", 16 * MIB)), "{}", cap.combined());
+    ensure!(
+        cap.stdout.contains(&format!("Total size:{}\n", 16 * MIB)),
+        "{}",
+        cap.combined()
+    );
     // The target's outgoing account is for its own sessions: a discovery session (which iscsi-ls
     // opens first) asking for mutual CHAP finds no discovery outgoing account and fails.
     let ls = iscsi_ls(
@@ -118,10 +132,18 @@ fn mutual_chap(kind: Kind) -> Result<()> {
             daemon.portal_url_chap(IN_USER, IN_SECRET)
         ),
     )?;
-    ensure!(!ls.success(), "discovery authenticated with a target's outgoing account:\n{}", ls.combined());
+    ensure!(
+        !ls.success(),
+        "discovery authenticated with a target's outgoing account:\n{}",
+        ls.combined()
+    );
 
     let bad = iscsi_inq(&mutual_url(&daemon, "Notthetargetsecret"))?;
-    ensure!(!bad.success(), "client accepted a target with the wrong secret:\n{}", bad.combined());
+    ensure!(
+        !bad.success(),
+        "client accepted a target with the wrong secret:\n{}",
+        bad.combined()
+    );
     ensure!(
         bad.combined().contains("Invalid CHAP_R response from the target"),
         "expected libiscsi to reject the target's CHAP_R:\n{}",
@@ -133,7 +155,10 @@ fn mutual_chap(kind: Kind) -> Result<()> {
     // the same target, which mutual CHAP must not break.
     qemu_round_trip_1mib(&daemon.lun_url_chap(IN_USER, IN_SECRET, MUTUAL_IQN, 1), &backing)?;
     let log = daemon.stop()?;
-    ensure!(!log.contains(OUT_SECRET) && !log.contains(IN_SECRET), "a secret reached the log");
+    ensure!(
+        !log.contains(OUT_SECRET) && !log.contains(IN_SECRET),
+        "a secret reached the log"
+    );
     Ok(())
 }
 
@@ -151,12 +176,21 @@ fn mutual_chap_right_target_secret_works_wrong_refused_by_client_tgtd() -> Resul
 /// account cannot authenticate the target; the login must not succeed (tgt and raftsan answer
 /// with an authentication failure).
 fn mutual_requested_without_outgoing_user(kind: Kind) -> Result<()> {
-    let (daemon, _) =
-        start_single_target(kind, MUTUAL_IQN, 16 * MIB, &[&format!("incominguser {IN_USER} {IN_SECRET}")])?;
+    let (daemon, _) = start_single_target(
+        kind,
+        MUTUAL_IQN,
+        16 * MIB,
+        &[&format!("incominguser {IN_USER} {IN_SECRET}")],
+    )?;
     let out = iscsi_inq(&mutual_url(&daemon, OUT_SECRET))?;
     ensure!(
         !out.success(),
         "mutual CHAP succeeded against a target without an outgoing account:\n{}",
+        out.combined()
+    );
+    ensure!(
+        out.combined().contains("Authentication failure"),
+        "expected the target to refuse with an authentication failure (0201):\n{}",
         out.combined()
     );
     // One-way CHAP on the same target still works: the refusal is about the mutual request.
@@ -207,13 +241,25 @@ memory_size = "16M"
     );
     let daemon = Daemon::raftsan(&config, vec![Loopback::reserve()?])?;
     let none = iscsi_ls(&[], &daemon.portal_url())?;
-    ensure!(!none.success(), "discovery without credentials accepted:\n{}", none.combined());
+    ensure!(
+        !none.success(),
+        "discovery without credentials accepted:\n{}",
+        none.combined()
+    );
     ensure!(!none.stdout.contains(open), "{}", none.combined());
     let wrong = iscsi_ls(&[], &daemon.portal_url_chap("discover", "Findme2marrons"))?;
-    ensure!(!wrong.success(), "discovery with a wrong secret accepted:\n{}", wrong.combined());
+    ensure!(
+        !wrong.success(),
+        "discovery with a wrong secret accepted:\n{}",
+        wrong.combined()
+    );
 
     let ok = iscsi_ls(&[], &daemon.portal_url_chap("discover", "Findme2marron"))?;
-    ensure!(ok.success(), "discovery with its credentials refused:\n{}", ok.combined());
+    ensure!(
+        ok.success(),
+        "discovery with its credentials refused:\n{}",
+        ok.combined()
+    );
     ensure!(
         ok.stdout.contains(&format!("Target:{open} ")),
         "open target missing:\n{}",
@@ -283,7 +329,10 @@ fn several_incoming_users_each_work_other_targets_account_refused_raftsan() -> R
         .login_chap(INITIATOR, t1, "dave", "Davesecret004")
         .err()
         .context("raw login with another target's account succeeded")?;
-    ensure!(format!("{err:#}").contains("status 0201"), "expected status 0201, got: {err:#}");
+    ensure!(
+        format!("{err:#}").contains("status 0201"),
+        "expected status 0201, got: {err:#}"
+    );
     // dave still works where he belongs.
     let own = iscsi_inq(&daemon.lun_url_chap("dave", "Davesecret004", t2, 1))?;
     ensure!(own.success(), "{}", own.combined());
@@ -299,8 +348,8 @@ const CLIENT_NET_ALLOWED: &str = "127.0.0.0/8";
 /// `initiator-address` with a CIDR network: a login from inside the network works; a network that
 /// does not contain the client refuses the login with an authorization failure (0202, RFC 7143
 /// §11.13.5) and SendTargets (§12.3, Appendix C) does not list the target to that initiator.
-#[test]
-fn initiator_address_cidr_acl_raftsan() -> Result<()> {
+/// tgt agrees on everything but the status: it answers 0203 (target not found).
+fn initiator_address_cidr_acl(kind: Kind) -> Result<()> {
     let allowed = "iqn.2026-11.org.raftsan.test:cidr-allowed";
     let denied = "iqn.2026-11.org.raftsan.test:cidr-denied";
     let scratch = Scratch::new()?;
@@ -312,7 +361,11 @@ fn initiator_address_cidr_acl_raftsan() -> Result<()> {
         a.display(),
         b.display()
     );
-    let daemon = Daemon::raftsan_in(scratch, &conf, vec![Loopback::reserve()?])?;
+    let listen = vec![Loopback::reserve()?];
+    let daemon = match kind {
+        Kind::Raftsan => Daemon::raftsan_in(scratch, &conf, listen)?,
+        Kind::Tgtd => Daemon::tgtd_in(scratch, &conf, listen)?,
+    };
     let ls = iscsi_ls(&[], &daemon.portal_url())?;
     ensure!(ls.success(), "{}", ls.combined());
     ensure!(
@@ -328,22 +381,43 @@ fn initiator_address_cidr_acl_raftsan() -> Result<()> {
     let ok = iscsi_inq(&daemon.lun_url(allowed, 1))?;
     ensure!(ok.success(), "{}", ok.combined());
     let refused = iscsi_inq(&daemon.lun_url(denied, 1))?;
-    ensure!(!refused.success(), "login outside the address ACL:\n{}", refused.combined());
     ensure!(
-        refused.combined().contains("Authorization failure"),
-        "expected an authorization failure (0202):\n{}",
+        !refused.success(),
+        "login outside the address ACL:\n{}",
+        refused.combined()
+    );
+    // raftsan: 0202 authorization failure; tgt hides the target and answers 0203 "not found".
+    let (status, message) = match kind {
+        Kind::Raftsan => ((0x02, 0x02), "Authorization failure"),
+        Kind::Tgtd => ((0x02, 0x03), "Target not found"),
+    };
+    ensure!(
+        refused.combined().contains(message),
+        "expected {message}:\n{}",
         refused.combined()
     );
     let mut r = Raw::connect(daemon.portal())?;
     let (resp, _) = r.login_response(INITIATOR, denied, [0x40, 0, 0, 0, 0, 0x21], &[])?;
     ensure!(
-        (resp.status_class, resp.status_detail) == (0x02, 0x02),
-        "expected status 0202, got {:02x}{:02x}",
+        (resp.status_class, resp.status_detail) == status,
+        "expected status {:02x}{:02x}, got {:02x}{:02x}",
+        status.0,
+        status.1,
         resp.status_class,
         resp.status_detail
     );
     daemon.stop()?;
     Ok(())
+}
+
+#[test]
+fn initiator_address_cidr_acl_raftsan() -> Result<()> {
+    initiator_address_cidr_acl(Kind::Raftsan)
+}
+
+#[test]
+fn initiator_address_cidr_acl_tgtd() -> Result<()> {
+    initiator_address_cidr_acl(Kind::Tgtd)
 }
 
 // --- 5. secrets stay out of the log --------------------------------------------------------------
@@ -378,7 +452,10 @@ memory_size = "16M"
         let out = iscsi_inq(&daemon.lun_url_chap(user, secret, iqn, 1))?;
         ensure!(!out.success(), "{user}/{secret} accepted:\n{}", out.combined());
         let mut r = Raw::connect(daemon.portal())?;
-        ensure!(r.login_chap(INITIATOR, iqn, user, secret).is_err(), "raw {user} accepted");
+        ensure!(
+            r.login_chap(INITIATOR, iqn, user, secret).is_err(),
+            "raw {user} accepted"
+        );
     }
     let disc = iscsi_ls(&[], &daemon.portal_url_chap("discover", "Triedsecret0003"))?;
     ensure!(!disc.success(), "{}", disc.combined());
@@ -406,10 +483,9 @@ memory_size = "16M"
 /// initiator name, ISID and target as a live session reinstates it: the target closes the old
 /// session's connection and the new one works. A different ISID is a different session
 /// (§4.4.3) and coexists.
-#[test]
-fn session_reinstatement_same_isid_closes_old_connection_raftsan() -> Result<()> {
+fn session_reinstatement(kind: Kind) -> Result<()> {
     let iqn = "iqn.2026-11.org.raftsan.test:reinstate";
-    let (daemon, _) = start_single_target(Kind::Raftsan, iqn, 16 * MIB, &[])?;
+    let (daemon, _) = start_single_target(kind, iqn, 16 * MIB, &[])?;
     let isid = [0x40, 0x00, 0x01, 0x37, 0x00, 0x01];
     let mut first = Raw::connect(daemon.portal())?;
     first.login_isid(INITIATOR, iqn, isid)?;
@@ -423,6 +499,31 @@ fn session_reinstatement_same_isid_closes_old_connection_raftsan() -> Result<()>
     third.ping()?;
     second.ping().context("a different ISID closed the other session")?;
     third.ping()?;
+    daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn session_reinstatement_same_isid_closes_old_connection_raftsan() -> Result<()> {
+    session_reinstatement(Kind::Raftsan)
+}
+
+/// tgtd (1.0.85 as packaged here) does not reinstate: after the second login with the same
+/// initiator name and ISID both connections stay up and answer pings. This pins tgt's behaviour
+/// (and shows that [`session_reinstatement`]'s check can fail); raftsan follows RFC 7143 §6.3.5.
+#[test]
+fn session_reinstatement_not_done_by_tgtd() -> Result<()> {
+    let iqn = "iqn.2026-11.org.raftsan.test:reinstate";
+    let (daemon, _) = start_single_target(Kind::Tgtd, iqn, 16 * MIB, &[])?;
+    let isid = [0x40, 0x00, 0x01, 0x37, 0x00, 0x01];
+    let mut first = Raw::connect(daemon.portal())?;
+    first.login_isid(INITIATOR, iqn, isid)?;
+    let mut second = Raw::connect(daemon.portal())?;
+    second.login_isid(INITIATOR, iqn, isid)?;
+    second.ping()?;
+    first
+        .ping()
+        .context("tgt behaviour changed: it closed the old session")?;
     daemon.stop()?;
     Ok(())
 }
