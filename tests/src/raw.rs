@@ -13,6 +13,15 @@ use raftsan_proto::pdu::{
     ScsiResponse,
 };
 
+/// The target's answer to the initiator's CHAP_N/CHAP_R/CHAP_I/CHAP_C (mutual CHAP).
+#[derive(Debug)]
+pub struct MutualChapAnswer {
+    pub response: LoginResponse,
+    pub keys: Vec<(String, String)>,
+    /// The challenge the initiator sent (for computing the expected CHAP_R).
+    pub challenge_sent: Vec<u8>,
+}
+
 /// A raw iSCSI connection that speaks only what the test scripts.
 pub struct Raw {
     pub s: TcpStream,
@@ -256,6 +265,100 @@ impl Raw {
         let hex = raftsan_proto::chap::encode_hex(&response);
         let (r, _) = self.login_step(0, 1, true, &[("CHAP_N", user), ("CHAP_R", &hex)])?;
         ensure!(r.transit && r.nsg == 1, "CHAP did not complete: {r:?}");
+        let (r, _) = self.login_step(
+            1,
+            3,
+            true,
+            &[
+                ("HeaderDigest", "None"),
+                ("DataDigest", "None"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ],
+        )?;
+        ensure!(r.transit && r.nsg == 3, "no full-feature phase: {r:?}");
+        Ok(())
+    }
+
+    /// The security stage of a mutual-CHAP login (MD5, RFC 7143 §12.1.3) up to the target's
+    /// answer to CHAP_N/CHAP_R/CHAP_I/CHAP_C. The initiator's challenge is `our_challenge`, or the
+    /// target's own challenge reflected back when `None` (which §12.1.3 requires the target to
+    /// refuse). Returns that last Login Response whatever its status, its keys, and the challenge
+    /// sent. After a success, [`Raw::operational_stage`] completes the login.
+    pub fn login_chap_mutual(
+        &mut self,
+        initiator: &str,
+        target: &str,
+        user: &str,
+        secret: &str,
+        our_id: u8,
+        our_challenge: Option<&[u8]>,
+    ) -> Result<MutualChapAnswer> {
+        let base = [
+            ("InitiatorName", initiator),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "CHAP"),
+        ];
+        self.login_step(0, 1, false, &base)?;
+        let (_, keys) = self.login_step(0, 1, false, &[("CHAP_A", "5")])?;
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("no {k} from the target"))
+        };
+        let id: u8 = get("CHAP_I")?.parse()?;
+        let challenge = raftsan_proto::chap::decode_binary(&get("CHAP_C")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let response = raftsan_proto::chap::chap_response(
+            raftsan_proto::chap::ChapAlgorithm::Md5,
+            id,
+            secret.as_bytes(),
+            &challenge,
+        );
+        let sent = our_challenge.map_or_else(|| challenge.clone(), <[u8]>::to_vec);
+        let r_hex = raftsan_proto::chap::encode_hex(&response);
+        let c_hex = raftsan_proto::chap::encode_hex(&sent);
+        let i_text = our_id.to_string();
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(
+            &[
+                ("CHAP_N", user),
+                ("CHAP_R", &r_hex),
+                ("CHAP_I", &i_text),
+                ("CHAP_C", &c_hex),
+            ],
+            &mut text,
+        );
+        let req = LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 0,
+            nsg: 1,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x40, 0, 0, 0x12, 0x34, 0x57],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+        };
+        self.send(req.to_bhs(), &text)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        if r.status_class == 0 {
+            self.statsn = r.seq.statsn.wrapping_add(1);
+        }
+        let keys = raftsan_proto::text::parse(&p.data).map_err(|e| anyhow::anyhow!("bad login text: {e:?}"))?;
+        Ok(MutualChapAnswer {
+            response: r,
+            keys,
+            challenge_sent: sent,
+        })
+    }
+
+    /// The operational stage (csg 1 → full feature) after a completed security stage.
+    pub fn operational_stage(&mut self) -> Result<()> {
         let (r, _) = self.login_step(
             1,
             3,

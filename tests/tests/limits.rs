@@ -126,9 +126,10 @@ fn max_connections_per_portal_closes_extra_connection_raftsan() -> Result<()> {
     )?;
     let mut a = Raw::connect(daemon.portal())?;
     a.login(INITIATOR, IQN)?;
-    let b = Raw::connect(daemon.portal())?;
-    // Let the daemon accept `b` before the third connection races it.
-    thread::sleep(Duration::from_millis(200));
+    // `b` logs in too (another ISID, so it does not reinstate `a`'s session): the login response
+    // proves the daemon accepted it before the third connection arrives.
+    let mut b = Raw::connect(daemon.portal())?;
+    b.login_isid(INITIATOR, IQN, [0x40, 0, 0, 0, 0xcc, 2])?;
     let mut c = Raw::connect(daemon.portal())?;
     let started = Instant::now();
     ensure!(c.closed(), "a third connection beyond the limit of 2 stayed open");
@@ -138,12 +139,13 @@ fn max_connections_per_portal_closes_extra_connection_raftsan() -> Result<()> {
         started.elapsed()
     );
     a.ping().context("the first connection suffered from the refused one")?;
+    b.ping()?;
     drop(b);
     // The slot is released once the daemon sees the close.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let mut d = Raw::connect(daemon.portal())?;
-        match d.login(INITIATOR, IQN) {
+        match d.login_isid(INITIATOR, IQN, [0x40, 0, 0, 0, 0xcc, 4]) {
             Ok(()) => {
                 d.ping()?;
                 break;

@@ -172,6 +172,78 @@ fn mutual_chap_right_target_secret_works_wrong_refused_by_client_tgtd() -> Resul
     mutual_chap(Kind::Tgtd)
 }
 
+/// RFC 7143 §12.1.3 mutual CHAP, exact bytes: the target answers the initiator's CHAP_I/CHAP_C
+/// with CHAP_N = its outgoing user and CHAP_R = MD5(CHAP_I || outgoing secret || CHAP_C) (RFC
+/// 1994 §4.1), completes the security stage (T=1, NSG=1) and the session reaches full feature.
+/// An initiator challenge equal to the target's own is a reflection attack (§12.1.3) and must
+/// not be answered: raftsan refuses it with an authentication failure (0201); tgt refuses too.
+fn mutual_chap_raw(kind: Kind) -> Result<()> {
+    let (daemon, _) = start_single_target(
+        kind,
+        MUTUAL_IQN,
+        16 * MIB,
+        &[
+            &format!("incominguser {IN_USER} {IN_SECRET}"),
+            &format!("outgoinguser {OUT_USER} {OUT_SECRET}"),
+        ],
+    )?;
+    let our_challenge: Vec<u8> = (0u8..16).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect();
+    let mut r = Raw::connect(daemon.portal())?;
+    let answer = r.login_chap_mutual(INITIATOR, MUTUAL_IQN, IN_USER, IN_SECRET, 77, Some(&our_challenge))?;
+    ensure!(
+        answer.response.status_class == 0 && answer.response.transit && answer.response.nsg == 1,
+        "mutual CHAP security stage did not complete: {:?}",
+        answer.response
+    );
+    let key = |k: &str| answer.keys.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+    ensure!(
+        key("CHAP_N").as_deref() == Some(OUT_USER),
+        "target CHAP_N: {:?}",
+        answer.keys
+    );
+    let want = raftsan_proto::chap::encode_hex(&raftsan_proto::chap::chap_response(
+        raftsan_proto::chap::ChapAlgorithm::Md5,
+        77,
+        OUT_SECRET.as_bytes(),
+        &our_challenge,
+    ));
+    let got = key("CHAP_R").context("no CHAP_R from the target")?;
+    ensure!(got.eq_ignore_ascii_case(&want), "target CHAP_R {got}, expected {want}");
+    r.operational_stage()?;
+    r.ping()?;
+
+    let mut reflect = Raw::connect(daemon.portal())?;
+    let refused = reflect.login_chap_mutual(INITIATOR, MUTUAL_IQN, IN_USER, IN_SECRET, 78, None);
+    match (kind, refused) {
+        (Kind::Raftsan, Ok(answer)) => ensure!(
+            (answer.response.status_class, answer.response.status_detail) == (0x02, 0x01),
+            "a reflected challenge was not refused with 0201: {:?} {:?}",
+            answer.response,
+            answer.keys
+        ),
+        (Kind::Raftsan, Err(e)) => return Err(e.context("reflected challenge: no Login Response")),
+        (Kind::Tgtd, Ok(answer)) => ensure!(
+            answer.response.status_class != 0,
+            "tgt answered a reflected challenge: {:?} {:?}",
+            answer.response,
+            answer.keys
+        ),
+        (Kind::Tgtd, Err(_)) => {}
+    }
+    daemon.stop()?;
+    Ok(())
+}
+
+#[test]
+fn mutual_chap_target_response_exact_and_reflection_refused_raftsan() -> Result<()> {
+    mutual_chap_raw(Kind::Raftsan)
+}
+
+#[test]
+fn mutual_chap_target_response_exact_and_reflection_refused_tgtd() -> Result<()> {
+    mutual_chap_raw(Kind::Tgtd)
+}
+
 /// RFC 7143 §12.1.3: an initiator that sends CHAP_I/CHAP_C to a target without an outgoing
 /// account cannot authenticate the target; the login must not succeed (tgt and raftsan answer
 /// with an authentication failure).
