@@ -361,6 +361,50 @@ memory_size = "16M"
     Ok(())
 }
 
+/// RFC 7143 §12.1.3 mutual CHAP on discovery sessions (`[discovery] outgoing_user`): libiscsi
+/// checks the node's answer, so the right discovery target secret lists the targets and a wrong
+/// one makes the client refuse the node.
+#[test]
+fn discovery_mutual_chap_raftsan() -> Result<()> {
+    let iqn = "iqn.2026-11.org.raftsan.test:disc-mutual";
+    let config = format!(
+        r#"[discovery]
+incoming_users = [{{ user = "discover", secret = "Findme2marron" }}]
+outgoing_user = {{ user = "sanside", secret = "Answer4marron" }}
+
+[[target]]
+name = "{iqn}"
+
+[[target.lun]]
+memory_size = "16M"
+"#
+    );
+    let daemon = Daemon::raftsan(&config, vec![Loopback::reserve()?])?;
+    let url = |target_secret: &str| {
+        format!(
+            "{}?target_user=sanside&target_password={target_secret}",
+            daemon.portal_url_chap("discover", "Findme2marron")
+        )
+    };
+    let ok = iscsi_ls(&[], &url("Answer4marron"))?;
+    ensure!(ok.success(), "discovery with mutual CHAP failed:\n{}", ok.combined());
+    ensure!(ok.stdout.contains(&format!("Target:{iqn} ")), "{}", ok.combined());
+    let bad = iscsi_ls(&[], &url("Wronganswer99"))?;
+    ensure!(
+        !bad.success(),
+        "client accepted a wrong discovery target secret:\n{}",
+        bad.combined()
+    );
+    ensure!(
+        bad.combined().contains("Invalid CHAP_R response from the target"),
+        "{}",
+        bad.combined()
+    );
+    let log = daemon.stop()?;
+    ensure!(!log.contains("Answer4marron"), "a secret reached the log");
+    Ok(())
+}
+
 // --- 3. several accounts on one target ----------------------------------------------------------
 
 /// RFC 7143 §12.1.3: the target checks CHAP_N/CHAP_R against its own accounts. Every account of a
