@@ -312,6 +312,42 @@ memory_size = "16M"
 "#
     );
     let daemon = Daemon::raftsan(&config, vec![Loopback::reserve()?])?;
+    discovery_chap(daemon, open, locked)
+}
+
+/// The same with tgt's `incomingdiscoveryuser` in a `targets.conf`, under raftsan and tgtd.
+fn discovery_chap_targets_conf(kind: Kind) -> Result<()> {
+    let open = "iqn.2026-11.org.raftsan.test:disc-open";
+    let locked = "iqn.2026-11.org.raftsan.test:disc-locked";
+    let scratch = Scratch::new()?;
+    let a = scratch.sparse_file("open.img", 16 * MIB)?;
+    let b = scratch.sparse_file("locked.img", 16 * MIB)?;
+    let conf = format!(
+        "incomingdiscoveryuser discover Findme2marron\n\
+         <target {open}>\n  backing-store {}\n</target>\n\
+         <target {locked}>\n  backing-store {}\n  incominguser diskuser Eupen2marron\n</target>\n",
+        a.display(),
+        b.display()
+    );
+    let listen = vec![Loopback::reserve()?];
+    let daemon = match kind {
+        Kind::Raftsan => Daemon::raftsan_in(scratch, &conf, listen)?,
+        Kind::Tgtd => Daemon::tgtd_in(scratch, &conf, listen)?,
+    };
+    discovery_chap(daemon, open, locked)
+}
+
+#[test]
+fn discovery_chap_from_targets_conf_raftsan() -> Result<()> {
+    discovery_chap_targets_conf(Kind::Raftsan)
+}
+
+#[test]
+fn discovery_chap_from_targets_conf_tgtd() -> Result<()> {
+    discovery_chap_targets_conf(Kind::Tgtd)
+}
+
+fn discovery_chap(daemon: Daemon, open: &str, locked: &str) -> Result<()> {
     let none = iscsi_ls(&[], &daemon.portal_url())?;
     ensure!(
         !none.success(),
