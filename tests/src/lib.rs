@@ -14,7 +14,7 @@ pub mod raw;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -209,6 +209,28 @@ impl Daemon {
 
     /// Like [`Daemon::raftsan`] in a prepared scratch dir (backing files already created).
     pub fn raftsan_in(scratch: Scratch, config_text: &str, listen: Vec<Loopback>) -> Result<Daemon> {
+        Daemon::raftsan_in_with_args(scratch, config_text, listen, &[], &[])
+    }
+
+    /// Like [`Daemon::raftsan`] with `extra_args` appended to `raftsan serve` (e.g. `--listen
+    /// [::1]:PORT`) and `extra_portals` (IPv4 or IPv6) waited for at start besides `listen`'s.
+    pub fn raftsan_with_args(
+        config_text: &str,
+        listen: Vec<Loopback>,
+        extra_args: &[&str],
+        extra_portals: &[SocketAddr],
+    ) -> Result<Daemon> {
+        Daemon::raftsan_in_with_args(Scratch::new()?, config_text, listen, extra_args, extra_portals)
+    }
+
+    /// [`Daemon::raftsan_with_args`] in a prepared scratch dir.
+    pub fn raftsan_in_with_args(
+        scratch: Scratch,
+        config_text: &str,
+        listen: Vec<Loopback>,
+        extra_args: &[&str],
+        extra_portals: &[SocketAddr],
+    ) -> Result<Daemon> {
         let bin = raftsan_bin()?;
         let config_text = config_text.replace("@DIR@", &scratch.path().display().to_string());
         let name = if config_text.contains("<target") {
@@ -228,6 +250,7 @@ impl Daemon {
             cmd.arg("--listen").arg(addr.portal().to_string());
         }
         cmd.arg("--data-dir").arg(&data_dir);
+        cmd.args(extra_args);
         cmd.process_group(0)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", std::env::var("RAFTSAN_TEST_LOG").unwrap_or("info".into()))
@@ -248,6 +271,9 @@ impl Daemon {
             _tgtd_control_lock: None,
         };
         daemon.wait_portals()?;
+        for portal in extra_portals {
+            daemon.wait_portal(*portal)?;
+        }
         Ok(daemon)
     }
 
@@ -432,6 +458,23 @@ impl Daemon {
                 }
                 thread::sleep(Duration::from_millis(50));
             }
+        }
+        Ok(())
+    }
+
+    /// Waits until `portal` (any address family) accepts TCP.
+    fn wait_portal(&mut self, portal: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while TcpStream::connect_timeout(&portal, Duration::from_millis(200)).is_err() {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "{:?} did not accept TCP on {portal} within {START_TIMEOUT:?}; log:\n{}",
+                    self.kind,
+                    tail(&self.log(), 40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
         }
         Ok(())
     }

@@ -13,6 +13,15 @@ use raftsan_proto::pdu::{
     ScsiResponse,
 };
 
+/// The target's answer to the initiator's CHAP_N/CHAP_R/CHAP_I/CHAP_C (mutual CHAP).
+#[derive(Debug)]
+pub struct MutualChapAnswer {
+    pub response: LoginResponse,
+    pub keys: Vec<(String, String)>,
+    /// The challenge the initiator sent (for computing the expected CHAP_R).
+    pub challenge_sent: Vec<u8>,
+}
+
 /// A raw iSCSI connection that speaks only what the test scripts.
 pub struct Raw {
     pub s: TcpStream,
@@ -20,6 +29,8 @@ pub struct Raw {
     pub cmdsn: u32,
     pub statsn: u32,
     itt: u32,
+    /// Digests in force on this connection (both off until a login negotiates them).
+    pub digests: Digests,
 }
 
 impl Raw {
@@ -32,12 +43,13 @@ impl Raw {
             cmdsn: 1,
             statsn: 0,
             itt: 1,
+            digests: Digests::default(),
         })
     }
 
     pub fn send(&mut self, bhs: Bhs, data: &[u8]) -> Result<()> {
         let mut out = BytesMut::new();
-        pdu::encode_parts(bhs, &[], data, Digests::default(), &mut out);
+        pdu::encode_parts(bhs, &[], data, self.digests, &mut out);
         self.s.write_all(&out)?;
         Ok(())
     }
@@ -45,8 +57,8 @@ impl Raw {
     /// The next PDU, or `None` when the target closed the connection.
     pub fn recv(&mut self) -> Result<Option<Pdu>> {
         loop {
-            if let Framing::Complete { len } = pdu::check(&self.buf, Digests::default(), 1 << 24)? {
-                let p = pdu::decode(self.buf.split_to(len).freeze(), Digests::default())?;
+            if let Framing::Complete { len } = pdu::check(&self.buf, self.digests, 1 << 24)? {
+                let p = pdu::decode(self.buf.split_to(len).freeze(), self.digests)?;
                 return Ok(Some(p));
             }
             let mut chunk = [0u8; 65536];
@@ -112,6 +124,78 @@ impl Raw {
         let r = LoginResponse::parse(&p.bhs);
         ensure!(r.status_class == 0 && r.transit && r.nsg == 3, "login refused: {r:?}");
         self.statsn = r.seq.statsn.wrapping_add(1);
+        Ok(())
+    }
+
+    /// One-PDU normal-session login (security stage skipped, csg 1 → nsg 3) with the given ISID and
+    /// extra operational keys (which replace the defaults of the same name). Returns the Login
+    /// Response's header fields and text whatever its status; on success `statsn` is advanced and
+    /// `digests` follows the negotiated HeaderDigest/DataDigest (RFC 7143 §13.1).
+    pub fn login_response(
+        &mut self,
+        initiator: &str,
+        target: &str,
+        isid: [u8; 6],
+        extra: &[(&str, &str)],
+    ) -> Result<(LoginResponse, Vec<(String, String)>)> {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("InitiatorName", initiator),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+        ];
+        for (k, v) in [
+            ("HeaderDigest", "None"),
+            ("DataDigest", "None"),
+            ("MaxRecvDataSegmentLength", "262144"),
+            ("ImmediateData", "Yes"),
+            ("InitialR2T", "No"),
+        ] {
+            if !extra.iter().any(|(key, _)| *key == k) {
+                pairs.push((k, v));
+            }
+        }
+        pairs.extend_from_slice(extra);
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(&pairs, &mut text);
+        let req = LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 1,
+            nsg: 3,
+            version_max: 0,
+            version_min: 0,
+            isid,
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: 0,
+        };
+        self.send(req.to_bhs(), &text)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        let keys = raftsan_proto::text::parse(&p.data).map_err(|e| anyhow::anyhow!("bad login text: {e:?}"))?;
+        if r.status_class == 0 {
+            self.statsn = r.seq.statsn.wrapping_add(1);
+            let on = |k: &str| keys.iter().any(|(key, v)| key == k && v == "CRC32C");
+            self.digests = Digests {
+                header: on("HeaderDigest"),
+                data: on("DataDigest"),
+            };
+        }
+        Ok((r, keys))
+    }
+
+    /// Like [`Raw::login`] with a chosen ISID (RFC 7143 §10.12.5): the session identity is
+    /// (initiator name, ISID, target), which session reinstatement (§6.3.5) keys on.
+    pub fn login_isid(&mut self, initiator: &str, target: &str, isid: [u8; 6]) -> Result<()> {
+        let (r, _) = self.login_response(initiator, target, isid, &[])?;
+        ensure!(
+            r.status_class == 0 && r.transit && r.nsg == 3,
+            "login refused with status {:02x}{:02x}: {r:?}",
+            r.status_class,
+            r.status_detail
+        );
         Ok(())
     }
 
@@ -181,6 +265,100 @@ impl Raw {
         let hex = raftsan_proto::chap::encode_hex(&response);
         let (r, _) = self.login_step(0, 1, true, &[("CHAP_N", user), ("CHAP_R", &hex)])?;
         ensure!(r.transit && r.nsg == 1, "CHAP did not complete: {r:?}");
+        let (r, _) = self.login_step(
+            1,
+            3,
+            true,
+            &[
+                ("HeaderDigest", "None"),
+                ("DataDigest", "None"),
+                ("MaxRecvDataSegmentLength", "262144"),
+            ],
+        )?;
+        ensure!(r.transit && r.nsg == 3, "no full-feature phase: {r:?}");
+        Ok(())
+    }
+
+    /// The security stage of a mutual-CHAP login (MD5, RFC 7143 §12.1.3) up to the target's
+    /// answer to CHAP_N/CHAP_R/CHAP_I/CHAP_C. The initiator's challenge is `our_challenge`, or the
+    /// target's own challenge reflected back when `None` (which §12.1.3 requires the target to
+    /// refuse). Returns that last Login Response whatever its status, its keys, and the challenge
+    /// sent. After a success, [`Raw::operational_stage`] completes the login.
+    pub fn login_chap_mutual(
+        &mut self,
+        initiator: &str,
+        target: &str,
+        user: &str,
+        secret: &str,
+        our_id: u8,
+        our_challenge: Option<&[u8]>,
+    ) -> Result<MutualChapAnswer> {
+        let base = [
+            ("InitiatorName", initiator),
+            ("TargetName", target),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "CHAP"),
+        ];
+        self.login_step(0, 1, false, &base)?;
+        let (_, keys) = self.login_step(0, 1, false, &[("CHAP_A", "5")])?;
+        let get = |k: &str| {
+            keys.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .with_context(|| format!("no {k} from the target"))
+        };
+        let id: u8 = get("CHAP_I")?.parse()?;
+        let challenge = raftsan_proto::chap::decode_binary(&get("CHAP_C")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let response = raftsan_proto::chap::chap_response(
+            raftsan_proto::chap::ChapAlgorithm::Md5,
+            id,
+            secret.as_bytes(),
+            &challenge,
+        );
+        let sent = our_challenge.map_or_else(|| challenge.clone(), <[u8]>::to_vec);
+        let r_hex = raftsan_proto::chap::encode_hex(&response);
+        let c_hex = raftsan_proto::chap::encode_hex(&sent);
+        let i_text = our_id.to_string();
+        let mut text = Vec::new();
+        raftsan_proto::text::encode(
+            &[
+                ("CHAP_N", user),
+                ("CHAP_R", &r_hex),
+                ("CHAP_I", &i_text),
+                ("CHAP_C", &c_hex),
+            ],
+            &mut text,
+        );
+        let req = LoginRequest {
+            transit: true,
+            cont: false,
+            csg: 0,
+            nsg: 1,
+            version_max: 0,
+            version_min: 0,
+            isid: [0x40, 0, 0, 0x12, 0x34, 0x57],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+        };
+        self.send(req.to_bhs(), &text)?;
+        let p = self.recv()?.context("target closed the connection during login")?;
+        let r = LoginResponse::parse(&p.bhs);
+        if r.status_class == 0 {
+            self.statsn = r.seq.statsn.wrapping_add(1);
+        }
+        let keys = raftsan_proto::text::parse(&p.data).map_err(|e| anyhow::anyhow!("bad login text: {e:?}"))?;
+        Ok(MutualChapAnswer {
+            response: r,
+            keys,
+            challenge_sent: sent,
+        })
+    }
+
+    /// The operational stage (csg 1 → full feature) after a completed security stage.
+    pub fn operational_stage(&mut self) -> Result<()> {
         let (r, _) = self.login_step(
             1,
             3,
