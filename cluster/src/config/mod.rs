@@ -98,7 +98,7 @@ pub struct Limits {
     pub max_connections_per_portal: u32,
     /// A connection that has not reached full-feature phase after this long is closed.
     pub login_timeout_ms: u64,
-    /// Sessions on the whole node (normal and discovery); more get login status 0x0301
+    /// Sessions on the whole node (normal and discovery); more get login status 0x0302 (out of resources)
     /// (out of resources).
     pub max_sessions: u32,
     /// The CmdSN window offered to each session (MaxCmdSN − ExpCmdSN + 1).
