@@ -114,3 +114,31 @@ fn show_lists_sessions_and_metrics_follow_io() -> Result<()> {
     d.stop()?;
     Ok(())
 }
+
+/// The README's run command: `raftsan demo` serves its embedded default and its own client check
+/// (iscsi-ls discovery and login, a qemu-img write/read round trip) passes.
+#[test]
+fn demo_serves_the_embedded_default_and_its_client_check_passes() -> Result<()> {
+    let lo = Loopback::reserve()?;
+    let portal = lo.portal();
+    let dir = tempfile::tempdir()?;
+    let out = run(
+        Command::new(raftsan_bin()?)
+            .args(["demo", "--check-only", "--portal"])
+            .arg(portal.to_string())
+            .arg("--dir")
+            .arg(dir.path()),
+        CLIENT_TIMEOUT,
+    )?;
+    let text = out.combined();
+    ensure!(out.success(), "raftsan demo failed:\n{text}");
+    assert!(text.contains("client check: OK"), "{text}");
+    assert!(
+        text.contains(&format!("Portal:{portal},1")),
+        "iscsi-ls output missing from the demo:\n{text}"
+    );
+    assert!(text.contains("identical"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+    drop(lo);
+    Ok(())
+}
