@@ -78,7 +78,15 @@ enum Cmd {
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/raftsan/admin.sock";
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The error chain says what was being done and why; no backtrace for operators.
+        eprintln!("raftsan: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
