@@ -161,3 +161,15 @@ for name in ["targets.conf", "sv1-targets.conf", "node.toml"]:
         body = f.read()
     write("config", name, bytes([0]) + body)
 write("config", "tgt_minimal", b"\0<target iqn.2026-01.test:t>\n  backing-store /nonexistent/x.img\n  incominguser u secret12345678\n</target>\n")
+
+# --- aptpl: selector bit 0 clear = harness wraps the payload (protobuf PersistedState) in a header
+def ld(field, b):
+    return bytes([field << 3 | 2, len(b)]) + b
+A, B = b"iqn.2026-01.test:a,i,0x800000000001", b"iqn.2026-01.test:b,i,0x800000000002"
+reg_a = ld(1, A) + bytes([0x10, 1]) + bytes([0x19]) + struct.pack("<Q", 0xa)
+reg_b = ld(1, B) + bytes([0x19]) + struct.pack("<Q", 0xb)
+resv = bytes([0x08, 5]) + ld(2, A) + bytes([0x18, 1])
+state = bytes([0x08, 7]) + ld(2, reg_a) + ld(2, reg_b) + ld(3, resv) + bytes([0x20, 1])
+write("aptpl", "two_regs_reserved", bytes([0]) + state)
+write("aptpl", "empty_not_aptpl", bytes([0]) + bytes([0x08, 1]))
+write("aptpl", "raw_file", bytes([1]) + b"RSPR" + struct.pack(">III", 1, len(state), crc32c(state)) + state)
