@@ -36,7 +36,9 @@ fn prin_all(pr: &PersistentReservations, nexus: &PrNexus<'_>) -> Vec<Vec<u8>> {
         .iter()
         .map(|&sa| {
             let cdb = [0x5e, sa, 0, 0, 0, 0, 0, 0xff, 0xff, 0];
-            let data = pr.reserve_in(nexus, &cdb).expect("PERSISTENT RESERVE IN of a loaded state");
+            let data = pr
+                .reserve_in(nexus, &cdb)
+                .expect("PERSISTENT RESERVE IN of a loaded state");
             prin::check(sa, &data);
             data
         })
@@ -44,7 +46,9 @@ fn prin_all(pr: &PersistentReservations, nexus: &PrNexus<'_>) -> Vec<Vec<u8>> {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&sel, body)) = input.split_first() else { return };
+    let Some((&sel, body)) = input.split_first() else {
+        return;
+    };
     let file = if sel & 1 == 0 {
         let mut f = Vec::with_capacity(16 + body.len());
         f.extend_from_slice(MAGIC);
@@ -58,7 +62,9 @@ fuzz_target!(|input: &[u8]| {
     };
     let path = scratch();
     std::fs::write(path, &file).expect("write the scratch file");
-    let Ok(pr) = PersistentReservations::open(Some(path.clone())) else { return };
+    let Ok(pr) = PersistentReservations::open(Some(path.clone())) else {
+        return;
+    };
     let nexus = PrNexus {
         initiator_port: "iqn.2026-01.test:a,i,0x800000000001",
         initiator_name: "iqn.2026-01.test:a",
@@ -72,6 +78,10 @@ fuzz_target!(|input: &[u8]| {
     params[20] = 0x01; // APTPL
     if pr.reserve_out(&nexus, &PROUT_REGISTER_IGNORE, &params).is_ok() {
         let again = PersistentReservations::open(Some(path.clone())).expect("the file we wrote loads");
-        assert_eq!(prin_all(&again, &nexus), prin_all(&pr, &nexus), "persisted state differs after reload");
+        assert_eq!(
+            prin_all(&again, &nexus),
+            prin_all(&pr, &nexus),
+            "persisted state differs after reload"
+        );
     }
 });

@@ -10,9 +10,17 @@ fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
     let decoded = chap::decode_binary(s);
     if let Ok(bytes) = &decoded {
-        assert!(!bytes.is_empty() && bytes.len() <= MAX_BINARY_LEN, "{} bytes", bytes.len());
+        assert!(
+            !bytes.is_empty() && bytes.len() <= MAX_BINARY_LEN,
+            "{} bytes",
+            bytes.len()
+        );
         let hex = chap::encode_hex(bytes);
-        assert_eq!(chap::decode_binary(&hex).as_ref(), Ok(bytes), "hex re-encoding decodes back");
+        assert_eq!(
+            chap::decode_binary(&hex).as_ref(),
+            Ok(bytes),
+            "hex re-encoding decodes back"
+        );
         assert!(chap::constant_time_eq(bytes, bytes));
     }
     // Reference for the hex form: an odd digit count means a leading zero nibble.
@@ -20,7 +28,11 @@ fuzz_target!(|data: &[u8]| {
         && !body.is_empty()
         && body.bytes().all(|b| b.is_ascii_hexdigit())
     {
-        let padded = if body.len() % 2 == 1 { format!("0{body}") } else { body.to_owned() };
+        let padded = if body.len() % 2 == 1 {
+            format!("0{body}")
+        } else {
+            body.to_owned()
+        };
         let want: Vec<u8> = (0..padded.len() / 2)
             .map(|i| u8::from_str_radix(&padded[2 * i..2 * i + 2], 16).unwrap_or(0))
             .collect();

@@ -13,10 +13,16 @@ use libfuzzer_sys::fuzz_target;
 use raftsan_cluster::config::{self, ConfigFormat};
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&sel, text)) = input.split_first() else { return };
+    let Some((&sel, text)) = input.split_first() else {
+        return;
+    };
     let Ok(text) = std::str::from_utf8(text) else { return };
     // A leading bare directive line makes detect_format pick targets.conf.
-    let text = if sel & 1 == 1 { format!("default-driver iscsi\n{text}") } else { text.to_owned() };
+    let text = if sel & 1 == 1 {
+        format!("default-driver iscsi\n{text}")
+    } else {
+        text.to_owned()
+    };
     let origin = Path::new("/nonexistent-raftsan-fuzz/targets.conf");
     let format = config::detect_format(&text);
     let first = config::parse_str(&text, origin);

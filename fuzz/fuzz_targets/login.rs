@@ -38,7 +38,10 @@ struct Authority {
 
 fn chap_auth() -> TargetAuth {
     TargetAuth {
-        accounts: ACCOUNTS.iter().map(|(n, s)| ((*n).to_owned(), s.as_bytes().to_vec())).collect(),
+        accounts: ACCOUNTS
+            .iter()
+            .map(|(n, s)| ((*n).to_owned(), s.as_bytes().to_vec()))
+            .collect(),
         mutual: Some((MUTUAL.0.to_owned(), MUTUAL.1.as_bytes().to_vec())),
         target_alias: Some("chap-alias".into()),
         tpgt: 1,
@@ -84,7 +87,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&sel, mut rest)) = input.split_first() else { return };
+    let Some((&sel, mut rest)) = input.split_first() else {
+        return;
+    };
     let authority = Authority {
         discovery_chap: sel & 1 == 1,
         allowed_chap: Cell::new(None),
@@ -148,13 +153,19 @@ fuzz_target!(|input: &[u8]| {
             alg = Some(ChapAlgorithm::from_code(code).expect("CHAP_A answer is a known algorithm"));
         }
         if ended {
-            assert!(matches!(step, LoginStep::Failed(..)), "a request after the login ended: {step:?}");
+            assert!(
+                matches!(step, LoginStep::Failed(..)),
+                "a request after the login ended: {step:?}"
+            );
         }
         match &step {
             LoginStep::Continue(r) => {
                 assert_eq!((r.status_class, r.status_detail), (0, 0));
                 assert_eq!(r.csg, req.csg);
-                assert!(!r.transit || (req.transit && r.nsg > r.csg), "T=1 that the initiator did not ask for");
+                assert!(
+                    !r.transit || (req.transit && r.nsg > r.csg),
+                    "T=1 that the initiator did not ask for"
+                );
             }
             LoginStep::Failed(r, _) => {
                 assert_ne!(r.status_class, 0, "Failed with status class 0");
@@ -167,7 +178,10 @@ fuzz_target!(|input: &[u8]| {
                     contains(&sent, b"\0InitiatorName=") || sent.starts_with(b"InitiatorName="),
                     "FullFeature without an InitiatorName"
                 );
-                let chap_required = authority.allowed_chap.get().expect("FullFeature without an allowed lookup");
+                let chap_required = authority
+                    .allowed_chap
+                    .get()
+                    .expect("FullFeature without an allowed lookup");
                 if chap_required {
                     let user = login.authenticated_user().expect("CHAP target entered without a user");
                     assert!(

@@ -12,7 +12,9 @@ use raftsan_proto::pdu::{self, BHS_LEN, DIGEST_LEN, Digests, Framing, MAX_CDB_LE
 const LIMITS: [u32; 4] = [0, 512, 8192, pdu::MAX_DATA_SEGMENT_LEN];
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&sel, stream)) = input.split_first() else { return };
+    let Some((&sel, stream)) = input.split_first() else {
+        return;
+    };
     let limit = LIMITS[usize::from(sel & 3)];
     for (header, data) in [(false, false), (true, false), (false, true), (true, true)] {
         one(stream, Digests { header, data }, limit);
@@ -25,13 +27,21 @@ fn one(stream: &[u8], digests: Digests, limit: u32) {
     while let Ok(framing) = pdu::check(rest, digests, limit) {
         let len = match framing {
             Framing::Incomplete { needed } => {
-                assert!(needed > rest.len(), "Incomplete needs {needed} but {} are there", rest.len());
+                assert!(
+                    needed > rest.len(),
+                    "Incomplete needs {needed} but {} are there",
+                    rest.len()
+                );
                 assert!(needed >= BHS_LEN);
                 return;
             }
             Framing::Complete { len } => len,
         };
-        assert!(len >= BHS_LEN && len <= rest.len(), "Complete len {len} of {}", rest.len());
+        assert!(
+            len >= BHS_LEN && len <= rest.len(),
+            "Complete len {len} of {}",
+            rest.len()
+        );
         assert_eq!(len % 4, 0, "a whole PDU is padded to 4 bytes");
         let (head, tail) = rest.split_at(len);
         rest = tail;
@@ -47,7 +57,11 @@ fn one(stream: &[u8], digests: Digests, limit: u32) {
         if let Ok(Request::ScsiCommand(cmd)) = Request::parse(&p.bhs)
             && let Ok(cdb) = cmd.full_cdb(&p.ahs)
         {
-            assert!(cdb.len() >= 16 && cdb.len() <= MAX_CDB_LEN, "CDB of {} bytes", cdb.len());
+            assert!(
+                cdb.len() >= 16 && cdb.len() <= MAX_CDB_LEN,
+                "CDB of {} bytes",
+                cdb.len()
+            );
             assert_eq!(&cdb[..16], &cmd.cdb);
             // The 16 BHS CDB bytes re-encode to the same header bytes.
             assert_eq!(cmd.to_bhs().0[32..48], p.bhs.0[32..48]);

@@ -16,7 +16,9 @@ mod prin;
 const RECORD_HEADER: usize = 5;
 
 fuzz_target!(|input: &[u8]| {
-    let Ok(pr) = PersistentReservations::open(None) else { panic!("open without a file") };
+    let Ok(pr) = PersistentReservations::open(None) else {
+        panic!("open without a file")
+    };
     let nexuses = [
         PrNexus {
             initiator_port: "iqn.2026-01.test:a,i,0x800000000001",
@@ -57,7 +59,11 @@ fuzz_target!(|input: &[u8]| {
                 let _ = pr.check_access(nexus, cdb);
             }
             5 => {
-                let _ = if rest.len() % 2 == 0 { pr.reserve6(nexus) } else { pr.release6(nexus) };
+                let _ = if rest.len().is_multiple_of(2) {
+                    pr.reserve6(nexus)
+                } else {
+                    pr.release6(nexus)
+                };
             }
             6 => pr.lu_reset(),
             _ => pr.nexus_lost(nexus),

@@ -40,7 +40,10 @@ fn lun(lun: u64, size_bytes: u64, block_size: u32, thin: bool, read_only: bool) 
         thin,
         write_cache: !read_only,
     };
-    (def, Box::new(MemStore::with_granularity(size_bytes, u64::from(block_size))))
+    (
+        def,
+        Box::new(MemStore::with_granularity(size_bytes, u64::from(block_size))),
+    )
 }
 
 fn nexus(id: u64) -> Nexus {
@@ -68,14 +71,22 @@ fn check_outcome(cdb: &[u8], o: &Outcome) {
         status::TASK_SET_FULL,
         status::BUSY,
     ];
-    assert!(allowed.contains(&o.status), "status {:#04x} for CDB {cdb:02x?}", o.status);
+    assert!(
+        allowed.contains(&o.status),
+        "status {:#04x} for CDB {cdb:02x?}",
+        o.status
+    );
     assert!(o.data_in.len() <= MAX_DATA_IN, "{} bytes of Data-In", o.data_in.len());
     if o.status == status::CHECK_CONDITION {
         let sense = o.sense.as_deref().expect("CHECK CONDITION without sense");
         check_sense(cdb, sense);
         assert!(o.data_in.is_empty(), "CHECK CONDITION with Data-In for CDB {cdb:02x?}");
     } else {
-        assert!(o.sense.is_none(), "status {:#04x} with sense for CDB {cdb:02x?}", o.status);
+        assert!(
+            o.sense.is_none(),
+            "status {:#04x} with sense for CDB {cdb:02x?}",
+            o.status
+        );
     }
     if o.status == status::RESERVATION_CONFLICT {
         assert!(o.data_in.is_empty());
@@ -84,17 +95,37 @@ fn check_outcome(cdb: &[u8], o: &Outcome) {
 
 /// SPC-4 §4.5: sense data formats.
 fn check_sense(cdb: &[u8], s: &[u8]) {
-    assert!(s.len() >= 8 && s.len() <= 252, "sense of {} bytes for CDB {cdb:02x?}", s.len());
+    assert!(
+        s.len() >= 8 && s.len() <= 252,
+        "sense of {} bytes for CDB {cdb:02x?}",
+        s.len()
+    );
     match s[0] & 0x7f {
         0x70 | 0x71 => {
-            assert_eq!(usize::from(s[7]) + 8, s.len(), "fixed sense additional length: {s:02x?}");
+            assert_eq!(
+                usize::from(s[7]) + 8,
+                s.len(),
+                "fixed sense additional length: {s:02x?}"
+            );
             assert!(s.len() >= 14, "fixed sense too short for ASC/ASCQ: {s:02x?}");
-            assert_ne!(s[2] & 0x0f, 0, "CHECK CONDITION with NO SENSE key: {s:02x?} CDB {cdb:02x?}");
+            assert_ne!(
+                s[2] & 0x0f,
+                0,
+                "CHECK CONDITION with NO SENSE key: {s:02x?} CDB {cdb:02x?}"
+            );
         }
         0x72 | 0x73 => {
             assert_eq!(s[0] & 0x80, 0, "descriptor sense has no VALID bit");
-            assert_eq!(usize::from(s[7]) + 8, s.len(), "descriptor sense additional length: {s:02x?}");
-            assert_ne!(s[1] & 0x0f, 0, "CHECK CONDITION with NO SENSE key: {s:02x?} CDB {cdb:02x?}");
+            assert_eq!(
+                usize::from(s[7]) + 8,
+                s.len(),
+                "descriptor sense additional length: {s:02x?}"
+            );
+            assert_ne!(
+                s[1] & 0x0f,
+                0,
+                "CHECK CONDITION with NO SENSE key: {s:02x?} CDB {cdb:02x?}"
+            );
             // Descriptors tile the rest exactly.
             let mut d = &s[8..];
             while !d.is_empty() {
@@ -111,7 +142,10 @@ fn check_sense(cdb: &[u8], s: &[u8]) {
 fuzz_target!(|input: &[u8]| {
     let lus = TargetLus::with_stores(
         TARGET,
-        vec![lun(1, LUN1_BYTES, 512, true, false), lun(2, LUN2_BYTES, 4096, false, true)],
+        vec![
+            lun(1, LUN1_BYTES, 512, true, false),
+            lun(2, LUN2_BYTES, 4096, false, true),
+        ],
     )
     .expect("fuzz target builds");
     let nexuses = [nexus(1), nexus(2)];

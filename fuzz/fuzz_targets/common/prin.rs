@@ -17,7 +17,11 @@ pub fn check(sa: u8, data: &[u8]) -> Option<u32> {
     }
     assert!(data.len() >= 8, "PRIN data of {} bytes", data.len());
     let additional = be32(&data[4..8]) as usize;
-    assert_eq!(additional + 8, data.len(), "PRIN ADDITIONAL LENGTH, service action {sa}");
+    assert_eq!(
+        additional + 8,
+        data.len(),
+        "PRIN ADDITIONAL LENGTH, service action {sa}"
+    );
     match sa {
         0 => {
             assert_eq!(additional % 8, 0);
@@ -32,7 +36,7 @@ pub fn check(sa: u8, data: &[u8]) -> Option<u32> {
                 assert!(d.len() >= 24, "truncated full status descriptor");
                 let tid = be32(&d[20..24]) as usize;
                 assert!(24 + tid <= d.len(), "TransportID overruns");
-                assert!(tid >= 24 && tid % 4 == 0, "iSCSI TransportID of {tid} bytes");
+                assert!(tid >= 24 && tid.is_multiple_of(4), "iSCSI TransportID of {tid} bytes");
                 d = &d[24 + tid..];
                 n += 1;
             }
