@@ -62,7 +62,39 @@ fn nexus(id: u64) -> Nexus {
     }
 }
 
-fn check_outcome(cdb: &[u8], o: &Outcome) {
+/// The allocation length (SPC-4 §4.2.5.6) of CDBs that have one, when the CDB is long enough.
+fn allocation_length(cdb: &[u8]) -> Option<usize> {
+    let u16_at = |i: usize| cdb.get(i..i + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])));
+    let u32_at = |i: usize| {
+        cdb.get(i..i + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    match *cdb.first()? {
+        0x12 => u16_at(3),                                                // INQUIRY
+        0x03 | 0x1a => cdb.get(4).map(|&b| usize::from(b)),               // REQUEST SENSE, MODE SENSE(6)
+        0x5a | 0x5e => u16_at(7),                                         // MODE SENSE(10), PERSISTENT RESERVE IN
+        0xa0 => u32_at(6),                                                // REPORT LUNS
+        0x9e if cdb.get(1).map(|b| b & 0x1f) == Some(0x10) => u32_at(10), // READ CAPACITY(16)
+        0x25 => Some(8),                                                  // READ CAPACITY(10)
+        _ => None,
+    }
+}
+
+fn check_outcome(cdb: &[u8], block_size: Option<usize>, o: &Outcome) {
+    if let Some(alloc) = allocation_length(cdb) {
+        assert!(
+            o.data_in.len() <= alloc,
+            "{} bytes for allocation length {alloc}, CDB {cdb:02x?}",
+            o.data_in.len()
+        );
+    }
+    // READ(10) that succeeds returns exactly TRANSFER LENGTH blocks (SBC-3 §5.11).
+    if o.status == status::GOOD
+        && let (Some(bs), [0x28, _, _, _, _, _, _, hi, lo, _, ..]) = (block_size, cdb)
+    {
+        let blocks = usize::from(u16::from_be_bytes([*hi, *lo]));
+        assert_eq!(o.data_in.len(), blocks * bs, "READ(10) Data-In length, CDB {cdb:02x?}");
+    }
     let allowed = [
         status::GOOD,
         status::CHECK_CONDITION,
@@ -198,7 +230,12 @@ fuzz_target!(|input: &[u8]| {
             task_attr: (sel >> 3) & 7,
         };
         let outcome = lus.execute_sync(nexus, &cmd);
-        check_outcome(cdb, &outcome);
+        let block_size = match lun_no {
+            1 => Some(512),
+            2 => Some(4096),
+            _ => None,
+        };
+        check_outcome(cdb, block_size, &outcome);
     }
     let _ = lus.luns();
 });
