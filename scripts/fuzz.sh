@@ -55,7 +55,7 @@ for t in "${TARGETS[@]}"; do
     cov=$(grep -o 'cov: [0-9]*' "$LOGS/$t.log" | tail -1 || true)
     if [[ $rc -ne 0 ]]; then
         artifact=$(find "$FUZZ/artifacts/$t" -type f -newer "$marker" 2>/dev/null | head -1)
-        grep -E 'panicked at|ERROR: libFuzzer|ERROR: AddressSanitizer|SUMMARY' "$LOGS/$t.log" | head -5 >&2 || true
+        grep -E -A1 'panicked at|ERROR: AddressSanitizer' "$LOGS/$t.log" | head -6 >&2 || true
         log "fuzz: $t FAILED (exit $rc); input: ${artifact:-see $LOGS/$t.log}; log: $LOGS/$t.log"
         failed+=("$t")
     else
