@@ -80,6 +80,14 @@ else
     log "installing cargo-nextest"
     cargo install cargo-nextest --locked
 fi
+# cargo-fuzz (scripts/fuzz.sh): ~2 min to build on 2 cores. Works on stable Rust with
+# RUSTC_BOOTSTRAP=1, which scripts/fuzz.sh sets.
+if cargo fuzz --version >/dev/null 2>&1; then
+    log "$(cargo fuzz --version | head -1)"
+else
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
 
 for tool in iscsi-ls iscsi-inq iscsi-readcapacity16 iscsi-test-cu iscsi-perf tgtd tgtadm tgt-admin \
     qemu-img qemu-io fio sg_unmap jq; do

@@ -3,6 +3,7 @@
 #
 #   scripts/test.sh              everything, as CI runs it
 #   SKIP_CONFORMANCE=1 scripts/test.sh    without the libiscsi conformance run
+#   SKIP_FUZZ=1 scripts/test.sh           without the fuzzing step (FUZZ_SECONDS per target, default 20)
 #
 # Sized for 2 cores (nextest profile `ci` in .config/nextest.toml). Binaries are found through
 # cargo's target directory (build/ in this workspace, or CARGO_TARGET_DIR), never target/release.
@@ -30,6 +31,11 @@ export RAFTSAN_BIN
 
 step "cargo nextest run --workspace --release (profile ci)"
 cargo nextest run --workspace --release --locked --profile ci
+
+if [[ "${SKIP_FUZZ:-0}" != 1 ]]; then
+    step "fuzz: every target for ${FUZZ_SECONDS:-20}s (scripts/fuzz.sh)"
+    scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+fi
 
 if [[ "${SKIP_CONFORMANCE:-0}" != 1 ]]; then
     step "conformance: iscsi-test-cu against raftsan"
