@@ -125,17 +125,20 @@ fuzz_target!(|input: &[u8]| {
         sent.push(0);
 
         let req = LoginRequest {
-            transit: flags & 0x80 != 0,
-            cont: flags & 0x40 != 0,
-            csg: (flags >> 2) & 3,
-            nsg: flags & 3,
-            version_max,
-            version_min,
-            isid: [0x80, 0, 0, 0, 0, 1],
-            tsih: 0,
-            itt: 1,
-            cid: 0,
-            cmdsn: 1,
+            header: raftsan_proto::pdu::LoginRequest {
+                transit: flags & 0x80 != 0,
+                cont: flags & 0x40 != 0,
+                csg: (flags >> 2) & 3,
+                nsg: flags & 3,
+                version_max,
+                version_min,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                itt: 1,
+                cid: 0,
+                cmdsn: 1,
+                exp_statsn: 0,
+            },
             data: &data,
         };
         let step = login.on_request(&req, &authority);
@@ -161,9 +164,9 @@ fuzz_target!(|input: &[u8]| {
         match &step {
             LoginStep::Continue(r) => {
                 assert_eq!((r.status_class, r.status_detail), (0, 0));
-                assert_eq!(r.csg, req.csg);
+                assert_eq!(r.csg, req.header.csg);
                 assert!(
-                    !r.transit || (req.transit && r.nsg > r.csg),
+                    !r.transit || (req.header.transit && r.nsg > r.csg),
                     "T=1 that the initiator did not ask for"
                 );
             }
@@ -172,7 +175,10 @@ fuzz_target!(|input: &[u8]| {
                 ended = true;
             }
             LoginStep::FullFeature(r, _) => {
-                assert!(r.transit && req.transit && r.nsg == 3, "FullFeature without T=1 NSG=3");
+                assert!(
+                    r.transit && req.header.transit && r.nsg == 3,
+                    "FullFeature without T=1 NSG=3"
+                );
                 assert_eq!((r.status_class, r.status_detail), (0, 0));
                 assert!(
                     contains(&sent, b"\0InitiatorName=") || sent.starts_with(b"InitiatorName="),

@@ -1,6 +1,6 @@
 //! Target-side login state machine, sans-io (RFC 7143 §6.3, §11.12, §11.13, §12.1.3).
 //!
-//! The portal maps each Login Request PDU to a [`LoginRequest`], calls
+//! The portal wraps each Login Request PDU (its parsed header and text) in a [`LoginRequest`], calls
 //! [`TargetLogin::on_request`] and sends the [`LoginResponse`] inside the returned
 //! [`LoginStep`], filling in what this machine does not own (ITT, ISID, TSIH, StatSN,
 //! ExpCmdSN, MaxCmdSN).
@@ -110,17 +110,9 @@ impl std::fmt::Debug for TargetAuth {
 
 /// Fields of a Login Request PDU that matter (RFC 7143 §11.12).
 pub struct LoginRequest<'a> {
-    pub transit: bool,
-    pub cont: bool,
-    pub csg: u8,
-    pub nsg: u8,
-    pub version_max: u8,
-    pub version_min: u8,
-    pub isid: [u8; 6],
-    pub tsih: u16,
-    pub itt: u32,
-    pub cid: u16,
-    pub cmdsn: u32,
+    /// The Login Request header as the PDU layer parsed it.
+    pub header: crate::pdu::LoginRequest,
+    /// The request's text (data segment).
     pub data: &'a [u8],
 }
 
@@ -259,7 +251,7 @@ impl TargetLogin {
             Err(failure) => {
                 self.phase = Phase::Finished;
                 let (class, detail) = failure.status();
-                let mut response = Self::response(req.csg & 0b11, false, 0, Vec::new());
+                let mut response = Self::response(req.header.csg & 0b11, false, 0, Vec::new());
                 response.status_class = class;
                 response.status_detail = detail;
                 LoginStep::Failed(response, failure)
@@ -292,14 +284,14 @@ impl TargetLogin {
         }
         // RFC 7143 §11.12.4: we only speak version 0, so Version-min must be 0 (Version-max
         // is at least 0 by its type).
-        if req.version_min > ISCSI_VERSION {
+        if req.header.version_min > ISCSI_VERSION {
             return Err(LoginFailure::UnsupportedVersion);
         }
         self.check_stages(req)?;
 
         // RFC 7143 §11.12.2: C=1 means more text of this request follows.
         if let Some(csg) = self.pending_csg
-            && csg != req.csg
+            && csg != req.header.csg
         {
             return Err(initiator_error("stage changed inside a continued request"));
         }
@@ -307,9 +299,14 @@ impl TargetLogin {
             return Err(initiator_error("login request text too long"));
         }
         self.pending.extend_from_slice(req.data);
-        if req.cont {
-            self.pending_csg = Some(req.csg);
-            return Ok(LoginStep::Continue(Self::response(req.csg, false, 0, Vec::new())));
+        if req.header.cont {
+            self.pending_csg = Some(req.header.csg);
+            return Ok(LoginStep::Continue(Self::response(
+                req.header.csg,
+                false,
+                0,
+                Vec::new(),
+            )));
         }
         self.pending_csg = None;
         let text = std::mem::take(&mut self.pending);
@@ -327,13 +324,13 @@ impl TargetLogin {
         let (security, operational): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| is_security_key(k));
 
         if self.phase == Phase::Start {
-            self.identify(req.csg, &identity, authority)?;
+            self.identify(req.header.csg, &identity, authority)?;
         } else {
             self.check_identity_repeat(&identity)?;
         }
 
         let mut answers = Vec::new();
-        if req.csg == STAGE_SECURITY {
+        if req.header.csg == STAGE_SECURITY {
             answers = self.security(&security)?;
         } else if let Some((key, _)) = security.first() {
             return Err(initiator_error(&format!("{key} outside the security stage")));
@@ -347,7 +344,7 @@ impl TargetLogin {
                 .respond(&operational)
                 .map_err(|e| initiator_error(&e.to_string()))?,
         );
-        if req.csg == STAGE_OPERATIONAL {
+        if req.header.csg == STAGE_OPERATIONAL {
             answers.extend(negotiator.declarations());
         }
         if !self.first_response_sent {
@@ -358,15 +355,15 @@ impl TargetLogin {
         let refs: Vec<(&str, &str)> = answers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         text::encode(&refs, &mut data);
 
-        let stage_done = match req.csg {
+        let stage_done = match req.header.csg {
             STAGE_SECURITY => self.phase == Phase::SecurityDone,
             _ => true,
         };
-        if !(req.transit && stage_done) {
-            return Ok(LoginStep::Continue(Self::response(req.csg, false, 0, data)));
+        if !(req.header.transit && stage_done) {
+            return Ok(LoginStep::Continue(Self::response(req.header.csg, false, 0, data)));
         }
-        let response = Self::response(req.csg, true, req.nsg, data);
-        if req.nsg == STAGE_FULL_FEATURE {
+        let response = Self::response(req.header.csg, true, req.header.nsg, data);
+        if req.header.nsg == STAGE_FULL_FEATURE {
             let mut params = self
                 .negotiator
                 .take()
@@ -383,16 +380,19 @@ impl TargetLogin {
 
     /// RFC 7143 §6.3, §11.12.3: legal CSG/NSG/T/C combinations and stage order.
     fn check_stages(&self, req: &LoginRequest<'_>) -> Result<(), LoginFailure> {
-        if req.csg != STAGE_SECURITY && req.csg != STAGE_OPERATIONAL {
-            return Err(initiator_error(&format!("login request in stage {}", req.csg)));
+        if req.header.csg != STAGE_SECURITY && req.header.csg != STAGE_OPERATIONAL {
+            return Err(initiator_error(&format!("login request in stage {}", req.header.csg)));
         }
-        if req.transit && req.cont {
+        if req.header.transit && req.header.cont {
             return Err(initiator_error("T and C both set"));
         }
-        if req.transit && (req.nsg <= req.csg || (req.nsg != STAGE_OPERATIONAL && req.nsg != STAGE_FULL_FEATURE)) {
+        if req.header.transit
+            && (req.header.nsg <= req.header.csg
+                || (req.header.nsg != STAGE_OPERATIONAL && req.header.nsg != STAGE_FULL_FEATURE))
+        {
             return Err(initiator_error(&format!(
                 "transit from stage {} to stage {}",
-                req.csg, req.nsg
+                req.header.csg, req.header.nsg
             )));
         }
         let expected = match self.phase {
@@ -403,10 +403,10 @@ impl TargetLogin {
             Phase::Operational => STAGE_OPERATIONAL,
             Phase::Finished => return Ok(()),
         };
-        if req.csg != expected {
+        if req.header.csg != expected {
             return Err(initiator_error(&format!(
                 "request in stage {} while in stage {expected}",
-                req.csg
+                req.header.csg
             )));
         }
         Ok(())
@@ -720,17 +720,20 @@ MaxConnections=1\0DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0MaxRecvDataSegmen
 
     fn req(csg: u8, nsg: u8, transit: bool, data: &[u8]) -> LoginRequest<'_> {
         LoginRequest {
-            transit,
-            cont: false,
-            csg,
-            nsg,
-            version_max: 0,
-            version_min: 0,
-            isid: [0x80, 0, 0, 0, 0, 1],
-            tsih: 0,
-            itt: 1,
-            cid: 0,
-            cmdsn: 0,
+            header: crate::pdu::LoginRequest {
+                transit,
+                cont: false,
+                csg,
+                nsg,
+                version_max: 0,
+                version_min: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                itt: 1,
+                cid: 0,
+                cmdsn: 0,
+                exp_statsn: 0,
+            },
             data,
         }
     }
@@ -1229,7 +1232,7 @@ TargetPortalGroupTag=1\0"
         let data = cat(&[&identity_text(), LIBISCSI_OPNEG]);
         let (a, b) = data.split_at(40);
         let mut first = req(1, 3, false, a);
-        first.cont = true;
+        first.header.cont = true;
         assert_eq!(cont(l.on_request(&first, &c)), resp(1, false, 0, b""));
         let (r, params) = full(l.on_request(&req(1, 3, true, b), &c));
         let expected = cat(&[LIBISCSI_OPNEG_ANSWER, b"TargetAlias=disk1\0TargetPortalGroupTag=1\0"]);
@@ -1242,7 +1245,7 @@ TargetPortalGroupTag=1\0"
         let mut step = None;
         for _ in 0..=MAX_LOGIN_TEXT_BYTES / chunk.len() {
             let mut r = req(1, 3, false, &chunk);
-            r.cont = true;
+            r.header.cont = true;
             step = Some(l.on_request(&r, &c));
         }
         let (r, f) = fail(step.unwrap());
@@ -1257,8 +1260,8 @@ TargetPortalGroupTag=1\0"
         // RFC 7143 §11.12.4: Version-min above 0 → 0205.
         let mut l = login();
         let mut r = req(1, 3, true, &data);
-        r.version_min = 1;
-        r.version_max = 2;
+        r.header.version_min = 1;
+        r.header.version_max = 2;
         let (resp_, f) = fail(l.on_request(&r, &c));
         assert_eq!(
             (resp_, f),
@@ -1275,7 +1278,7 @@ TargetPortalGroupTag=1\0"
         for (csg, nsg, transit, c_bit) in cases {
             let mut l = login();
             let mut r = req(csg, nsg, transit, &data);
-            r.cont = c_bit;
+            r.header.cont = c_bit;
             let (resp_, f) = fail(l.on_request(&r, &c));
             assert_eq!(resp_, failed(csg, status::INITIATOR_ERROR), "{csg} {nsg}");
             assert!(matches!(f, LoginFailure::InitiatorError(_)));
@@ -1315,9 +1318,9 @@ TargetPortalGroupTag=1\0"
             let mut l = login();
             for (transit, cont_bit, csg, nsg, vmax, vmin, data) in &steps {
                 let mut r = req(*csg, *nsg, *transit, data);
-                r.cont = *cont_bit;
-                r.version_max = *vmax;
-                r.version_min = *vmin;
+                r.header.cont = *cont_bit;
+                r.header.version_max = *vmax;
+                r.header.version_min = *vmin;
                 let _ = l.on_request(&r, &c);
             }
         }

@@ -237,9 +237,9 @@ impl Raw {
         Ok((r, keys))
     }
 
-    /// A normal-session login with one-way CHAP (MD5), security stage then operational stage
-    /// (RFC 7143 §6.3, §12.1.3).
-    pub fn login_chap(&mut self, initiator: &str, target: &str, user: &str, secret: &str) -> Result<()> {
+    /// The security stage up to the target's challenge: offers CHAP, picks MD5 (CHAP_A=5) and
+    /// answers the target's CHAP_I/CHAP_C with `secret`. Returns the challenge and our response.
+    fn chap_start(&mut self, initiator: &str, target: &str, secret: &str) -> Result<(Vec<u8>, Vec<u8>)> {
         let base = [
             ("InitiatorName", initiator),
             ("TargetName", target),
@@ -262,6 +262,13 @@ impl Raw {
             secret.as_bytes(),
             &challenge,
         );
+        Ok((challenge, response))
+    }
+
+    /// A normal-session login with one-way CHAP (MD5), security stage then operational stage
+    /// (RFC 7143 §6.3, §12.1.3).
+    pub fn login_chap(&mut self, initiator: &str, target: &str, user: &str, secret: &str) -> Result<()> {
+        let (_, response) = self.chap_start(initiator, target, secret)?;
         let hex = raftsan_proto::chap::encode_hex(&response);
         let (r, _) = self.login_step(0, 1, true, &[("CHAP_N", user), ("CHAP_R", &hex)])?;
         ensure!(r.transit && r.nsg == 1, "CHAP did not complete: {r:?}");
@@ -293,28 +300,7 @@ impl Raw {
         our_id: u8,
         our_challenge: Option<&[u8]>,
     ) -> Result<MutualChapAnswer> {
-        let base = [
-            ("InitiatorName", initiator),
-            ("TargetName", target),
-            ("SessionType", "Normal"),
-            ("AuthMethod", "CHAP"),
-        ];
-        self.login_step(0, 1, false, &base)?;
-        let (_, keys) = self.login_step(0, 1, false, &[("CHAP_A", "5")])?;
-        let get = |k: &str| {
-            keys.iter()
-                .find(|(key, _)| key == k)
-                .map(|(_, v)| v.clone())
-                .with_context(|| format!("no {k} from the target"))
-        };
-        let id: u8 = get("CHAP_I")?.parse()?;
-        let challenge = raftsan_proto::chap::decode_binary(&get("CHAP_C")?).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        let response = raftsan_proto::chap::chap_response(
-            raftsan_proto::chap::ChapAlgorithm::Md5,
-            id,
-            secret.as_bytes(),
-            &challenge,
-        );
+        let (challenge, response) = self.chap_start(initiator, target, secret)?;
         let sent = our_challenge.map_or_else(|| challenge.clone(), <[u8]>::to_vec);
         let r_hex = raftsan_proto::chap::encode_hex(&response);
         let c_hex = raftsan_proto::chap::encode_hex(&sent);

@@ -288,17 +288,7 @@ impl Conn {
             let sn = *statsn.get_or_insert(req.exp_statsn);
             let step = machine.on_request(
                 &raftsan_proto::login::LoginRequest {
-                    transit: req.transit,
-                    cont: req.cont,
-                    csg: req.csg,
-                    nsg: req.nsg,
-                    version_max: req.version_max,
-                    version_min: req.version_min,
-                    isid: req.isid,
-                    tsih: req.tsih,
-                    itt: req.itt,
-                    cid: req.cid,
-                    cmdsn: req.cmdsn,
+                    header: req,
                     data: &p.data,
                 },
                 &Authority {
