@@ -1,0 +1,901 @@
+//! The durable Raft log store of one Raft group: segmented append-only files plus small vote,
+//! committed and purged files, all framed as CRC-checked records (`record.rs`).
+//!
+//! Directory layout:
+//!
+//! ```text
+//! <dir>/<16 hex digits>.seg   log segments, ascending ids; the last one is the active segment
+//! <dir>/vote                  the vote, replaced atomically and durably before save_vote returns
+//! <dir>/purged                the last purged log id, replaced atomically and durably
+//! <dir>/committed             the committed log id, a hint: written after the log it covers is
+//!                             durable, never fsynced itself (losing it is allowed by openraft)
+//! ```
+//!
+//! I/O ordering (openraft `docs/protocol/io_ordering.md`): every write is issued synchronously from
+//! the caller in submission order. `append` writes the records and returns (they are readable at
+//! once); durability is reported through the callback. With [`FsyncPolicy::Batch`], one flusher
+//! thread fdatasyncs every file written since its last round and then completes every callback
+//! queued before that round began (group commit). With [`FsyncPolicy::Always`], `append` syncs
+//! before it returns. `save_vote`, `truncate_after` and `purge` first make all earlier appends
+//! durable, then their own change, before they return.
+//!
+//! Storage errors are sticky (DESIGN.md invariant 7): after the first failed write or fsync every
+//! later call fails, and openraft stops the group.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use openraft::OptionalSend;
+use openraft::alias::{EntryOf, LogIdOf, VoteOf};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
+use prost::Message;
+
+use super::record::{self, LogIdRecord, TailError, VoteRecord};
+use super::types::VolumeTypeConfig;
+
+type C = VolumeTypeConfig;
+type Entry = EntryOf<C>;
+type LogId = LogIdOf<C>;
+type Vote = VoteOf<C>;
+type Callback = IOFlushed<C>;
+
+/// File name of the vote.
+pub const VOTE_FILE: &str = "vote";
+/// File name of the last purged log id.
+pub const PURGED_FILE: &str = "purged";
+/// File name of the committed log id.
+pub const COMMITTED_FILE: &str = "committed";
+/// Suffix of segment files.
+pub const SEGMENT_SUFFIX: &str = ".seg";
+/// Default segment size at which the active segment is rotated.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// Default cap on the bytes one `limited_get_log_entries` returns (bounds AppendEntries).
+pub const DEFAULT_MAX_READ_BYTES: usize = 4 * 1024 * 1024;
+/// Default size of the cache of recently appended entries.
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
+/// When appended entries are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// `append` fdatasyncs before it returns and completes its callback itself.
+    Always,
+    /// A flusher thread fdatasyncs once for all appends queued since its last round.
+    Batch,
+}
+
+/// Tunables of a [`LogStore`].
+#[derive(Debug, Clone)]
+pub struct LogStoreOptions {
+    /// Rotate the active segment once it holds at least this many bytes.
+    pub segment_bytes: u64,
+    /// Fsync policy of appends.
+    pub fsync: FsyncPolicy,
+    /// Byte cap of one `limited_get_log_entries` result (at least one entry is always returned).
+    pub max_read_bytes: usize,
+    /// Byte budget of the in-memory cache of recent entries.
+    pub cache_bytes: usize,
+}
+
+impl Default for LogStoreOptions {
+    fn default() -> Self {
+        Self {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            fsync: FsyncPolicy::Batch,
+            max_read_bytes: DEFAULT_MAX_READ_BYTES,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// Location of one entry on disk.
+#[derive(Debug, Clone)]
+struct Loc {
+    seg: u64,
+    offset: u64,
+    frame_len: u32,
+    log_id: LogId,
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    file: Arc<File>,
+    len: u64,
+    /// Highest index physically stored in the segment, purged or not.
+    last_index: Option<u64>,
+}
+
+struct Inner {
+    segments: BTreeMap<u64, Segment>,
+    /// Locations of the live (unpurged) entries; `locs[i]` has index `first_index + i`.
+    locs: VecDeque<Loc>,
+    first_index: u64,
+    last_purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    cache: BTreeMap<u64, Entry>,
+    cache_bytes: usize,
+    failed: Option<String>,
+}
+
+#[derive(Default)]
+struct FlushQueue {
+    waiters: Vec<Callback>,
+    files: Vec<Arc<File>>,
+    sync_dir: bool,
+    /// Highest log index written to a file (durable or not).
+    written_index: Option<u64>,
+    /// Highest log index known durable.
+    durable_index: Option<u64>,
+    pending_committed: Option<LogId>,
+    shutdown: bool,
+    error: Option<String>,
+}
+
+struct FlushCtl {
+    dir: PathBuf,
+    queue: Mutex<FlushQueue>,
+    cv: Condvar,
+    /// Serializes flush rounds between the flusher thread and synchronous callers.
+    round: Mutex<()>,
+    fsyncs: AtomicU64,
+}
+
+struct Shared {
+    dir: PathBuf,
+    opts: LogStoreOptions,
+    inner: Mutex<Inner>,
+    ctl: Arc<FlushCtl>,
+    flusher: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        lock(&self.ctl.queue).shutdown = true;
+        self.ctl.cv.notify_all();
+        if let Some(h) = lock(&self.flusher).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The durable log store of one Raft group. Cheap to clone; clones share the same store, and a
+/// clone is the [`RaftLogReader`] handed to replication.
+#[derive(Clone)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a lock leaves plain data behind; keep going rather than cascade.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn corrupt(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}{SEGMENT_SUFFIX}"))
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Replace `dir/name` with `bytes`: write a temporary file, fsync it, rename, fsync the directory
+/// (all only when `durable`).
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> io::Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+    }
+    fs::rename(&tmp, &path)?;
+    if durable {
+        fsync_dir(dir)?;
+    }
+    Ok(())
+}
+
+fn framed<M: Message>(msg: &M) -> Vec<u8> {
+    let mut out = Vec::new();
+    record::encode_record(&msg.encode_to_vec(), &mut out);
+    out
+}
+
+/// Read a one-record file; `Ok(None)` when absent.
+fn read_single<M: Message + Default>(path: &Path) -> io::Result<Option<M>> {
+    let buf = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let (recs, _, err) = record::decode_records(&buf);
+    if let Some(err) = err {
+        return Err(corrupt(format!("{}: {err}", path.display())));
+    }
+    let [rec] = recs.as_slice() else {
+        return Err(corrupt(format!(
+            "{}: {} records, expected 1",
+            path.display(),
+            recs.len()
+        )));
+    };
+    M::decode(rec.payload)
+        .map(Some)
+        .map_err(|e| corrupt(format!("{}: {e}", path.display())))
+}
+
+/// Whether a valid record starts anywhere in `buf` after `from` (then the damage at `from` is not
+/// a torn tail but corruption in the middle of the log).
+fn valid_record_after(buf: &[u8], from: usize) -> Option<usize> {
+    let magic = record::RECORD_MAGIC.to_le_bytes();
+    (from + 1..buf.len().saturating_sub(record::HEADER_LEN - 1))
+        .filter(|&p| buf[p..p + 4] == magic)
+        .find(|&p| !record::decode_records(&buf[p..]).0.is_empty())
+}
+
+impl FlushCtl {
+    /// One group-commit round: fdatasync every file written so far, then complete the callbacks
+    /// queued before the round began, then write a pending committed id the log now covers.
+    fn round(&self) {
+        let _round = lock(&self.round);
+        let (waiters, files, sync_dir, written) = {
+            let mut q = lock(&self.queue);
+            (
+                std::mem::take(&mut q.waiters),
+                std::mem::take(&mut q.files),
+                std::mem::take(&mut q.sync_dir),
+                q.written_index,
+            )
+        };
+        let mut result = Ok(());
+        if let Some(e) = lock(&self.queue).error.clone() {
+            result = Err(e);
+        } else {
+            for f in &files {
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = f.sync_data() {
+                    result = Err(format!("fdatasync of log segment: {e}"));
+                    break;
+                }
+            }
+            if result.is_ok() && sync_dir {
+                self.fsyncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = fsync_dir(&self.dir) {
+                    result = Err(format!("fsync of log directory: {e}"));
+                }
+            }
+        }
+        match &result {
+            Ok(()) => {
+                let committed = {
+                    let mut q = lock(&self.queue);
+                    q.durable_index = q.durable_index.max(written);
+                    match q.pending_committed.clone() {
+                        Some(c) if Some(c.index) <= q.durable_index => q.pending_committed.take(),
+                        _ => None,
+                    }
+                };
+                for w in waiters {
+                    w.io_completed(Ok(()));
+                }
+                if let Some(c) = committed {
+                    // A hint only: a lost or torn committed file reads back as None.
+                    if let Err(e) = write_atomic(&self.dir, COMMITTED_FILE, &framed(&LogIdRecord::from(&c)), false) {
+                        tracing::warn!(dir = %self.dir.display(), "writing committed log id: {e}");
+                    }
+                }
+            }
+            Err(msg) => {
+                tracing::error!(dir = %self.dir.display(), "raft log storage failed, node out of service: {msg}");
+                lock(&self.queue).error = Some(msg.clone());
+                for w in waiters {
+                    w.io_completed(Err(io::Error::other(msg.clone())));
+                }
+            }
+        }
+    }
+
+    fn run(self: Arc<Self>) {
+        loop {
+            {
+                let mut q = lock(&self.queue);
+                loop {
+                    let committed_ready = matches!(&q.pending_committed, Some(c) if Some(c.index) <= q.written_index);
+                    if q.shutdown || !q.waiters.is_empty() || !q.files.is_empty() || q.sync_dir || committed_ready {
+                        break;
+                    }
+                    q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.shutdown && q.waiters.is_empty() && q.files.is_empty() && !q.sync_dir {
+                    return;
+                }
+            }
+            self.round();
+        }
+    }
+}
+
+impl LogStore {
+    /// Open (or create) the log store in `dir`: scan and verify every segment, truncate a torn
+    /// tail of the last segment, and fail on corruption anywhere else.
+    pub fn open(dir: impl AsRef<Path>, opts: LogStoreOptions) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir)?;
+        let vote = read_single::<VoteRecord>(&dir.join(VOTE_FILE))?.map(|r| Vote::from(&r));
+        let last_purged = read_single::<LogIdRecord>(&dir.join(PURGED_FILE))?.map(|r| LogId::from(&r));
+        let committed = match read_single::<LogIdRecord>(&dir.join(COMMITTED_FILE)) {
+            Ok(c) => c.map(|r| LogId::from(&r)),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), "ignoring unreadable committed hint: {e}");
+                None
+            }
+        };
+
+        let mut ids = Vec::new();
+        for ent in fs::read_dir(&dir)? {
+            let name = ent?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(hex) = name.strip_suffix(SEGMENT_SUFFIX)
+                && let Ok(id) = u64::from_str_radix(hex, 16)
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+
+        let purged_index = last_purged.as_ref().map(|l| l.index);
+        let mut segments = BTreeMap::new();
+        let mut locs: VecDeque<Loc> = VecDeque::new();
+        let mut first_index = purged_index.map_or(0, |i| i + 1);
+        let mut prev_index: Option<u64> = None;
+        for (n, &id) in ids.iter().enumerate() {
+            let path = segment_path(&dir, id);
+            let is_last = n + 1 == ids.len();
+            let buf = fs::read(&path)?;
+            let (recs, valid, err) = record::decode_records(&buf);
+            let mut len = buf.len() as u64;
+            if let Some(err) = err {
+                if !is_last || valid_record_after(&buf, err.offset()).is_some() {
+                    return Err(corrupt(format!("{}: corrupt log record: {err}", path.display())));
+                }
+                tracing::warn!(
+                    segment = %path.display(),
+                    valid_bytes = valid,
+                    dropped_bytes = buf.len() - valid,
+                    "truncating torn tail of the raft log: {err}"
+                );
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(valid as u64)?;
+                f.sync_all()?;
+                len = valid as u64;
+            }
+            let mut last_index = None;
+            for rec in &recs {
+                let entry = record::decode_entry(rec.payload)
+                    .map_err(|e| corrupt(format!("{} offset {}: {e}", path.display(), rec.offset)))?;
+                let index = entry.log_id.index;
+                if let Some(p) = prev_index
+                    && index != p + 1
+                {
+                    return Err(corrupt(format!(
+                        "{} offset {}: log index {index} follows {p}",
+                        path.display(),
+                        rec.offset
+                    )));
+                }
+                prev_index = Some(index);
+                last_index = Some(index);
+                if Some(index) <= purged_index {
+                    continue;
+                }
+                if locs.is_empty() {
+                    first_index = index;
+                }
+                locs.push_back(Loc {
+                    seg: id,
+                    offset: rec.offset as u64,
+                    frame_len: rec.frame_len() as u32,
+                    log_id: entry.log_id,
+                });
+            }
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            segments.insert(
+                id,
+                Segment {
+                    path,
+                    file: Arc::new(file),
+                    len,
+                    last_index,
+                },
+            );
+        }
+        let mut sync_dir = false;
+        if segments.is_empty() {
+            let path = segment_path(&dir, 0);
+            let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+            segments.insert(
+                0,
+                Segment {
+                    path,
+                    file: Arc::new(file),
+                    len: 0,
+                    last_index: None,
+                },
+            );
+            sync_dir = true;
+        }
+        let written = locs.back().map(|l| l.log_id.index);
+        let ctl = Arc::new(FlushCtl {
+            dir: dir.clone(),
+            queue: Mutex::new(FlushQueue {
+                written_index: written,
+                durable_index: written,
+                sync_dir,
+                ..Default::default()
+            }),
+            cv: Condvar::new(),
+            round: Mutex::new(()),
+            fsyncs: AtomicU64::new(0),
+        });
+        let flusher = {
+            let ctl = ctl.clone();
+            std::thread::Builder::new()
+                .name("raft-log-flush".into())
+                .spawn(move || ctl.run())?
+        };
+        let shared = Shared {
+            dir,
+            opts,
+            inner: Mutex::new(Inner {
+                segments,
+                locs,
+                first_index,
+                last_purged,
+                vote,
+                committed,
+                cache: BTreeMap::new(),
+                cache_bytes: 0,
+                failed: None,
+            }),
+            ctl,
+            flusher: Mutex::new(Some(flusher)),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The directory of this store.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// Number of fdatasync/fsync calls made for appends so far (group-commit measurement).
+    pub fn fsync_count(&self) -> u64 {
+        self.shared.ctl.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Number of segment files currently on disk.
+    pub fn segment_count(&self) -> usize {
+        lock(&self.shared.inner).segments.len()
+    }
+
+    /// Make every append issued so far durable before returning (completing their callbacks).
+    pub fn sync(&self) -> io::Result<()> {
+        self.shared.ctl.round();
+        self.check_flush_error()
+    }
+
+    fn check_flush_error(&self) -> io::Result<()> {
+        match lock(&self.shared.ctl.queue).error.clone() {
+            Some(e) => Err(io::Error::other(format!("raft log storage failed earlier: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_failed(&self, inner: &Inner) -> io::Result<()> {
+        if let Some(e) = &inner.failed {
+            return Err(io::Error::other(format!("raft log storage failed earlier: {e}")));
+        }
+        self.check_flush_error()
+    }
+
+    /// Run `f` on the locked state; an error is made sticky and logged.
+    fn mutate<T>(&self, what: &str, f: impl FnOnce(&Shared, &mut Inner) -> io::Result<T>) -> io::Result<T> {
+        let mut inner = lock(&self.shared.inner);
+        self.check_failed(&inner)?;
+        let r = f(&self.shared, &mut inner);
+        if let Err(e) = &r {
+            tracing::error!(dir = %self.shared.dir.display(), "raft log {what} failed, node out of service: {e}");
+            inner.failed = Some(format!("{what}: {e}"));
+        }
+        r
+    }
+
+    fn read_range(&self, start: u64, end: u64, max_bytes: Option<usize>) -> io::Result<Vec<Entry>> {
+        let inner = lock(&self.shared.inner);
+        self.check_failed(&inner)?;
+        let first = inner.first_index;
+        let last_excl = first + inner.locs.len() as u64;
+        let (start, end) = (start.max(first), end.min(last_excl));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for index in start..end {
+            let loc = &inner.locs[(index - first) as usize];
+            if let Some(max) = max_bytes
+                && !out.is_empty()
+                && bytes + loc.frame_len as usize > max
+            {
+                break;
+            }
+            bytes += loc.frame_len as usize;
+            if let Some(e) = inner.cache.get(&index) {
+                out.push(e.clone());
+                continue;
+            }
+            let seg = inner
+                .segments
+                .get(&loc.seg)
+                .ok_or_else(|| corrupt(format!("log index {index}: segment {} missing", loc.seg)))?;
+            let mut buf = vec![0u8; loc.frame_len as usize];
+            seg.file.read_exact_at(&mut buf, loc.offset)?;
+            let (recs, _, err) = record::decode_records(&buf);
+            let rec = match (recs.first(), err) {
+                (Some(r), None) => r,
+                (_, err) => {
+                    return Err(corrupt(format!(
+                        "{} offset {}: re-reading log index {index}: {}",
+                        seg.path.display(),
+                        loc.offset,
+                        err.map_or_else(|| "no record".to_string(), |e: TailError| e.to_string())
+                    )));
+                }
+            };
+            let entry = record::decode_entry(rec.payload)?;
+            if entry.log_id != loc.log_id {
+                return Err(corrupt(format!(
+                    "{}: log index {index} changed on disk",
+                    seg.path.display()
+                )));
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl Shared {
+    fn active(inner: &Inner) -> u64 {
+        inner.segments.keys().next_back().copied().unwrap_or(0)
+    }
+
+    fn cache_insert(&self, inner: &mut Inner, entry: Entry, size: usize) {
+        inner.cache_bytes += size;
+        inner.cache.insert(entry.log_id.index, entry);
+        while inner.cache_bytes > self.opts.cache_bytes {
+            let Some((index, _)) = inner.cache.pop_first() else {
+                break;
+            };
+            let first = inner.first_index;
+            let freed = index
+                .checked_sub(first)
+                .and_then(|i| inner.locs.get(i as usize))
+                .map_or(0, |l| l.frame_len as usize);
+            inner.cache_bytes = inner.cache_bytes.saturating_sub(freed);
+            if inner.cache.is_empty() {
+                inner.cache_bytes = 0;
+            }
+        }
+    }
+
+    fn cache_recount(inner: &mut Inner) {
+        let first = inner.first_index;
+        inner.cache_bytes = inner
+            .cache
+            .keys()
+            .filter_map(|i| i.checked_sub(first).and_then(|i| inner.locs.get(i as usize)))
+            .map(|l| l.frame_len as usize)
+            .sum();
+    }
+
+    /// Start a new active segment after the current one; queues the directory sync.
+    fn rotate(&self, inner: &mut Inner) -> io::Result<()> {
+        let id = Self::active(inner) + 1;
+        let path = segment_path(&self.dir, id);
+        let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+        inner.segments.insert(
+            id,
+            Segment {
+                path,
+                file: Arc::new(file),
+                len: 0,
+                last_index: None,
+            },
+        );
+        lock(&self.ctl.queue).sync_dir = true;
+        Ok(())
+    }
+
+    fn append_entries(&self, inner: &mut Inner, entries: Vec<Entry>) -> io::Result<Option<u64>> {
+        let mut buf = Vec::new();
+        let mut pending: Vec<(Entry, u64, u32)> = Vec::new(); // entry, offset in segment, frame len
+        let mut last = None;
+        let mut next = inner.locs.back().map(|l| l.log_id.index + 1);
+        for entry in entries {
+            let index = entry.log_id.index;
+            match next {
+                Some(n) if n != index => {
+                    return Err(io::Error::other(format!("append of log index {index}, expected {n}")));
+                }
+                None if Some(index) <= inner.last_purged.as_ref().map(|l| l.index) => {
+                    return Err(io::Error::other(format!("append of purged log index {index}")));
+                }
+                _ => {}
+            }
+            next = Some(index + 1);
+            let start = buf.len();
+            record::encode_entry(&entry, &mut buf)?;
+            let frame = (buf.len() - start) as u32;
+            let active = Self::active(inner);
+            let seg_len = inner.segments.get(&active).map_or(0, |s| s.len);
+            if seg_len + start as u64 > 0 && seg_len + buf.len() as u64 > self.opts.segment_bytes {
+                // Flush what belongs to the current segment, then rotate.
+                self.write_to_active(inner, &buf[..start], &mut pending)?;
+                let tail = buf.split_off(start);
+                buf = tail;
+                self.rotate(inner)?;
+            }
+            let seg_len = inner.segments.get(&Self::active(inner)).map_or(0, |s| s.len);
+            let off_in_buf = buf.len() as u64 - frame as u64;
+            pending.push((entry, seg_len + off_in_buf, frame));
+            last = Some(index);
+        }
+        self.write_to_active(inner, &buf, &mut pending)?;
+        Ok(last)
+    }
+
+    /// Write `bytes` at the end of the active segment and index the `pending` entries it holds.
+    fn write_to_active(&self, inner: &mut Inner, bytes: &[u8], pending: &mut Vec<(Entry, u64, u32)>) -> io::Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let active = Self::active(inner);
+        let seg = inner
+            .segments
+            .get_mut(&active)
+            .ok_or_else(|| io::Error::other("no active segment"))?;
+        seg.file.write_all_at(bytes, seg.len)?;
+        seg.len += bytes.len() as u64;
+        let file = seg.file.clone();
+        for (entry, offset, frame_len) in pending.drain(..) {
+            let index = entry.log_id.index;
+            if let Some(seg) = inner.segments.get_mut(&active) {
+                seg.last_index = Some(index);
+            }
+            if inner.locs.is_empty() {
+                inner.first_index = index;
+            }
+            inner.locs.push_back(Loc {
+                seg: active,
+                offset,
+                frame_len,
+                log_id: entry.log_id,
+            });
+            self.cache_insert(inner, entry, frame_len as usize);
+        }
+        let mut q = lock(&self.ctl.queue);
+        if !q.files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+            q.files.push(file);
+        }
+        q.written_index = inner.locs.back().map(|l| l.log_id.index);
+        Ok(())
+    }
+
+    fn truncate_after(&self, inner: &mut Inner, keep: Option<u64>) -> io::Result<()> {
+        let first = inner.first_index;
+        let cut = match keep {
+            Some(k) => k + 1,
+            None => 0,
+        }
+        .max(first);
+        let Some(loc) = inner.locs.get((cut - first) as usize).cloned() else {
+            return Ok(()); // nothing after `keep`
+        };
+        // Earlier appends first, so the truncation never reorders with them.
+        self.ctl.round();
+        let later: Vec<u64> = inner.segments.range(loc.seg + 1..).map(|(id, _)| *id).collect();
+        for id in &later {
+            if let Some(seg) = inner.segments.remove(id) {
+                fs::remove_file(&seg.path)?;
+            }
+        }
+        let seg = inner
+            .segments
+            .get_mut(&loc.seg)
+            .ok_or_else(|| corrupt(format!("segment {} missing", loc.seg)))?;
+        seg.file.set_len(loc.offset)?;
+        seg.file.sync_all()?;
+        seg.len = loc.offset;
+        inner.locs.truncate((cut - first) as usize);
+        if let Some(seg) = inner.segments.get_mut(&loc.seg) {
+            // Records left in the segment (live or purged) end just below the cut.
+            seg.last_index = if loc.offset == 0 { None } else { Some(cut - 1) };
+        }
+        if !later.is_empty() {
+            fsync_dir(&self.dir)?;
+        }
+        inner.cache.retain(|i, _| *i < cut);
+        Shared::cache_recount(inner);
+        let mut q = lock(&self.ctl.queue);
+        let last = inner.locs.back().map(|l| l.log_id.index);
+        q.written_index = last;
+        q.durable_index = q.durable_index.min(last);
+        // Files of deleted segments may still sit in the queue; syncing them is harmless.
+        Ok(())
+    }
+
+    fn purge(&self, inner: &mut Inner, log_id: LogId) -> io::Result<()> {
+        if inner.last_purged.as_ref().is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
+        self.ctl.round();
+        write_atomic(&self.dir, PURGED_FILE, &framed(&LogIdRecord::from(&log_id)), true)?;
+        let upto = log_id.index;
+        while inner.locs.front().is_some_and(|l| l.log_id.index <= upto) {
+            inner.locs.pop_front();
+        }
+        inner.first_index = inner.locs.front().map_or(upto + 1, |l| l.log_id.index);
+        inner.last_purged = Some(log_id);
+        inner.cache.retain(|i, _| *i > upto);
+        Shared::cache_recount(inner);
+        // The whole log is purged: start a fresh active segment so the old one can go too.
+        let active = Self::active(inner);
+        if inner.locs.is_empty() && inner.segments.get(&active).is_some_and(|s| s.len > 0) {
+            self.rotate(inner)?;
+        }
+        let active = Self::active(inner);
+        let dead: Vec<u64> = inner
+            .segments
+            .iter()
+            .filter(|(id, s)| **id != active && s.last_index.is_none_or(|l| l <= upto))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &dead {
+            if let Some(seg) = inner.segments.remove(id) {
+                fs::remove_file(&seg.path)?;
+            }
+        }
+        if !dead.is_empty() {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(s) => *s,
+            Bound::Excluded(s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(e) => e.saturating_add(1),
+            Bound::Excluded(e) => *e,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.read_range(start, end, None)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(lock(&self.shared.inner).vote)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(start, end, Some(self.shared.opts.max_read_bytes))
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let inner = lock(&self.shared.inner);
+        self.check_failed(&inner)?;
+        let last_purged_log_id = inner.last_purged;
+        let last_log_id = inner.locs.back().map(|l| l.log_id).or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let vote = *vote;
+        self.mutate("save_vote", |shared, inner| {
+            // Appends issued before this vote become durable first (ordered I/O).
+            shared.ctl.round();
+            write_atomic(&shared.dir, VOTE_FILE, &framed(&VoteRecord::from(&vote)), true)?;
+            inner.vote = Some(vote);
+            Ok(())
+        })?;
+        self.check_flush_error()
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        let mut inner = lock(&self.shared.inner);
+        inner.committed = committed;
+        if let Some(c) = committed {
+            lock(&self.shared.ctl.queue).pending_committed = Some(c);
+            self.shared.ctl.cv.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(lock(&self.shared.inner).committed)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.mutate("append", |shared, inner| shared.append_entries(inner, entries))?;
+        match self.shared.opts.fsync {
+            FsyncPolicy::Always => {
+                self.shared.ctl.round();
+                let r = self.check_flush_error();
+                callback.io_completed(match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::other(e.to_string())),
+                });
+                r
+            }
+            FsyncPolicy::Batch => {
+                let mut q = lock(&self.shared.ctl.queue);
+                if let Some(e) = q.error.clone() {
+                    drop(q);
+                    callback.io_completed(Err(io::Error::other(e.clone())));
+                    return Err(io::Error::other(e));
+                }
+                q.waiters.push(callback);
+                drop(q);
+                self.shared.ctl.cv.notify_one();
+                Ok(())
+            }
+        }
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
+        let keep = last_log_id.map(|l| l.index);
+        self.mutate("truncate_after", |shared, inner| shared.truncate_after(inner, keep))
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        self.mutate("purge", |shared, inner| shared.purge(inner, log_id))
+    }
+}
