@@ -285,7 +285,7 @@ impl FlushCtl {
                 let committed = {
                     let mut q = lock(&self.queue);
                     q.durable_index = q.durable_index.max(written);
-                    match q.pending_committed.clone() {
+                    match q.pending_committed {
                         Some(c) if Some(c.index) <= q.durable_index => q.pending_committed.take(),
                         _ => None,
                     }
@@ -897,5 +897,433 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         self.mutate("purge", |shared, inner| shared.purge(inner, log_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use openraft::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+    use openraft::entry::RaftEntry;
+    use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::testing::log::{StoreBuilder, Suite};
+    use openraft::type_config::TypeConfigExt;
+    use openraft::vote::RaftLeaderId;
+    use openraft::{BasicNode, Membership, StorageError};
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::raft::types::{VolumeRequest, VolumeResponse};
+
+    /// Minimal in-memory state machine, only for openraft's storage conformance suite.
+    #[derive(Clone, Default)]
+    struct MemSm {
+        last_applied: Option<LogId>,
+        membership: StoredMembershipOf<C>,
+        snapshot: Option<(SnapshotMetaOf<C>, Vec<u8>)>,
+    }
+
+    impl RaftSnapshotBuilder<C> for MemSm {
+        type SnapshotData = Vec<u8>;
+
+        async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+            Ok(SnapshotOf::<C, Vec<u8>> {
+                meta: SnapshotMetaOf::<C> {
+                    last_log_id: self.last_applied,
+                    last_membership: self.membership.clone(),
+                },
+                snapshot: Vec::new(),
+            })
+        }
+    }
+
+    /// The suite's state machine shares its snapshot slot with the builders it hands out.
+    #[derive(Clone, Default)]
+    struct SharedSm(Arc<Mutex<MemSm>>);
+
+    impl RaftSnapshotBuilder<C> for SharedSm {
+        type SnapshotData = Vec<u8>;
+
+        async fn build_snapshot(&mut self) -> Result<SnapshotOf<C, Vec<u8>>, io::Error> {
+            let mut sm = lock(&self.0).clone();
+            let snap = sm.build_snapshot().await?;
+            lock(&self.0).snapshot = Some((snap.meta.clone(), Vec::new()));
+            Ok(snap)
+        }
+    }
+
+    impl RaftStateMachine<C> for SharedSm {
+        type SnapshotData = Vec<u8>;
+        type SnapshotBuilder = SharedSm;
+
+        async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipOf<C>), io::Error> {
+            let sm = lock(&self.0);
+            Ok((sm.last_applied, sm.membership.clone()))
+        }
+
+        async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+        where
+            Strm: futures_util::Stream<Item = Result<EntryResponder<C>, io::Error>> + Unpin + OptionalSend,
+        {
+            while let Some(item) = entries.next().await {
+                let (entry, responder) = item?;
+                {
+                    let mut sm = lock(&self.0);
+                    sm.last_applied = Some(entry.log_id);
+                    if let openraft::EntryPayload::Membership(m) = &entry.payload {
+                        sm.membership = StoredMembershipOf::<C>::new(Some(entry.log_id), m.clone());
+                    }
+                }
+                if let Some(r) = responder {
+                    r.send(VolumeResponse {
+                        applied_index: entry.log_id.index,
+                    });
+                }
+            }
+            Ok(())
+        }
+
+        async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+            self.clone()
+        }
+
+        async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<C>, _snapshot: Vec<u8>) -> Result<(), io::Error> {
+            let mut sm = lock(&self.0);
+            sm.last_applied = meta.last_log_id;
+            sm.membership = meta.last_membership.clone();
+            sm.snapshot = Some((meta.clone(), Vec::new()));
+            Ok(())
+        }
+
+        async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<C, Vec<u8>>>, io::Error> {
+            Ok(lock(&self.0)
+                .snapshot
+                .clone()
+                .map(|(meta, snapshot)| SnapshotOf::<C, Vec<u8>> { meta, snapshot }))
+        }
+    }
+
+    struct Builder;
+
+    impl StoreBuilder<C, LogStore, SharedSm, TempDir> for Builder {
+        async fn build(&self) -> Result<(TempDir, LogStore, SharedSm), StorageError<C>> {
+            let dir = TempDir::new().map_err(|e| StorageError::write(C::err_from_error(&e)))?;
+            let store = LogStore::open(dir.path(), LogStoreOptions::default())
+                .map_err(|e| StorageError::write(C::err_from_error(&e)))?;
+            Ok((dir, store, SharedSm::default()))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_conformance_suite() {
+        Suite::test_all(Builder).await.unwrap();
+    }
+
+    fn lid(term: u64, index: u64) -> LogId {
+        LogId::new(openraft::impls::leader_id_adv::LeaderId::new(term, 1), index)
+    }
+
+    fn write_entry(term: u64, index: u64, len: usize) -> Entry {
+        let data = Bytes::from(vec![(index % 251) as u8; len]);
+        Entry::new_normal(
+            lid(term, index),
+            VolumeRequest::Write {
+                offset_bytes: index * 4096,
+                data,
+            },
+        )
+    }
+
+    fn opts(fsync: FsyncPolicy) -> LogStoreOptions {
+        LogStoreOptions {
+            fsync,
+            ..Default::default()
+        }
+    }
+
+    /// Append and wait until the callback reports durability.
+    async fn append_durable(store: &mut LogStore, entries: Vec<Entry>) -> io::Result<()> {
+        let (tx, rx) = C::oneshot();
+        store.append(entries, IOFlushed::signal(tx)).await?;
+        rx.await.map_err(|e| io::Error::other(e.to_string()))?
+    }
+
+    async fn all_entries(store: &mut LogStore) -> Vec<Entry> {
+        store.try_get_log_entries(..).await.unwrap()
+    }
+
+    fn seg_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn reopen_shows_same_entries_vote_and_committed() {
+        let dir = TempDir::new().unwrap();
+        let membership = Membership::new(
+            vec![BTreeSet::from([1, 2, 3])],
+            BTreeMap::from([
+                (1, BasicNode::new("a")),
+                (2, BasicNode::new("b")),
+                (3, BasicNode::new("c")),
+            ]),
+        )
+        .unwrap();
+        let mut entries = vec![
+            Entry::new_blank(lid(1, 0)),
+            Entry::new_membership(lid(1, 1), membership),
+        ];
+        entries.extend((2..20).map(|i| write_entry(1, i, 4096)));
+        entries.push(Entry::new_normal(
+            lid(2, 20),
+            VolumeRequest::Unmap {
+                offset_bytes: 0,
+                len_bytes: 1 << 20,
+            },
+        ));
+        entries.push(Entry::new_normal(lid(2, 21), VolumeRequest::Flush));
+        let vote = Vote::new_committed(2, 1);
+        {
+            let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+            append_durable(&mut s, entries.clone()).await.unwrap();
+            s.save_vote(&vote).await.unwrap();
+            s.save_committed(Some(lid(2, 21))).await.unwrap();
+            s.sync().unwrap();
+            // The committed hint is written by the flusher once the log covers it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !dir.path().join(COMMITTED_FILE).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+        assert_eq!(all_entries(&mut s).await, entries);
+        assert_eq!(s.read_vote().await.unwrap(), Some(vote));
+        assert_eq!(s.read_committed().await.unwrap(), Some(lid(2, 21)));
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!((st.last_purged_log_id, st.last_log_id), (None, Some(lid(2, 21))));
+        // Entries read back from disk (cache is empty after reopen) equal the cached ones.
+        assert_eq!(s.try_get_log_entries(5..7).await.unwrap(), entries[5..7].to_vec());
+        // Appending continues after the reopened tail.
+        append_durable(&mut s, vec![write_entry(2, 22, 10)]).await.unwrap();
+        assert_eq!(s.get_log_state().await.unwrap().last_log_id, Some(lid(2, 22)));
+    }
+
+    #[tokio::test]
+    async fn torn_tail_is_truncated_to_the_complete_prefix() {
+        let src = TempDir::new().unwrap();
+        let entries: Vec<Entry> = (0..5).map(|i| write_entry(1, i, 300)).collect();
+        {
+            let mut s = LogStore::open(src.path(), opts(FsyncPolicy::Always)).unwrap();
+            append_durable(&mut s, entries.clone()).await.unwrap();
+        }
+        let seg = seg_files(src.path()).remove(0);
+        let full = fs::read(&seg).unwrap();
+        let (recs, _, _) = record::decode_records(&full);
+        let last_start = recs[4].offset;
+        // Every cut inside the last record, plus a tail of zeros (extended but unwritten blocks).
+        let mut cases: Vec<Vec<u8>> = (last_start + 1..full.len()).map(|cut| full[..cut].to_vec()).collect();
+        let mut zeros = full[..last_start].to_vec();
+        zeros.resize(full.len() + 4096, 0);
+        cases.push(zeros);
+        for (n, bytes) in cases.iter().enumerate() {
+            let dir = TempDir::new().unwrap();
+            let path = dir.path().join(seg.file_name().unwrap());
+            fs::write(&path, bytes).unwrap();
+            let mut s = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+            assert_eq!(all_entries(&mut s).await, entries[..4].to_vec(), "case {n}");
+            assert_eq!(fs::metadata(&path).unwrap().len(), last_start as u64, "case {n}");
+            // The repaired log accepts the lost index again.
+            append_durable(&mut s, vec![entries[4].clone()]).await.unwrap();
+            drop(s);
+            let mut s = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+            assert_eq!(all_entries(&mut s).await, entries, "case {n} after re-append");
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_middle_record_fails_open() {
+        let dir = TempDir::new().unwrap();
+        {
+            let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Always)).unwrap();
+            append_durable(&mut s, (0..5).map(|i| write_entry(1, i, 300)).collect())
+                .await
+                .unwrap();
+        }
+        let seg = seg_files(dir.path()).remove(0);
+        let mut bytes = fs::read(&seg).unwrap();
+        let (recs, _, _) = record::decode_records(&bytes);
+        let off = recs[2].offset + record::HEADER_LEN + 10;
+        bytes[off] ^= 0x40;
+        fs::write(&seg, &bytes).unwrap();
+        let err = LogStore::open(dir.path(), LogStoreOptions::default()).err().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        let msg = err.to_string();
+        assert!(msg.contains("corrupt log record") && msg.contains("crc32c"), "{msg}");
+        // The file is left as it was: nothing is silently repaired.
+        assert_eq!(fs::read(&seg).unwrap(), bytes);
+    }
+
+    #[tokio::test]
+    async fn corrupt_vote_fails_open() {
+        let dir = TempDir::new().unwrap();
+        {
+            let mut s = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+            s.save_vote(&Vote::new(3, 1)).await.unwrap();
+        }
+        let path = dir.path().join(VOTE_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(LogStore::open(dir.path(), LogStoreOptions::default()).is_err());
+    }
+
+    #[tokio::test]
+    async fn segments_rotate_and_purge_deletes_them_across_reopen() {
+        let dir = TempDir::new().unwrap();
+        let o = LogStoreOptions {
+            segment_bytes: 16 * 1024,
+            ..opts(FsyncPolicy::Batch)
+        };
+        let entries: Vec<Entry> = (0..40).map(|i| write_entry(1, i, 4096)).collect();
+        let mut s = LogStore::open(dir.path(), o.clone()).unwrap();
+        for chunk in entries.chunks(7) {
+            append_durable(&mut s, chunk.to_vec()).await.unwrap();
+        }
+        let before = seg_files(dir.path()).len();
+        assert!(before >= 10, "{before} segments");
+        assert_eq!(s.segment_count(), before);
+        s.purge(lid(1, 25)).await.unwrap();
+        let after = seg_files(dir.path()).len();
+        assert!(after < before && after >= 4, "{before} -> {after}");
+        assert_eq!(all_entries(&mut s).await, entries[26..].to_vec());
+        drop(s);
+        let mut s = LogStore::open(dir.path(), o.clone()).unwrap();
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!(
+            (st.last_purged_log_id, st.last_log_id),
+            (Some(lid(1, 25)), Some(lid(1, 39)))
+        );
+        assert_eq!(all_entries(&mut s).await, entries[26..].to_vec());
+        assert!(s.try_get_log_entries(0..26).await.unwrap().is_empty());
+        // Purging past the end (after a snapshot install) leaves one empty segment.
+        s.purge(lid(3, 100)).await.unwrap();
+        assert_eq!(seg_files(dir.path()).len(), 1);
+        drop(s);
+        let mut s = LogStore::open(dir.path(), o).unwrap();
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!(
+            (st.last_purged_log_id, st.last_log_id),
+            (Some(lid(3, 100)), Some(lid(3, 100)))
+        );
+        append_durable(&mut s, vec![write_entry(3, 101, 10)]).await.unwrap();
+        assert_eq!(all_entries(&mut s).await, vec![write_entry(3, 101, 10)]);
+    }
+
+    #[tokio::test]
+    async fn truncate_after_across_segments_survives_reopen() {
+        let dir = TempDir::new().unwrap();
+        let o = LogStoreOptions {
+            segment_bytes: 16 * 1024,
+            ..opts(FsyncPolicy::Batch)
+        };
+        let entries: Vec<Entry> = (0..30).map(|i| write_entry(1, i, 4096)).collect();
+        let mut s = LogStore::open(dir.path(), o.clone()).unwrap();
+        append_durable(&mut s, entries.clone()).await.unwrap();
+        s.truncate_after(Some(lid(1, 9))).await.unwrap();
+        assert_eq!(all_entries(&mut s).await, entries[..10].to_vec());
+        let replaced: Vec<Entry> = (10..15).map(|i| write_entry(2, i, 100)).collect();
+        append_durable(&mut s, replaced.clone()).await.unwrap();
+        drop(s);
+        let mut s = LogStore::open(dir.path(), o).unwrap();
+        let mut expect = entries[..10].to_vec();
+        expect.extend(replaced);
+        assert_eq!(all_entries(&mut s).await, expect);
+        s.truncate_after(None).await.unwrap();
+        assert!(all_entries(&mut s).await.is_empty());
+        assert_eq!(s.get_log_state().await.unwrap().last_log_id, None);
+    }
+
+    #[tokio::test]
+    async fn limited_get_caps_bytes_but_never_returns_nothing() {
+        let dir = TempDir::new().unwrap();
+        let o = LogStoreOptions {
+            max_read_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let mut s = LogStore::open(dir.path(), o).unwrap();
+        append_durable(&mut s, (0..40).map(|i| write_entry(1, i, 4096)).collect())
+            .await
+            .unwrap();
+        // Each record is 4096 data bytes plus ~30 bytes of framing and prost encoding.
+        let got = s.limited_get_log_entries(0, 40).await.unwrap();
+        assert_eq!(got.len(), 15);
+        append_durable(&mut s, vec![write_entry(1, 40, 200 * 1024)])
+            .await
+            .unwrap();
+        let got = s.limited_get_log_entries(40, 41).await.unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn group_commit_fires_every_callback_with_fewer_fsyncs() {
+        let dir = TempDir::new().unwrap();
+        let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();
+        s.sync().unwrap();
+        let base = s.fsync_count();
+        let mut rxs = Vec::new();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            let (tx, rx) = C::oneshot();
+            s.append([write_entry(1, i, 4096)], IOFlushed::signal(tx))
+                .await
+                .unwrap();
+            rxs.push(rx);
+        }
+        let mut done = 0;
+        for rx in rxs {
+            rx.await.unwrap().unwrap();
+            done += 1;
+        }
+        let elapsed = t0.elapsed();
+        let fsyncs = s.fsync_count() - base;
+        println!("group commit: 100 appends of 4 KiB, {done} callbacks, {fsyncs} fsyncs, {elapsed:?}");
+        assert_eq!(done, 100);
+        assert!(fsyncs < 100, "{fsyncs} fsyncs");
+
+        // Baseline: FsyncPolicy::Always syncs once per append.
+        let dir = TempDir::new().unwrap();
+        let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Always)).unwrap();
+        s.sync().unwrap();
+        let base = s.fsync_count();
+        let t0 = Instant::now();
+        for i in 0..100 {
+            append_durable(&mut s, vec![write_entry(1, i, 4096)]).await.unwrap();
+        }
+        let elapsed = t0.elapsed();
+        println!(
+            "always: 100 appends of 4 KiB, {} fsyncs, {:?} per append+fsync",
+            s.fsync_count() - base,
+            elapsed / 100
+        );
+        assert_eq!(s.fsync_count() - base, 100);
+    }
+
+    #[tokio::test]
+    async fn append_with_a_hole_is_an_error() {
+        let dir = TempDir::new().unwrap();
+        let mut s = LogStore::open(dir.path(), LogStoreOptions::default()).unwrap();
+        append_durable(&mut s, vec![write_entry(1, 0, 1)]).await.unwrap();
+        let (tx, _rx) = C::oneshot();
+        assert!(s.append([write_entry(1, 2, 1)], IOFlushed::signal(tx)).await.is_err());
     }
 }
