@@ -404,6 +404,15 @@ impl LogStore {
                     continue;
                 }
                 if locs.is_empty() {
+                    if let Some(p) = purged_index
+                        && index != p + 1
+                    {
+                        return Err(corrupt(format!(
+                            "{} offset {}: first live log index {index} does not follow purged index {p}",
+                            path.display(),
+                            rec.offset
+                        )));
+                    }
                     first_index = index;
                 }
                 locs.push_back(Loc {
@@ -613,9 +622,15 @@ impl Shared {
             .sum();
     }
 
-    /// Start a new active segment after the current one; queues the directory sync.
+    /// Start a new active segment after the current one; queues the directory sync. The old
+    /// segment is synced first, so only the last segment can ever have a torn tail.
     fn rotate(&self, inner: &mut Inner) -> io::Result<()> {
-        let id = Self::active(inner) + 1;
+        let old = Self::active(inner);
+        if let Some(seg) = inner.segments.get(&old) {
+            self.ctl.fsyncs.fetch_add(1, Ordering::Relaxed);
+            seg.file.sync_data()?;
+        }
+        let id = old + 1;
         let path = segment_path(&self.dir, id);
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         inner.segments.insert(
@@ -719,7 +734,8 @@ impl Shared {
         // Earlier appends first, so the truncation never reorders with them.
         self.ctl.round();
         let later: Vec<u64> = inner.segments.range(loc.seg + 1..).map(|(id, _)| *id).collect();
-        for id in &later {
+        // Highest first: a crash part way leaves a consistent (longer) prefix of the old log.
+        for id in later.iter().rev() {
             if let Some(seg) = inner.segments.remove(id) {
                 fs::remove_file(&seg.path)?;
             }
@@ -1007,20 +1023,45 @@ mod tests {
         }
     }
 
-    struct Builder;
+    struct Builder(FsyncPolicy);
 
     impl StoreBuilder<C, LogStore, SharedSm, TempDir> for Builder {
         async fn build(&self) -> Result<(TempDir, LogStore, SharedSm), StorageError<C>> {
             let dir = TempDir::new().map_err(|e| StorageError::write(C::err_from_error(&e)))?;
-            let store = LogStore::open(dir.path(), LogStoreOptions::default())
-                .map_err(|e| StorageError::write(C::err_from_error(&e)))?;
+            let store =
+                LogStore::open(dir.path(), opts(self.0)).map_err(|e| StorageError::write(C::err_from_error(&e)))?;
             Ok((dir, store, SharedSm::default()))
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn openraft_storage_conformance_suite() {
-        Suite::test_all(Builder).await.unwrap();
+    async fn openraft_storage_conformance_suite_batch() {
+        Suite::test_all(Builder(FsyncPolicy::Batch)).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_conformance_suite_always() {
+        Suite::test_all(Builder(FsyncPolicy::Always)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn missing_middle_segment_fails_open() {
+        let dir = TempDir::new().unwrap();
+        let o = LogStoreOptions {
+            segment_bytes: 8 * 1024,
+            ..opts(FsyncPolicy::Batch)
+        };
+        {
+            let mut s = LogStore::open(dir.path(), o.clone()).unwrap();
+            append_durable(&mut s, (0..12).map(|i| write_entry(1, i, 4096)).collect())
+                .await
+                .unwrap();
+        }
+        let segs = seg_files(dir.path());
+        assert!(segs.len() >= 4);
+        fs::remove_file(&segs[1]).unwrap();
+        let err = LogStore::open(dir.path(), o).err().unwrap();
+        assert!(err.to_string().contains("follows"), "{err}");
     }
 
     fn lid(term: u64, index: u64) -> LogId {
