@@ -1359,6 +1359,97 @@ mod tests {
         assert_eq!(s.fsync_count() - base, 100);
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append { n: usize, len: usize },
+        Truncate { keep_pct: usize },
+        Purge { upto_pct: usize },
+        NewTerm,
+        Reopen,
+    }
+
+    fn op_strategy() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => (1usize..6, 0usize..1500).prop_map(|(n, len)| Op::Append { n, len }),
+            1 => (0usize..100).prop_map(|keep_pct| Op::Truncate { keep_pct }),
+            1 => (0usize..100).prop_map(|upto_pct| Op::Purge { upto_pct }),
+            1 => Just(Op::NewTerm),
+            1 => Just(Op::Reopen),
+        ]
+    }
+
+    /// Apply `ops` to a store with tiny segments and to a plain vector, comparing after each step.
+    async fn check_against_model(ops: Vec<Op>) {
+        let dir = TempDir::new().unwrap();
+        let o = LogStoreOptions {
+            segment_bytes: 2048,
+            cache_bytes: 3000,
+            ..opts(FsyncPolicy::Batch)
+        };
+        let mut s = LogStore::open(dir.path(), o.clone()).unwrap();
+        let mut model: Vec<Entry> = Vec::new();
+        let mut purged: Option<LogId> = None;
+        let mut term = 1;
+        for op in ops {
+            match op {
+                Op::Append { n, len } => {
+                    let next = model
+                        .last()
+                        .map(|e| e.log_id.index + 1)
+                        .or(purged.map(|p| p.index + 1))
+                        .unwrap_or(0);
+                    let new: Vec<Entry> = (next..next + n as u64).map(|i| write_entry(term, i, len)).collect();
+                    append_durable(&mut s, new.clone()).await.unwrap();
+                    model.extend(new);
+                }
+                Op::Truncate { keep_pct } => {
+                    let keep = model.len() * keep_pct / 100;
+                    let after = if keep == 0 {
+                        purged
+                    } else {
+                        Some(model[keep - 1].log_id)
+                    };
+                    s.truncate_after(after).await.unwrap();
+                    model.truncate(keep);
+                }
+                Op::Purge { upto_pct } => {
+                    if !model.is_empty() {
+                        let upto = model.len() * upto_pct / 100;
+                        let id = model[upto].log_id;
+                        s.purge(id).await.unwrap();
+                        model.drain(..=upto);
+                        purged = Some(id);
+                    }
+                }
+                Op::NewTerm => term += 1,
+                Op::Reopen => {
+                    drop(s);
+                    s = LogStore::open(dir.path(), o.clone()).unwrap();
+                }
+            }
+            assert_eq!(all_entries(&mut s).await, model);
+            let st = s.get_log_state().await.unwrap();
+            assert_eq!(st.last_purged_log_id, purged);
+            assert_eq!(st.last_log_id, model.last().map(|e| e.log_id).or(purged));
+        }
+        drop(s);
+        let mut s = LogStore::open(dir.path(), o).unwrap();
+        assert_eq!(all_entries(&mut s).await, model);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn store_matches_model(ops in proptest::collection::vec(op_strategy(), 1..40)) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(check_against_model(ops));
+        }
+    }
+
     #[tokio::test]
     async fn append_with_a_hole_is_an_error() {
         let dir = TempDir::new().unwrap();
