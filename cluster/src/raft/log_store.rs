@@ -524,6 +524,23 @@ impl LogStore {
         self.check_flush_error()
     }
 
+    /// Run blocking file work (fsync, rename, unlink) on tokio's blocking pool when called inside
+    /// a tokio runtime, so one group's fsync does not stall the other groups sharing a worker.
+    /// The caller awaits the result, so operations stay in submission order.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LogStore) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let this = self.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => h
+                .spawn_blocking(move || f(&this))
+                .await
+                .map_err(|e| io::Error::other(format!("raft log storage task: {e}")))?,
+            Err(_) => f(&this),
+        }
+    }
+
     /// Run `f` on the locked state; an error is made sticky and logged.
     fn mutate<T>(&self, what: &str, f: impl FnOnce(&Shared, &mut Inner) -> io::Result<T>) -> io::Result<T> {
         let mut inner = lock(&self.shared.inner);
@@ -850,14 +867,17 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let vote = *vote;
-        self.mutate("save_vote", |shared, inner| {
-            // Appends issued before this vote become durable first (ordered I/O).
-            shared.ctl.round();
-            write_atomic(&shared.dir, VOTE_FILE, &framed(&VoteRecord::from(&vote)), true)?;
-            inner.vote = Some(vote);
-            Ok(())
-        })?;
-        self.check_flush_error()
+        self.off_runtime(move |this| {
+            this.mutate("save_vote", |shared, inner| {
+                // Appends issued before this vote become durable first (ordered I/O).
+                shared.ctl.round();
+                write_atomic(&shared.dir, VOTE_FILE, &framed(&VoteRecord::from(&vote)), true)?;
+                inner.vote = Some(vote);
+                Ok(())
+            })?;
+            this.check_flush_error()
+        })
+        .await
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -883,13 +903,16 @@ impl RaftLogStorage<C> for LogStore {
         self.mutate("append", |shared, inner| shared.append_entries(inner, entries))?;
         match self.shared.opts.fsync {
             FsyncPolicy::Always => {
-                self.shared.ctl.round();
-                let r = self.check_flush_error();
-                callback.io_completed(match &r {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(io::Error::other(e.to_string())),
-                });
-                r
+                self.off_runtime(move |this| {
+                    this.shared.ctl.round();
+                    let r = this.check_flush_error();
+                    callback.io_completed(match &r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::other(e.to_string())),
+                    });
+                    r
+                })
+                .await
             }
             FsyncPolicy::Batch => {
                 let mut q = lock(&self.shared.ctl.queue);
@@ -908,11 +931,13 @@ impl RaftLogStorage<C> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let keep = last_log_id.map(|l| l.index);
-        self.mutate("truncate_after", |shared, inner| shared.truncate_after(inner, keep))
+        self.off_runtime(move |this| this.mutate("truncate_after", |shared, inner| shared.truncate_after(inner, keep)))
+            .await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        self.mutate("purge", |shared, inner| shared.purge(inner, log_id))
+        self.off_runtime(move |this| this.mutate("purge", |shared, inner| shared.purge(inner, log_id)))
+            .await
     }
 }
 
