@@ -1132,6 +1132,8 @@ mod tests {
         v
     }
 
+    /// Raft §5.1 / Figure 2: currentTerm, votedFor and log[] are persistent state, updated on
+    /// stable storage before responding; they must all come back after a restart.
     #[tokio::test]
     async fn reopen_shows_same_entries_vote_and_committed() {
         let dir = TempDir::new().unwrap();
@@ -1183,6 +1185,8 @@ mod tests {
         assert_eq!(s.get_log_state().await.unwrap().last_log_id, Some(lid(2, 22)));
     }
 
+    /// A crash part way through an append leaves a torn last record; its callback never fired,
+    /// so dropping it loses nothing acknowledged (openraft io_ordering: durable before callback).
     #[tokio::test]
     async fn torn_tail_is_truncated_to_the_complete_prefix() {
         let src = TempDir::new().unwrap();
@@ -1215,6 +1219,7 @@ mod tests {
         }
     }
 
+    /// DESIGN.md invariant 7: corruption that is not a torn tail is a storage error, never hidden.
     #[tokio::test]
     async fn corrupt_middle_record_fails_open() {
         let dir = TempDir::new().unwrap();
@@ -1253,6 +1258,7 @@ mod tests {
         assert!(LogStore::open(dir.path(), LogStoreOptions::default()).is_err());
     }
 
+    /// Raft §7: entries covered by a snapshot are discarded, so disk use stays bounded.
     #[tokio::test]
     async fn segments_rotate_and_purge_deletes_them_across_reopen() {
         let dir = TempDir::new().unwrap();
@@ -1295,6 +1301,8 @@ mod tests {
         assert_eq!(all_entries(&mut s).await, vec![write_entry(3, 101, 10)]);
     }
 
+    /// Raft §5.3: a follower deletes a conflicting entry and all that follow it, then appends the
+    /// leader's entries; the result must survive a restart.
     #[tokio::test]
     async fn truncate_after_across_segments_survives_reopen() {
         let dir = TempDir::new().unwrap();
@@ -1533,5 +1541,14 @@ mod tests {
         append_durable(&mut s, vec![write_entry(1, 0, 1)]).await.unwrap();
         let (tx, _rx) = C::oneshot();
         assert!(s.append([write_entry(1, 2, 1)], IOFlushed::signal(tx)).await.is_err());
+        // DESIGN.md invariant 7: the failure is sticky; the store is out of service.
+        let (tx, _rx) = C::oneshot();
+        let err = s
+            .append([write_entry(1, 1, 1)], IOFlushed::signal(tx))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("failed earlier"), "{err}");
+        assert!(s.get_log_state().await.is_err());
+        assert!(s.save_vote(&Vote::new(1, 1)).await.is_err());
     }
 }

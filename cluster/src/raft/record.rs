@@ -32,6 +32,8 @@ pub const LEN_OFFSET: usize = 4;
 pub const CRC_OFFSET: usize = 8;
 /// Size of the record header; the payload starts here.
 pub const HEADER_LEN: usize = 12;
+const _: () = assert!(LEN_OFFSET == MAGIC_OFFSET + 4 && CRC_OFFSET == LEN_OFFSET + 4 && HEADER_LEN == CRC_OFFSET + 4);
+
 /// Largest payload accepted (a 64 MiB write plus encoding overhead).
 pub const MAX_PAYLOAD_LEN: u32 = 64 * 1024 * 1024 + 4096;
 
