@@ -2,3 +2,4 @@
 //! surface, and, with the cluster issue, Raft replication.
 
 pub mod config;
+pub mod raft;
