@@ -1483,57 +1483,6 @@ mod tests {
         }
     }
 
-    /// Figures for the report: `cargo test -p raftsan-cluster bench_append_4k -- --ignored --nocapture`.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore]
-    async fn bench_append_4k() {
-        for policy in [FsyncPolicy::Always, FsyncPolicy::Batch] {
-            // One append at a time, waiting for durability: the latency of append+fsync.
-            let dir = TempDir::new().unwrap();
-            let mut s = LogStore::open(dir.path(), opts(policy)).unwrap();
-            let n = 2000u64;
-            let mut lat = Vec::new();
-            for i in 0..n {
-                let t = Instant::now();
-                append_durable(&mut s, vec![write_entry(1, i, 4096)]).await.unwrap();
-                lat.push(t.elapsed());
-            }
-            lat.sort();
-            println!(
-                "{policy:?} serial 4 KiB append+fsync: p50 {:?} p99 {:?} ({} fsyncs for {n})",
-                lat[lat.len() / 2],
-                lat[lat.len() * 99 / 100],
-                s.fsync_count()
-            );
-            // Pipelined like RaftCore: keep up to 32 appends outstanding.
-            let dir = TempDir::new().unwrap();
-            let mut s = LogStore::open(dir.path(), opts(policy)).unwrap();
-            let n = 20000u64;
-            let t = Instant::now();
-            let mut inflight = std::collections::VecDeque::new();
-            for i in 0..n {
-                if inflight.len() == 32 {
-                    let rx: openraft::alias::OneshotReceiverOf<C, io::Result<()>> = inflight.pop_front().unwrap();
-                    rx.await.unwrap().unwrap();
-                }
-                let (tx, rx) = C::oneshot();
-                s.append([write_entry(1, i, 4096)], IOFlushed::signal(tx))
-                    .await
-                    .unwrap();
-                inflight.push_back(rx);
-            }
-            for rx in inflight {
-                rx.await.unwrap().unwrap();
-            }
-            let el = t.elapsed();
-            println!(
-                "{policy:?} depth 32: {n} x 4 KiB in {el:?} = {:.0} appends/s, {} fsyncs",
-                n as f64 / el.as_secs_f64(),
-                s.fsync_count()
-            );
-        }
-    }
-
     #[tokio::test]
     async fn append_with_a_hole_is_an_error() {
         let dir = TempDir::new().unwrap();
