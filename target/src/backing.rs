@@ -100,7 +100,8 @@ impl BackingStore for FileStore {
         if len == 0 {
             return Ok(());
         }
-        if !self.block_device && self.can_punch.load(Ordering::Relaxed) {
+        // Block devices support PUNCH_HOLE too (Linux ≥ 4.9: discard or write-zeroes underneath).
+        if self.can_punch.load(Ordering::Relaxed) {
             let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
                 return Err(io::Error::new(io::ErrorKind::InvalidInput, "range beyond off_t"));
             };
@@ -119,6 +120,8 @@ impl BackingStore for FileStore {
             let err = io::Error::last_os_error();
             match err.raw_os_error() {
                 Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => self.can_punch.store(false, Ordering::Relaxed),
+                // A range the device cannot punch (alignment): write zeroes this time.
+                Some(libc::EINVAL) => {}
                 _ => return Err(err),
             }
         }

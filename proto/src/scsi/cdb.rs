@@ -187,4 +187,14 @@ mod tests {
         assert_eq!(cdb_len(op::READ_12), 12);
         assert_eq!(cdb_len(op::MODE_SENSE_10), 10);
     }
+
+    proptest::proptest! {
+        /// Any byte string decodes without panicking (issue 2 item 7: CDB decoder fuzzing).
+        #[test]
+        fn decode_never_panics(cdb in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32)) {
+            let _ = block_io(&cdb);
+            let _ = cdb_len(u8_at(&cdb, 0));
+            let _ = u64_at(&cdb, 2);
+        }
+    }
 }

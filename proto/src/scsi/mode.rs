@@ -267,4 +267,12 @@ mod tests {
             PARAMETER_LIST_LENGTH_ERROR
         );
     }
+
+    proptest::proptest! {
+        /// Arbitrary MODE SELECT parameter data is a value or a sense, never a panic.
+        #[test]
+        fn mode_select_never_panics(ten: bool, data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = mode_select(ten, &data, &P, &P);
+        }
+    }
 }

@@ -396,7 +396,16 @@ impl TargetLus {
     }
 
     fn dispatch_disk(&self, lu: &LogicalUnit, disk: &Disk, nexus: &Nexus, cmd: &Command<'_>) -> CmdResult {
-        match cmd.cdb[0] {
+        let opcode = cmd.cdb[0];
+        if matches!(
+            opcode,
+            op::MODE_SELECT_6 | op::MODE_SELECT_10 | op::PERSISTENT_RESERVE_OUT
+        ) && sbc::data_out_len(cmd.cdb, disk.block_size).is_some_and(|n| cmd.data_out.len() < n as usize)
+        {
+            // Less parameter data than the CDB announces: nothing is applied.
+            return Err(sense::INVALID_FIELD_IN_COMMAND_INFORMATION_UNIT.into());
+        }
+        match opcode {
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => spc::mode_sense(lu, disk, cmd.cdb),
             op::MODE_SELECT_6 | op::MODE_SELECT_10 => {
                 let changed = spc::mode_select(lu, cmd.cdb, cmd.data_out)?;
