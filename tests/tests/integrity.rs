@@ -37,6 +37,8 @@ fn fio(uri: &str, extra: &[&str]) -> Result<String> {
         "--do_verify=1",
         "--verify_fatal=1",
         "--group_reporting",
+        // No verify-state files in the working directory.
+        "--verify_state_save=0",
     ])
     .args(extra);
     let out = run(&mut cmd, Duration::from_secs(120))?;
