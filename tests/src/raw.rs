@@ -84,21 +84,26 @@ impl Raw {
         false
     }
 
-    pub fn login_request(&self, data: &[u8]) -> (Bhs, Vec<u8>) {
-        let req = LoginRequest {
-            transit: true,
+    /// A Login Request header (RFC 7143 §11.12) for stage `csg` → `nsg` of a new session.
+    fn login_header(&self, csg: u8, nsg: u8, transit: bool, isid: [u8; 6], exp_statsn: u32) -> LoginRequest {
+        LoginRequest {
+            transit,
             cont: false,
-            csg: 1,
-            nsg: 3,
+            csg,
+            nsg,
             version_max: 0,
             version_min: 0,
-            isid: [0x40, 0, 0, 0x12, 0x34, 0x56],
+            isid,
             tsih: 0,
             itt: 0,
             cid: 0,
             cmdsn: self.cmdsn,
-            exp_statsn: 0,
-        };
+            exp_statsn,
+        }
+    }
+
+    pub fn login_request(&self, data: &[u8]) -> (Bhs, Vec<u8>) {
+        let req = self.login_header(1, 3, true, [0x40, 0, 0, 0x12, 0x34, 0x56], 0);
         (req.to_bhs(), data.to_vec())
     }
 
@@ -157,20 +162,7 @@ impl Raw {
         pairs.extend_from_slice(extra);
         let mut text = Vec::new();
         raftsan_proto::text::encode(&pairs, &mut text);
-        let req = LoginRequest {
-            transit: true,
-            cont: false,
-            csg: 1,
-            nsg: 3,
-            version_max: 0,
-            version_min: 0,
-            isid,
-            tsih: 0,
-            itt: 0,
-            cid: 0,
-            cmdsn: self.cmdsn,
-            exp_statsn: 0,
-        };
+        let req = self.login_header(1, 3, true, isid, 0);
         self.send(req.to_bhs(), &text)?;
         let p = self.recv()?.context("target closed the connection during login")?;
         let r = LoginResponse::parse(&p.bhs);
@@ -209,20 +201,7 @@ impl Raw {
     ) -> Result<(LoginResponse, Vec<(String, String)>)> {
         let mut text = Vec::new();
         raftsan_proto::text::encode(pairs, &mut text);
-        let req = LoginRequest {
-            transit,
-            cont: false,
-            csg,
-            nsg,
-            version_max: 0,
-            version_min: 0,
-            isid: [0x40, 0, 0, 0x12, 0x34, 0x57],
-            tsih: 0,
-            itt: 0,
-            cid: 0,
-            cmdsn: self.cmdsn,
-            exp_statsn: self.statsn,
-        };
+        let req = self.login_header(csg, nsg, transit, [0x40, 0, 0, 0x12, 0x34, 0x57], self.statsn);
         self.send(req.to_bhs(), &text)?;
         let p = self.recv()?.context("target closed the connection during login")?;
         let r = LoginResponse::parse(&p.bhs);

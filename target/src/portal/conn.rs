@@ -134,7 +134,6 @@ struct WriteTask {
     next_r2tsn: u32,
     /// Expected DataSN of the next Data-Out per sequence (keyed by TTT).
     datasn: HashMap<u32, u32>,
-    ttts: Vec<u32>,
 }
 
 pub(super) async fn run(server: Arc<PortalServer>, stream: TcpStream, peer: SocketAddr) {
@@ -745,7 +744,12 @@ impl FullFeature {
             )));
         }
         if edtl > self.server.settings.max_transfer_bytes {
-            self.complete_now(&session, &c, status::CHECK_CONDITION, Some(invalid_field_sense()));
+            self.complete_now(
+                &session,
+                &c,
+                status::CHECK_CONDITION,
+                Some(fixed_sense(raftsan_proto::scsi::sense::INVALID_FIELD_IN_CDB)),
+            );
             return Ok(());
         }
         if !c.write || edtl == immediate {
@@ -777,7 +781,6 @@ impl FullFeature {
             outstanding_r2t: 0,
             next_r2tsn: 0,
             datasn: HashMap::new(),
-            ttts: Vec::new(),
         };
         if unsolicited_end > immediate {
             task.datasn.insert(pdu::RESERVED_TAG, 0);
@@ -806,7 +809,6 @@ impl FullFeature {
             .to_bhs();
             self.send(b, Bytes::new(), Sn::Peek);
             task.datasn.insert(ttt, 0);
-            task.ttts.push(ttt);
             task.next_r2tsn = task.next_r2tsn.wrapping_add(1);
             task.next_r2t_offset += len;
             task.outstanding_r2t += 1;
@@ -1158,10 +1160,6 @@ impl FullFeature {
         self.send(b, Bytes::new(), Sn::Advance);
         let _ = self.out.try_send(Out::Close);
     }
-}
-
-fn invalid_field_sense() -> Vec<u8> {
-    fixed_sense(raftsan_proto::scsi::sense::INVALID_FIELD_IN_CDB)
 }
 
 fn fixed_sense(c: raftsan_proto::scsi::sense::SenseCode) -> Vec<u8> {
