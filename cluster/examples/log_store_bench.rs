@@ -14,7 +14,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderId;
-use raftsan_cluster::raft::{FsyncPolicy, LogStore, LogStoreOptions, VolumeRequest, VolumeTypeConfig as C};
+use raftsan_cluster::raft::{FsyncPolicy, LogStore, LogStoreOptions, Request, TypeConfig as C};
 
 const SERIAL: u64 = 2_000;
 const PIPELINED: u64 = 20_000;
@@ -26,7 +26,7 @@ fn entry(index: u64) -> EntryOf<C> {
     let data = Bytes::from(vec![(index % 251) as u8; ENTRY_BYTES]);
     EntryOf::<C>::new_normal(
         log_id,
-        VolumeRequest::Write {
+        Request::Write {
             offset_bytes: index * 4096,
             data,
         },

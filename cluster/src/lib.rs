@@ -2,4 +2,6 @@
 //! surface, and, with the cluster issue, Raft replication.
 
 pub mod config;
+pub mod meta;
+pub mod pb;
 pub mod raft;

@@ -39,9 +39,9 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use prost::Message;
 
 use super::record::{self, LogIdRecord, TailError, VoteRecord};
-use super::types::VolumeTypeConfig;
+use super::types::TypeConfig;
 
-type C = VolumeTypeConfig;
+type C = TypeConfig;
 type Entry = EntryOf<C>;
 type LogId = LogIdOf<C>;
 type Vote = VoteOf<C>;
@@ -958,7 +958,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
-    use crate::raft::types::{VolumeRequest, VolumeResponse};
+    use crate::raft::types::{Request, Response};
 
     /// Minimal in-memory state machine, only for openraft's storage conformance suite.
     #[derive(Clone, Default)]
@@ -1020,8 +1020,9 @@ mod tests {
                     }
                 }
                 if let Some(r) = responder {
-                    r.send(VolumeResponse {
+                    r.send(Response {
                         applied_index: entry.log_id.index,
+                        ..Default::default()
                     });
                 }
             }
@@ -1097,7 +1098,7 @@ mod tests {
         let data = Bytes::from(vec![(index % 251) as u8; len]);
         Entry::new_normal(
             lid(term, index),
-            VolumeRequest::Write {
+            Request::Write {
                 offset_bytes: index * 4096,
                 data,
             },
@@ -1153,12 +1154,12 @@ mod tests {
         entries.extend((2..20).map(|i| write_entry(1, i, 4096)));
         entries.push(Entry::new_normal(
             lid(2, 20),
-            VolumeRequest::Unmap {
+            Request::Unmap {
                 offset_bytes: 0,
                 len_bytes: 1 << 20,
             },
         ));
-        entries.push(Entry::new_normal(lid(2, 21), VolumeRequest::Flush));
+        entries.push(Entry::new_normal(lid(2, 21), Request::Flush));
         let vote = Vote::new_committed(2, 1);
         {
             let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Batch)).unwrap();

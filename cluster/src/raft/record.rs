@@ -20,7 +20,7 @@ use openraft::vote::RaftLeaderId;
 use openraft::{BasicNode, EntryPayload, Membership};
 use prost::Message;
 
-use super::types::{VolumeRequest, VolumeTypeConfig};
+use super::types::{Request, TypeConfig};
 
 /// Magic number opening every record ("RSLG" in ASCII, little-endian on disk).
 pub const RECORD_MAGIC: u32 = 0x4753_4C52;
@@ -39,17 +39,23 @@ pub const MAX_PAYLOAD_LEN: u32 = 64 * 1024 * 1024 + 4096;
 
 /// `EntryRecord::kind` of a blank entry.
 pub const KIND_BLANK: u32 = 0;
-/// `EntryRecord::kind` of a normal entry carrying a [`VolumeRequest`].
+/// `EntryRecord::kind` of a normal entry carrying a [`Request`].
 pub const KIND_NORMAL: u32 = 1;
 /// `EntryRecord::kind` of a membership entry.
 pub const KIND_MEMBERSHIP: u32 = 2;
 
-/// `AppDataRecord::op` of [`VolumeRequest::Write`].
+/// `AppDataRecord::op` of [`Request::Write`].
 pub const OP_WRITE: u32 = 0;
-/// `AppDataRecord::op` of [`VolumeRequest::Unmap`].
+/// `AppDataRecord::op` of [`Request::Unmap`].
 pub const OP_UNMAP: u32 = 1;
-/// `AppDataRecord::op` of [`VolumeRequest::Flush`].
+/// `AppDataRecord::op` of [`Request::Flush`].
 pub const OP_FLUSH: u32 = 2;
+/// `AppDataRecord::op` of [`Request::PrState`] (`offset_bytes` holds the LUN).
+pub const OP_PR_STATE: u32 = 3;
+/// `AppDataRecord::op` of [`Request::Resize`] (`len_bytes` holds the new size).
+pub const OP_RESIZE: u32 = 4;
+/// `AppDataRecord::op` of [`Request::Meta`].
+pub const OP_META: u32 = 5;
 
 /// One framed record found by [`decode_records`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,7 +197,7 @@ pub struct VoteRecord {
     pub committed: bool,
 }
 
-/// A [`VolumeRequest`].
+/// A [`Request`].
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AppDataRecord {
     /// One of `OP_*`.
@@ -245,9 +251,9 @@ pub struct EntryRecord {
     pub membership: Option<MembershipRecord>,
 }
 
-type Entry = EntryOf<VolumeTypeConfig>;
-type LogId = LogIdOf<VolumeTypeConfig>;
-type Vote = VoteOf<VolumeTypeConfig>;
+type Entry = EntryOf<TypeConfig>;
+type LogId = LogIdOf<TypeConfig>;
+type Vote = VoteOf<TypeConfig>;
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -304,13 +310,13 @@ pub fn entry_to_record(entry: &Entry) -> EntryRecord {
         },
         EntryPayload::Normal(req) => {
             let app = match req {
-                VolumeRequest::Write { offset_bytes, data } => AppDataRecord {
+                Request::Write { offset_bytes, data } => AppDataRecord {
                     op: OP_WRITE,
                     offset_bytes: *offset_bytes,
                     len_bytes: 0,
                     data: data.clone(),
                 },
-                VolumeRequest::Unmap {
+                Request::Unmap {
                     offset_bytes,
                     len_bytes,
                 } => AppDataRecord {
@@ -319,9 +325,27 @@ pub fn entry_to_record(entry: &Entry) -> EntryRecord {
                     len_bytes: *len_bytes,
                     data: Bytes::new(),
                 },
-                VolumeRequest::Flush => AppDataRecord {
+                Request::Flush => AppDataRecord {
                     op: OP_FLUSH,
                     ..Default::default()
+                },
+                Request::PrState { lun, state } => AppDataRecord {
+                    op: OP_PR_STATE,
+                    offset_bytes: *lun,
+                    len_bytes: 0,
+                    data: state.clone(),
+                },
+                Request::Resize { size_bytes } => AppDataRecord {
+                    op: OP_RESIZE,
+                    offset_bytes: 0,
+                    len_bytes: *size_bytes,
+                    data: Bytes::new(),
+                },
+                Request::Meta(cmd) => AppDataRecord {
+                    op: OP_META,
+                    offset_bytes: 0,
+                    len_bytes: 0,
+                    data: cmd.clone(),
                 },
             };
             EntryRecord {
@@ -371,15 +395,23 @@ pub fn record_to_entry(rec: &EntryRecord) -> io::Result<Entry> {
                 .as_ref()
                 .ok_or_else(|| invalid(format!("normal entry {} without app data", log_id.index)))?;
             let req = match app.op {
-                OP_WRITE => VolumeRequest::Write {
+                OP_WRITE => Request::Write {
                     offset_bytes: app.offset_bytes,
                     data: app.data.clone(),
                 },
-                OP_UNMAP => VolumeRequest::Unmap {
+                OP_UNMAP => Request::Unmap {
                     offset_bytes: app.offset_bytes,
                     len_bytes: app.len_bytes,
                 },
-                OP_FLUSH => VolumeRequest::Flush,
+                OP_FLUSH => Request::Flush,
+                OP_PR_STATE => Request::PrState {
+                    lun: app.offset_bytes,
+                    state: app.data.clone(),
+                },
+                OP_RESIZE => Request::Resize {
+                    size_bytes: app.len_bytes,
+                },
+                OP_META => Request::Meta(app.data.clone()),
                 op => return Err(invalid(format!("entry {}: unknown op {op}", log_id.index))),
             };
             EntryPayload::Normal(req)
@@ -456,19 +488,28 @@ mod tests {
             Entry::new_blank(lid),
             Entry::new_normal(
                 lid,
-                VolumeRequest::Write {
+                Request::Write {
                     offset_bytes: 4096,
                     data: Bytes::from_static(b"hello"),
                 },
             ),
             Entry::new_normal(
                 lid,
-                VolumeRequest::Unmap {
+                Request::Unmap {
                     offset_bytes: 8192,
                     len_bytes: 512,
                 },
             ),
-            Entry::new_normal(lid, VolumeRequest::Flush),
+            Entry::new_normal(lid, Request::Flush),
+            Entry::new_normal(
+                lid,
+                Request::PrState {
+                    lun: 1,
+                    state: Bytes::from_static(b"pr"),
+                },
+            ),
+            Entry::new_normal(lid, Request::Resize { size_bytes: 1 << 30 }),
+            Entry::new_normal(lid, Request::Meta(Bytes::from_static(b"\x0a\x00"))),
             Entry::new_membership(
                 lid,
                 Membership::new(

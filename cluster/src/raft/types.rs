@@ -1,24 +1,43 @@
-//! The openraft type configuration of a volume's Raft group.
+//! The openraft type configuration shared by every Raft group of a node.
 //!
-//! openraft's default `Entry`, `Vote` and `LeaderId` types are kept; conversion to the persisted
-//! prost format happens at the storage boundary (`record.rs`).
+//! A node runs one metadata group ([`META_GROUP`], the cluster catalogue) and one group per
+//! volume. All of them use the same [`TypeConfig`], log store and network; the state machine
+//! decides by its kind what an entry means. openraft's default `Entry`, `Vote` and `LeaderId`
+//! types are kept; conversion to the persisted prost format happens at the storage and network
+//! boundaries (`record.rs`).
 
 use std::fmt;
+use std::path::PathBuf;
 
 use bytes::Bytes;
 
-/// One replicated block operation, the application data of a log entry.
+/// Identifies a Raft group on every node: [`META_GROUP`] or a volume id.
+pub type GroupId = u64;
+
+/// The metadata group: cluster membership and the catalogue.
+pub const META_GROUP: GroupId = 0;
+
+/// One replicated operation, the application data of a log entry. Every variant is an absolute
+/// state change, so applying a suffix of the log twice (after a crash, or over a snapshot image
+/// that already holds some of its effects) gives the same result.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VolumeRequest {
+pub enum Request {
     /// Write `data` at byte offset `offset_bytes` of the volume image.
     Write { offset_bytes: u64, data: Bytes },
     /// Deallocate `len_bytes` bytes starting at `offset_bytes` (UNMAP, WRITE SAME with UNMAP).
     Unmap { offset_bytes: u64, len_bytes: u64 },
     /// Make everything applied so far durable in the image (SYNCHRONIZE CACHE, FUA).
     Flush,
+    /// The persistent-reservation state of LUN `lun` as decided by the leader (the encoded
+    /// `PersistentReservations` export of the target layer).
+    PrState { lun: u64, state: Bytes },
+    /// The volume's new capacity in bytes.
+    Resize { size_bytes: u64 },
+    /// A change to the cluster catalogue: a prost-encoded `pb::MetaCommand` (metadata group only).
+    Meta(Bytes),
 }
 
-impl fmt::Display for VolumeRequest {
+impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Write { offset_bytes, data } => write!(f, "write({offset_bytes}+{})", data.len()),
@@ -27,22 +46,45 @@ impl fmt::Display for VolumeRequest {
                 len_bytes,
             } => write!(f, "unmap({offset_bytes}+{len_bytes})"),
             Self::Flush => f.write_str("flush"),
+            Self::PrState { lun, state } => write!(f, "pr-state(lun {lun}, {} bytes)", state.len()),
+            Self::Resize { size_bytes } => write!(f, "resize({size_bytes})"),
+            Self::Meta(m) => write!(f, "meta({} bytes)", m.len()),
         }
     }
 }
 
-/// What applying a [`VolumeRequest`] returns to the proposer.
+/// What applying a [`Request`] returns to the proposer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VolumeResponse {
+pub struct Response {
     /// Log index at which the request was applied.
     pub applied_index: u64,
+    /// A catalogue change the metadata state machine refused (name taken, unknown volume, ...).
+    pub error: Option<String>,
+    /// A value the change produced (the id of a created volume).
+    pub value: u64,
+}
+
+/// A snapshot's data as openraft hands it between the state machine and the network.
+///
+/// Snapshots are "fuzzy": a snapshot with last log id L is the state machine's file (volume
+/// image or catalogue file) made durable at L and read live while it is sent, so it may already
+/// hold effects of entries after L. Replaying the log after L over it is still exact, because
+/// every [`Request`] is an absolute, idempotent change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotData {
+    /// A snapshot this node built: send the current contents of `path` (`len` bytes at build
+    /// time; a volume may have been resized since).
+    Local { path: PathBuf, len: u64 },
+    /// A snapshot received from the leader: a chunk journal (`journal.rs`) to lay over this
+    /// node's current file, which then has `size_bytes` bytes.
+    Received { journal: PathBuf, size_bytes: u64 },
 }
 
 openraft::declare_raft_types!(
-    /// The Raft type configuration of one volume group.
-    pub VolumeTypeConfig:
-        D = VolumeRequest,
-        R = VolumeResponse,
+    /// The Raft type configuration of every group (metadata and volumes).
+    pub TypeConfig:
+        D = Request,
+        R = Response,
         NodeId = u64,
         Node = openraft::BasicNode,
 );
