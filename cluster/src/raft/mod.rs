@@ -7,4 +7,4 @@ pub mod record;
 pub mod types;
 
 pub use log_store::{FsyncPolicy, LogStore, LogStoreOptions};
-pub use types::{GroupId, META_GROUP, Request, Response, SnapshotData, TypeConfig};
+pub use types::{GroupId, META_GROUP, Request, Response, SnapshotBase, SnapshotData, TypeConfig};

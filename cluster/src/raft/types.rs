@@ -70,14 +70,33 @@ pub struct Response {
 /// image or catalogue file) made durable at L and read live while it is sent, so it may already
 /// hold effects of entries after L. Replaying the log after L over it is still exact, because
 /// every [`Request`] is an absolute, idempotent change.
+///
+/// `sidecar` is the small part of the state that is not in the file, sent whole: a volume's
+/// persistent-reservation states; for the metadata group the whole catalogue (which has no file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SnapshotData {
     /// A snapshot this node built: send the current contents of `path` (`len` bytes at build
-    /// time; a volume may have been resized since).
-    Local { path: PathBuf, len: u64 },
+    /// time; a volume may have been resized since) and the sidecar.
+    Local {
+        path: Option<PathBuf>,
+        len: u64,
+        sidecar: Bytes,
+    },
     /// A snapshot received from the leader: a chunk journal (`journal.rs`) to lay over this
-    /// node's current file, which then has `size_bytes` bytes.
-    Received { journal: PathBuf, size_bytes: u64 },
+    /// node's current file, which then has `size_bytes` bytes, and the sidecar.
+    Received {
+        journal: Option<PathBuf>,
+        size_bytes: u64,
+        sidecar: Bytes,
+    },
+}
+
+/// Where a snapshot receiver compares and stages: the group's current file (None: the group
+/// has no file, only a sidecar) and a directory for the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotBase {
+    pub current: Option<PathBuf>,
+    pub staging_dir: PathBuf,
 }
 
 openraft::declare_raft_types!(
