@@ -158,6 +158,14 @@ fn add_node(cat: &mut Catalogue, n: &NodeInfo) -> Result<u64, String> {
     cat.used_node_ids.push(n.id);
     cat.nodes.push(n.clone());
     cat.nodes.sort_by_key(|x| x.id);
+    // Placement: every node holds a replica of every volume (the reference deployment is three
+    // nodes); the volume leaders then add the node to their groups.
+    for v in &mut cat.volumes {
+        if !v.replicas.contains(&n.id) {
+            v.replicas.push(n.id);
+            v.replicas.sort_unstable();
+        }
+    }
     Ok(n.id)
 }
 
@@ -332,5 +340,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.volumes[0].replicas, vec![1, 2]);
+        // A new node gets a replica of every volume.
+        apply(&mut c, &node(4)).unwrap();
+        assert_eq!(c.volumes[0].replicas, vec![1, 2, 4]);
     }
 }

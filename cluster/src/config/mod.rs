@@ -62,6 +62,66 @@ pub struct NodeConfig {
     pub warnings: Vec<ConfigWarning>,
     /// The syntax the file was read as.
     pub format: ConfigFormat,
+    /// Cluster mode (`[node] id` set): the node's id, RPC listener, certificates and Raft
+    /// tunables. Targets and volumes are then cluster state, not file content.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// A cluster node's own settings (DESIGN.md "Configuration").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// Never reused (DESIGN.md invariant 8).
+    pub node_id: u64,
+    /// The cluster RPC listener (Raft, forwarding, admin), mutual TLS.
+    pub rpc_listen: SocketAddr,
+    /// The address other nodes and admin clients use (default: `rpc_listen`).
+    pub rpc_advertise: String,
+    pub tls: TlsPaths,
+    pub raft: RaftSettings,
+}
+
+/// The certificate files of a node: the cluster CA, and this node's certificate and key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// When the Raft log is made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// Every append batch is fsynced before it counts towards a quorum.
+    Always,
+    /// Appends count once written; SYNCHRONIZE CACHE and FUA (a flush entry) make everything
+    /// before them durable on a quorum before GOOD.
+    OnFlush,
+}
+
+/// Raft tunables of every group on the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftSettings {
+    pub fsync: FsyncMode,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries (then the log before it is purged).
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind the last snapshot, for followers that are a little behind.
+    pub keep_entries: u64,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            fsync: FsyncMode::Always,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
+            snapshot_every_entries: 20_000,
+            keep_entries: 2_000,
+        }
+    }
 }
 
 impl NodeConfig {
@@ -77,6 +137,7 @@ impl NodeConfig {
             catalog: Catalog::default(),
             warnings: Vec::new(),
             format,
+            cluster: None,
         }
     }
 

@@ -14,7 +14,10 @@ use toml::Spanned;
 
 use super::tgt::{DEFAULT_BLOCK_SIZE, DEFAULT_PRODUCT, DEFAULT_REVISION, DEFAULT_VENDOR};
 use super::validate::{self, LocatedTarget};
-use super::{ConfigError, ConfigFormat, ConfigWarning, Digest, ISCSI_PORT, Location, NodeConfig};
+use super::{
+    ClusterSettings, ConfigError, ConfigFormat, ConfigWarning, Digest, FsyncMode, ISCSI_PORT, Location, NodeConfig,
+    RaftSettings, TlsPaths,
+};
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +32,26 @@ struct File {
     discovery: DiscoverySection,
     #[serde(default)]
     target: Vec<Spanned<TargetSection>>,
+    tls: Option<Spanned<TlsSection>>,
+    raft: Option<Spanned<RaftSection>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: String,
+    cert: String,
+    key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RaftSection {
+    fsync: Option<Spanned<String>>,
+    heartbeat_ms: Option<Spanned<u64>>,
+    election_timeout_ms: Option<Spanned<Vec<u64>>>,
+    snapshot_every_entries: Option<Spanned<u64>>,
+    keep_entries: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -38,6 +61,10 @@ struct NodeSection {
     data_dir: Option<String>,
     metrics: Option<Spanned<String>>,
     admin_socket: Option<String>,
+    /// Cluster mode: this node's id (never reused) and RPC listener.
+    id: Option<Spanned<u64>>,
+    rpc_listen: Option<Spanned<String>>,
+    rpc_advertise: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -197,6 +224,19 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
         config.metrics_listen = Some(addr);
     }
 
+    // Cluster mode: [node] id + rpc_listen, [tls], [raft].
+    let node_id = node.id;
+    let rpc_listen = node.rpc_listen;
+    let rpc_advertise = node.rpc_advertise;
+    config.cluster = cluster_settings(node_id, rpc_listen, rpc_advertise, file.tls, file.raft, &lines, &base)?;
+    if let (Some(_), Some(t)) = (&config.cluster, file.target.first()) {
+        return Err(ConfigError::invalid(
+            &lines.of(t),
+            "a cluster node ([node] id is set) takes its targets from the cluster: create volumes with \
+             `raftsan volume create` instead of [[target]] sections",
+        ));
+    }
+
     // [limits]
     let l = file.limits;
     let lim = &mut config.limits;
@@ -329,6 +369,137 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
 }
 
 /// `ADDR:PORT`, `[V6]:PORT`, or a bare address (then `default_port`).
+fn cluster_settings(
+    id: Option<Spanned<u64>>,
+    rpc_listen: Option<Spanned<String>>,
+    rpc_advertise: Option<Spanned<String>>,
+    tls: Option<Spanned<TlsSection>>,
+    raft: Option<Spanned<RaftSection>>,
+    lines: &Lines<'_>,
+    base: &Path,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let Some(id) = id else {
+        for (at, what) in [
+            (rpc_listen.as_ref().map(|x| lines.of(x)), "[node] rpc_listen"),
+            (tls.as_ref().map(|x| lines.of(x)), "[tls]"),
+            (raft.as_ref().map(|x| lines.of(x)), "[raft]"),
+        ] {
+            if let Some(at) = at {
+                return Err(ConfigError::invalid(
+                    &at,
+                    format!("{what} is only meaningful for a cluster node: set [node] id too"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let id_at = lines.of(&id);
+    if *id.get_ref() == 0 {
+        return Err(ConfigError::invalid(&id_at, "node id must be at least 1"));
+    }
+    let rpc = rpc_listen.ok_or_else(|| {
+        ConfigError::invalid(
+            &id_at,
+            "a cluster node needs `rpc_listen = \"ADDR:PORT\"` in [node] (the cluster RPC listener)",
+        )
+    })?;
+    let rpc_at = lines.of(&rpc);
+    let rpc_addr = socket_addr(rpc.get_ref(), 0).filter(|a| a.port() != 0).ok_or_else(|| {
+        ConfigError::invalid(
+            &rpc_at,
+            format!("rpc_listen `{}` must be an address with a port, such as `10.0.0.11:7000`", rpc.get_ref()),
+        )
+    })?;
+    let advertise = match rpc_advertise {
+        Some(a) => {
+            if !a.get_ref().contains(':') {
+                return Err(ConfigError::invalid(
+                    &lines.of(&a),
+                    format!("rpc_advertise `{}` must be HOST:PORT", a.get_ref()),
+                ));
+            }
+            a.into_inner()
+        }
+        None if rpc_addr.ip().is_unspecified() => {
+            return Err(ConfigError::invalid(
+                &rpc_at,
+                "rpc_listen is a wildcard address; set rpc_advertise to the address peers should use",
+            ));
+        }
+        None => rpc_addr.to_string(),
+    };
+    let tls = tls.ok_or_else(|| {
+        ConfigError::invalid(
+            &id_at,
+            "a cluster node needs a [tls] section (ca, cert, key); `raftsan cluster init` and \
+             `raftsan cluster issue-cert` create the files",
+        )
+    })?;
+    let tls = tls.into_inner();
+    let tls = TlsPaths {
+        ca: base.join(tls.ca),
+        cert: base.join(tls.cert),
+        key: base.join(tls.key),
+    };
+    let mut r = RaftSettings::default();
+    if let Some(raft) = raft {
+        let raft = raft.into_inner();
+        if let Some(f) = raft.fsync {
+            r.fsync = match f.get_ref().as_str() {
+                "always" => FsyncMode::Always,
+                "on-flush" => FsyncMode::OnFlush,
+                other => {
+                    return Err(ConfigError::invalid(
+                        &lines.of(&f),
+                        format!("fsync = \"{other}\" is not known; use \"always\" or \"on-flush\""),
+                    ));
+                }
+            };
+        }
+        if let Some(h) = raft.heartbeat_ms {
+            if !(10..=5_000).contains(h.get_ref()) {
+                return Err(ConfigError::invalid(&lines.of(&h), "heartbeat_ms must be 10..=5000"));
+            }
+            r.heartbeat_ms = h.into_inner();
+        }
+        if let Some(e) = raft.election_timeout_ms {
+            let at = lines.of(&e);
+            match e.get_ref().as_slice() {
+                [lo, hi] if lo < hi && *lo >= 2 * r.heartbeat_ms && *hi <= 60_000 => {
+                    r.election_timeout_min_ms = *lo;
+                    r.election_timeout_max_ms = *hi;
+                }
+                _ => {
+                    return Err(ConfigError::invalid(
+                        &at,
+                        format!(
+                            "election_timeout_ms must be [min, max] with min < max, min at least twice \
+                             heartbeat_ms ({}) and max at most 60000",
+                            r.heartbeat_ms
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(n) = raft.snapshot_every_entries {
+            if *n.get_ref() < 100 {
+                return Err(ConfigError::invalid(&lines.of(&n), "snapshot_every_entries must be at least 100"));
+            }
+            r.snapshot_every_entries = n.into_inner();
+        }
+        if let Some(n) = raft.keep_entries {
+            r.keep_entries = n.into_inner();
+        }
+    }
+    Ok(Some(ClusterSettings {
+        node_id: id.into_inner(),
+        rpc_listen: rpc_addr,
+        rpc_advertise: advertise,
+        tls,
+        raft: r,
+    }))
+}
+
 fn socket_addr(s: &str, default_port: u16) -> Option<SocketAddr> {
     s.parse::<SocketAddr>().ok().or_else(|| {
         s.trim_start_matches('[')

@@ -69,6 +69,11 @@ pub enum FsyncPolicy {
     Always,
     /// A flusher thread fdatasyncs once for all appends queued since its last round.
     Batch,
+    /// Appends count as flushed once written (page cache), unless they hold a flush entry
+    /// ([`Request::Flush`](super::types::Request::Flush)) or a membership change: those wait for
+    /// the flusher's fdatasync, which also covers everything written before them. Callbacks
+    /// still complete in order (an append never overtakes one that waits for a sync).
+    OnFlush,
 }
 
 /// Tunables of a [`LogStore`].
@@ -900,7 +905,26 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let needs_sync = entries.iter().any(|e| {
+            matches!(
+                &e.payload,
+                openraft::EntryPayload::Membership(_) | openraft::EntryPayload::Normal(super::types::Request::Flush)
+            )
+        });
         self.mutate("append", |shared, inner| shared.append_entries(inner, entries))?;
+        if self.shared.opts.fsync == FsyncPolicy::OnFlush && !needs_sync {
+            let q = lock(&self.shared.ctl.queue);
+            if let Some(e) = q.error.clone() {
+                drop(q);
+                callback.io_completed(Err(io::Error::other(e.clone())));
+                return Err(io::Error::other(e));
+            }
+            if q.waiters.is_empty() {
+                drop(q);
+                callback.io_completed(Ok(()));
+                return Ok(());
+            }
+        }
         match self.shared.opts.fsync {
             FsyncPolicy::Always => {
                 self.off_runtime(move |this| {
@@ -914,7 +938,7 @@ impl RaftLogStorage<C> for LogStore {
                 })
                 .await
             }
-            FsyncPolicy::Batch => {
+            FsyncPolicy::Batch | FsyncPolicy::OnFlush => {
                 let mut q = lock(&self.shared.ctl.queue);
                 if let Some(e) = q.error.clone() {
                     drop(q);
@@ -1347,6 +1371,28 @@ mod tests {
             .unwrap();
         let got = s.limited_get_log_entries(40, 41).await.unwrap();
         assert_eq!(got.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_conformance_suite_on_flush() {
+        Suite::test_all(Builder(FsyncPolicy::OnFlush)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn on_flush_syncs_only_for_flush_entries() {
+        let dir = TempDir::new().unwrap();
+        let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::OnFlush)).unwrap();
+        s.sync().unwrap();
+        let base = s.fsync_count();
+        for i in 1..=10 {
+            append_durable(&mut s, vec![write_entry(1, i, 4096)]).await.unwrap();
+        }
+        assert_eq!(s.fsync_count(), base, "plain writes must not fsync under on-flush");
+        append_durable(&mut s, vec![Entry::new_normal(lid(1, 11), Request::Flush)])
+            .await
+            .unwrap();
+        assert!(s.fsync_count() > base, "a flush entry must be durable before its callback");
+        assert_eq!(all_entries(&mut s).await.len(), 11);
     }
 
     #[tokio::test]
