@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # libiscsi conformance: run iscsi-test-cu --dataloss against a freshly started target.
 #
-#   scripts/conformance.sh [-t FAMILY[.SUITE[.TEST]]] [-o OUTDIR] [-k] raftsan|tgtd
+#   scripts/conformance.sh [-t FAMILY[.SUITE[.TEST]]] [-o OUTDIR] [-k] raftsan|tgtd|cluster
 #
+# cluster: a three-node raftsan cluster (`raftsan demo` on 127.0.0.44-46) with one replicated
+# volume; iscsi-test-cu talks to node 1's portal (the volume leader may be any node) and gets node
+# 2's portal as the second path. Same floor as raftsan.
 # Starts SUBJECT on a loopback portal (tgtd 127.0.0.41:3260, raftsan 127.0.0.42:3260) with one
 # 1 GiB sparse file-backed LUN (LUN 1, as tgt numbers them) and open ACLs, runs iscsi-test-cu in
 # XML mode with two initiator names (the persistent-reservation tests need two I_T nexuses),
@@ -37,6 +40,7 @@ LUN_SIZE="${CONFORMANCE_LUN_SIZE:-1G}"
 case $SUBJECT in
 tgtd) ADDR=127.0.0.41 ;;
 raftsan) ADDR=127.0.0.42 ADDR2=127.0.0.43 ;;
+cluster) ADDR=127.0.0.44 ADDR2=127.0.0.45 ;;
 *) usage ;;
 esac
 command -v iscsi-test-cu >/dev/null || die "iscsi-test-cu not installed (scripts/install-deps.sh)"
@@ -66,6 +70,10 @@ log "starting $SUBJECT on $ADDR:$PORT (LUN 1: $LUN_SIZE sparse file $BACKING)"
 case $SUBJECT in
 tgtd) start_tgtd "$ADDR" "$PORT" 41 "$CONF" "$DAEMON_LOG" ;;
 raftsan) start_raftsan "$ADDR" "$PORT" "$CONF" "$WORK/data" "$DAEMON_LOG" "$ADDR2" ;;
+cluster)
+    start_cluster_demo "$ADDR" "$WORK/cluster" "$DAEMON_LOG" "$LUN_SIZE"
+    IQN="iqn.2026-11.org.raftsan:demo"
+    ;;
 esac
 PID=$STARTED_PID
 [[ $KEEP -eq 1 ]] && log "target kept running: kill $PID"
@@ -154,11 +162,14 @@ if [[ $FAILED -gt 0 ]]; then
 fi
 echo "details: $OUTDIR (results.txt, iscsi-test-cu.out, CUnitAutomated-Results.xml, $SUBJECT.log)"
 
-if grep -q -E 'panicked' "$DAEMON_LOG"; then
-    echo "FAIL: $SUBJECT log has a panic: $DAEMON_LOG"
-    exit 1
-fi
-if [[ $SUBJECT == raftsan && -z "$TEST_RE" ]]; then
+for f in "$DAEMON_LOG" "$WORK"/cluster/node*/raftsan.log; do
+    [[ -f $f ]] || continue
+    if grep -q -E 'panicked' "$f"; then
+        echo "FAIL: $SUBJECT log has a panic: $f"
+        exit 1
+    fi
+done
+if [[ $SUBJECT != tgtd && -z "$TEST_RE" ]]; then
     FLOOR_FILE="$REPO/tests/conformance-floor.txt"
     FLOOR=$(grep -E '^[0-9]+' "$FLOOR_FILE" | head -1 | awk '{print $1}')
     [[ -n "$FLOOR" ]] || die "no floor in $FLOOR_FILE"

@@ -102,6 +102,26 @@ start_raftsan() {
     fi
 }
 
+# start_cluster_demo FIRST_ADDR DIR LOG [SIZE]: `raftsan demo` (three nodes on FIRST_ADDR and the
+# next two addresses, one replicated volume "demo" of SIZE) in the background; waits until it is
+# ready. STARTED_PID is the demo process (SIGINT/SIGTERM stops the nodes).
+start_cluster_demo() {
+    local first=$1 dir=$2 logfile=$3 size=${4:-256M} bin i
+    require_loopback "$first"
+    bin="$(raftsan_bin)"
+    [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
+    mkdir -p "$dir"
+    RUST_LOG="${RUST_LOG:-info}" "$bin" demo --first-address "$first" --dir "$dir" --size "$size" \
+        >"$logfile" 2>&1 &
+    STARTED_PID=$!
+    for ((i = 0; i < 1200; i++)); do
+        grep -q "running until Ctrl-C" "$logfile" 2>/dev/null && return 0
+        kill -0 "$STARTED_PID" 2>/dev/null || die "raftsan demo exited; log: $logfile"
+        sleep 0.1
+    done
+    die "raftsan demo not ready within 120 s; log: $logfile"
+}
+
 # stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once
 # it has targets (and `tgtadm --op delete --mode system` refuses), so callers stop it with KILL.
 stop_pid() {

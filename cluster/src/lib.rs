@@ -3,5 +3,6 @@
 
 pub mod config;
 pub mod meta;
+pub mod node;
 pub mod pb;
 pub mod raft;

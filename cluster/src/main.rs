@@ -60,16 +60,33 @@ enum Cmd {
     },
     /// Validate a configuration file and print what it defines.
     CheckConfig { config: PathBuf },
-    /// Start a node with an embedded default (one target, one 256 MiB LUN in a temporary
-    /// directory), check it with real iSCSI clients (iscsi-ls, qemu-img) and keep serving.
-    /// The three-node replicated demo comes with the cluster.
+    /// Cluster membership: init, issue-cert, add-node, join, remove-node.
+    #[command(subcommand)]
+    Cluster(cli::ClusterCmd),
+    /// Volumes: create, delete, resize, list.
+    #[command(subcommand)]
+    Volume(cli::VolumeCmd),
+    /// Every node, every group's leader, term, commit/applied index and each follower's lag.
+    Status {
+        #[command(flatten)]
+        conn: cli::Conn,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a three-node cluster on loopback (real `raftsan serve` processes on 127.0.0.11-13,
+    /// portals on port 3260), create a replicated 256 MiB volume, check it with real iSCSI
+    /// clients (iscsi-ls, qemu-img: written through node 1, read through nodes 2 and 3) and keep
+    /// running until Ctrl-C, reporting leadership changes (try kill -9 of the leader's node).
     Demo {
-        /// Portal address.
-        #[arg(long, default_value = "127.0.0.11:3260")]
-        portal: SocketAddr,
+        /// Address of node 1; nodes 2 and 3 take the next two addresses.
+        #[arg(long, default_value = "127.0.0.11")]
+        first_address: std::net::Ipv4Addr,
         /// Keep the data in this directory instead of a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Size of the demo volume.
+        #[arg(long, default_value = "256M")]
+        size: String,
         /// Stop after the client check instead of serving until Ctrl-C.
         #[arg(long)]
         check_only: bool,
@@ -119,19 +136,36 @@ fn run() -> Result<()> {
                 cfg.admin_socket = admin_socket;
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(serve(cfg))
+            match cfg.cluster.clone() {
+                Some(cs) => rt.block_on(cli::serve_cluster(cfg, cs)),
+                None => rt.block_on(serve(cfg)),
+            }
+        }
+        Cmd::Cluster(c) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(cli::cluster(c))
+        }
+        Cmd::Volume(c) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(cli::volume(c))
+        }
+        Cmd::Status { conn, json } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(cli::status(conn, json))
         }
         Cmd::Show { admin_socket, json } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(show(&admin_socket, json))
         }
         Cmd::Demo {
-            portal,
+            first_address,
             dir,
+            size,
             check_only,
         } => {
+            let size = cli::parse_size(&size)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(demo::run(portal, dir, check_only))
+            rt.block_on(demo::run(first_address, dir, size, check_only))
         }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;
@@ -152,6 +186,7 @@ fn load(path: &Path) -> Result<NodeConfig> {
     Ok(cfg)
 }
 
+mod cli;
 mod demo;
 
 /// Builds the portal settings of a node configuration.

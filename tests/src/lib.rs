@@ -10,6 +10,7 @@
 //!   holds a panic or an `ERROR` line the test did not announce with [`Daemon::expect_error`].
 //! * A missing `raftsan` binary is a test failure with instructions, never a skip.
 
+pub mod cluster;
 pub mod raw;
 
 use std::fs::{self, File, OpenOptions};
@@ -110,6 +111,30 @@ impl Loopback {
             return Ok(Loopback { ip, _lock: file });
         }
         bail!("no free loopback address in 127.0.{LOOPBACK_NET_FIRST}-{LOOPBACK_NET_LAST}.x")
+    }
+
+    /// Reserves `n` consecutive loopback addresses (for `raftsan demo --first-address`, which
+    /// takes the next addresses after the first).
+    pub fn reserve_consecutive(n: u8) -> Result<Vec<Loopback>> {
+        let dir = lock_dir()?;
+        let start = spread(200);
+        for i in 0..200u32 {
+            let base = 1 + (start + i) % 200;
+            let third = LOOPBACK_NET_FIRST + u8::try_from(spread(200) % 200).unwrap_or(0);
+            let mut got = Vec::new();
+            for k in 0..u32::from(n) {
+                let ip = Ipv4Addr::new(127, 0, third, u8::try_from(base + k).unwrap_or(255));
+                let Some(file) = try_lock(&dir, &format!("{ip}.lock"))? else { break };
+                if TcpListener::bind(SocketAddrV4::new(ip, ISCSI_PORT)).is_err() {
+                    break;
+                }
+                got.push(Loopback { ip, _lock: file });
+            }
+            if got.len() == usize::from(n) {
+                return Ok(got);
+            }
+        }
+        bail!("no {n} consecutive free loopback addresses")
     }
 
     pub fn ip(&self) -> Ipv4Addr {
@@ -531,7 +556,7 @@ fn terminate(child: &Child) {
 }
 
 /// Sends `signal` to the process group led by `pid` (children spawned with `process_group(0)`).
-fn kill_group(pid: u32, signal: libc::c_int) {
+pub(crate) fn kill_group(pid: u32, signal: libc::c_int) {
     if let Ok(pgid) = libc::pid_t::try_from(pid)
         && pgid > 0
     {
@@ -578,7 +603,7 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -115,30 +115,38 @@ fn show_lists_sessions_and_metrics_follow_io() -> Result<()> {
     Ok(())
 }
 
-/// The README's run command: `raftsan demo` serves its embedded default and its own client check
-/// (iscsi-ls discovery and login, a qemu-img write/read round trip) passes.
+/// The README's run command: `raftsan demo` starts three real nodes, forms the cluster with a
+/// replicated volume, and its own client check passes (iscsi-ls discovery through node 2, which
+/// lists every node's portal; 16 MiB written by qemu-img through node 1 and read back identical
+/// through nodes 2 and 3).
 #[test]
-fn demo_serves_the_embedded_default_and_its_client_check_passes() -> Result<()> {
-    let lo = Loopback::reserve()?;
-    let portal = lo.portal();
+fn demo_starts_a_three_node_cluster_and_its_client_check_passes() -> Result<()> {
+    let lo = Loopback::reserve_consecutive(3)?;
     let dir = tempfile::tempdir()?;
     let out = run(
         Command::new(raftsan_bin()?)
-            .args(["demo", "--check-only", "--portal"])
-            .arg(portal.to_string())
+            .args(["demo", "--check-only", "--size", "64M", "--first-address"])
+            .arg(lo[0].ip().to_string())
             .arg("--dir")
             .arg(dir.path()),
-        CLIENT_TIMEOUT,
+        CLIENT_TIMEOUT * 3,
     )?;
     let text = out.combined();
     ensure!(out.success(), "raftsan demo failed:\n{text}");
     assert!(text.contains("client check: OK"), "{text}");
-    assert!(
-        text.contains(&format!("Portal:{portal},1")),
-        "iscsi-ls output missing from the demo:\n{text}"
-    );
-    assert!(text.contains("identical"), "{text}");
+    for (i, l) in lo.iter().enumerate() {
+        assert!(
+            text.contains(&format!("Portal:{}:3260,{}", l.ip(), i + 1)),
+            "SendTargets through node 2 does not list node {}'s portal:\n{text}",
+            i + 1
+        );
+    }
+    assert!(text.contains("read it back through node 3") && text.contains("identical"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+    for n in 1..=3 {
+        let log = std::fs::read_to_string(dir.path().join(format!("node{n}/raftsan.log")))?;
+        assert!(!log.contains("panicked"), "node {n} panicked:\n{log}");
+    }
     drop(lo);
     Ok(())
 }

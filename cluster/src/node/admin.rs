@@ -1,0 +1,208 @@
+//! Cluster administration: catalogue changes through the metadata leader, the leader's duties
+//! (group memberships follow the catalogue, images follow resizes), and the admin client the
+//! `raftsan` CLI uses.
+//!
+//! Membership changes are the leaders' job and are serialized: the metadata leader keeps the
+//! metadata group's voters equal to the catalogue's nodes; each volume leader keeps its group's
+//! voters equal to the volume's replicas. A node is always added as a learner first and promoted
+//! once it caught up (openraft `add_learner(blocking)` then `change_membership`, joint consensus).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use openraft::{BasicNode, ChangeMembers};
+use prost::Message;
+
+use super::{Node, RaftGroup};
+use crate::pb::cluster::cluster_client::ClusterClient;
+use crate::pb::cluster::{Catalogue, MetaCommand, meta_command::Cmd};
+use crate::raft::{META_GROUP, Request, Response};
+use crate::rpc::{Channels, TlsFiles};
+
+/// How long a membership step may take before the leader retries it on its next round.
+const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Proposes a catalogue change on `raft` (which must lead the metadata group).
+pub(crate) async fn propose_meta(raft: &RaftGroup, cmd: Cmd) -> Result<Response> {
+    let bytes = MetaCommand { cmd: Some(cmd) }.encode_to_vec();
+    let resp = tokio::time::timeout(Duration::from_secs(10), raft.client_write(Request::Meta(Bytes::from(bytes))))
+        .await
+        .map_err(|_| anyhow!("the metadata group did not commit the change within 10 s (no quorum?)"))?
+        .map_err(|e| anyhow!("{e}"))?;
+    match resp.data.error {
+        Some(e) => bail!("{e}"),
+        None => Ok(resp.data),
+    }
+}
+
+/// Runs forever: whatever this node leads, it keeps in line with the catalogue.
+pub(super) async fn leader_duties(node: Arc<Node>) {
+    let mut shutdown = node.shutdown.subscribe();
+    loop {
+        if let Err(e) = duty_round(&node).await {
+            tracing::warn!("leader duties: {e:#}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+async fn duty_round(node: &Arc<Node>) -> Result<()> {
+    let cat = node.catalogue();
+    let meta = node.meta();
+    if meta.raft.is_leader() && !cat.nodes.is_empty() {
+        let want: BTreeMap<u64, BasicNode> = cat
+            .nodes
+            .iter()
+            .map(|n| (n.id, BasicNode { addr: n.rpc_addr.clone() }))
+            .collect();
+        align_voters(&meta.raft, &want, "metadata").await?;
+    }
+    let groups: Vec<_> = node.read_groups().values().cloned().collect();
+    for g in groups {
+        let Some(v) = &g.volume else { continue };
+        if !g.raft.is_leader() {
+            continue;
+        }
+        let Some(info) = cat.volumes.iter().find(|x| x.id == g.id) else {
+            continue;
+        };
+        let want: BTreeMap<u64, BasicNode> = info
+            .replicas
+            .iter()
+            .filter_map(|r| {
+                cat.nodes
+                    .iter()
+                    .find(|n| n.id == *r)
+                    .map(|n| (*r, BasicNode { addr: n.rpc_addr.clone() }))
+            })
+            .collect();
+        if !want.is_empty() {
+            align_voters(&g.raft, &want, &info.name).await?;
+        }
+        let size = g.sm.image().map(|i| raftsan_target::backing::BackingStore::size_bytes(&*i));
+        if size.is_some_and(|s| s < info.size_bytes) {
+            tracing::info!(volume = %info.name, size_bytes = info.size_bytes, "growing the volume");
+            let r = tokio::time::timeout(
+                Duration::from_secs(10),
+                g.raft.client_write(Request::Resize {
+                    size_bytes: info.size_bytes,
+                }),
+            )
+            .await;
+            if !matches!(r, Ok(Ok(_))) {
+                tracing::warn!(volume = %info.name, "resize not committed yet; retrying");
+            }
+        }
+        let _ = v;
+    }
+    Ok(())
+}
+
+/// One step towards `want` as the voter set of the group `raft` leads: add a missing node as a
+/// learner (blocking until it caught up), else change the voters.
+async fn align_voters(raft: &RaftGroup, want: &BTreeMap<u64, BasicNode>, name: &str) -> Result<()> {
+    let m = raft.metrics().borrow().membership_config.clone();
+    let membership = m.membership();
+    let voters: BTreeSet<u64> = membership.voter_ids().collect();
+    let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+    let target: BTreeSet<u64> = want.keys().copied().collect();
+    if voters == target && known == target {
+        return Ok(());
+    }
+    for (id, n) in want {
+        if !known.contains(id) {
+            tracing::info!(group = name, node = id, "adding node as learner");
+            tokio::time::timeout(MEMBERSHIP_STEP_TIMEOUT, raft.add_learner(*id, n.clone(), true))
+                .await
+                .map_err(|_| anyhow!("{name}: node {id} did not catch up within {MEMBERSHIP_STEP_TIMEOUT:?}"))?
+                .map_err(|e| anyhow!("{name}: adding node {id} as learner: {e}"))?;
+        }
+    }
+    if voters != target {
+        tracing::info!(group = name, from = ?voters, to = ?target, "changing voters");
+        tokio::time::timeout(
+            MEMBERSHIP_STEP_TIMEOUT,
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(target.clone()), false),
+        )
+        .await
+        .map_err(|_| anyhow!("{name}: membership change timed out"))?
+        .map_err(|e| anyhow!("{name}: changing voters to {target:?}: {e}"))?;
+    } else {
+        // Voters are right; drop learners that are no longer wanted.
+        let extra: BTreeSet<u64> = known.difference(&target).copied().collect();
+        if !extra.is_empty() {
+            raft.change_membership(ChangeMembers::RemoveNodes(extra.clone()), false)
+                .await
+                .map_err(|e| anyhow!("{name}: removing learners {extra:?}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+impl Node {
+    /// A client of node `addr`'s Cluster service over the node's mTLS channels.
+    pub(crate) fn cluster_client(&self, addr: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
+        let ch = self.channels.get(addr).map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
+        Ok(ClusterClient::new(ch)
+            .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES))
+    }
+
+    /// The metadata leader's id and RPC address, if one is known.
+    pub(crate) fn meta_leader(&self) -> Option<(u64, String)> {
+        let leader = self.meta().raft.metrics().borrow().current_leader?;
+        Some((leader, self.rpc_addr_of(leader)?))
+    }
+
+    pub(super) async fn forget_remote_nexus(&self, leader: u64, volume: u64, nexus_id: u64) {
+        let Some(addr) = self.rpc_addr_of(leader) else { return };
+        if let Ok(mut c) = self.cluster_client(&addr) {
+            let _ = c
+                .forget_nexus(crate::pb::cluster::NexusLeft { volume, nexus_id })
+                .await;
+        }
+    }
+}
+
+/// The CLI's connection to a node's admin API (mutual TLS with an admin or node certificate).
+pub struct AdminClient {
+    client: ClusterClient<tonic::transport::Channel>,
+    pub addr: String,
+}
+
+impl AdminClient {
+    pub fn connect(addr: &str, tls: TlsFiles) -> Result<Self> {
+        let channels = Channels::new(Some(tls)).context("loading the admin certificate")?;
+        let ch = channels.get(addr).map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
+        Ok(AdminClient {
+            client: ClusterClient::new(ch)
+                .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
+            addr: addr.to_string(),
+        })
+    }
+
+    pub fn inner(&mut self) -> &mut ClusterClient<tonic::transport::Channel> {
+        &mut self.client
+    }
+
+    pub async fn catalogue(&mut self) -> Result<Catalogue> {
+        let s = self
+            .client
+            .status(crate::pb::cluster::StatusRequest {})
+            .await
+            .map_err(|s| anyhow!("{}: {}", self.addr, s.message()))?;
+        Ok(s.into_inner().catalogue.unwrap_or_default())
+    }
+}
+
+/// True when `group` is the metadata group.
+pub(crate) fn is_meta(group: u64) -> bool {
+    group == META_GROUP
+}

@@ -1,0 +1,697 @@
+//! One volume on one node: its SCSI logical unit over the replicated image, its ALUA view, and
+//! the router that decides where each command runs.
+//!
+//! ```text
+//! session on this node ──▶ ClusterRouter::execute
+//!     ALUA epoch of the session older than the volume's?  ──▶ UNIT ATTENTION 2A/06, not executed
+//!     INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS     ──▶ local LU (same identity everywhere)
+//!     this node leads the volume (term T)                  ──▶ LU on a blocking thread:
+//!          writes → Raft log (quorum) → applied → GOOD;  reads → lease read barrier → image
+//!     another node leads (term T)                          ──▶ Execute RPC {term T} to it
+//!     no leader known within TRANSITION_WAIT               ──▶ NOT READY 04/0A
+//! ```
+//!
+//! Fencing (DESIGN.md invariant 3): a command is bound to the leader term seen when it arrived.
+//! If leadership changes before it completes (a proposal or read barrier fails, or the leader
+//! refuses the forwarded term), the command ends with UNIT ATTENTION 2A/06 and is never re-sent
+//! elsewhere by the target; the initiator retries it on the current path.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use bytes::Bytes;
+use openraft::ReadPolicy;
+use raftsan_proto::scsi::cdb::op;
+use raftsan_proto::scsi::sense::{self, SenseCode, status};
+use raftsan_target::backing::BackingStore;
+use raftsan_target::catalog::{Backing, ChapAccount, Cidr, LunDef, TargetDef};
+use raftsan_target::lu::{AluaState, AluaView, Nexus, Outcome, PortGroupState, TargetLus, TargetPort};
+use raftsan_target::portal::{CommandRouter, OwnedCommand, TargetRuntime};
+
+use super::{Node, RaftGroup};
+use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo};
+use crate::raft::Request;
+use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
+
+/// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning).
+pub const TRANSITION_WAIT: Duration = Duration::from_millis(1500);
+/// Upper bound on one replicated write or barrier (then the command fails and is retried).
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Upper bound on a forwarded command.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Default INQUIRY identity of cluster volumes.
+pub const VENDOR: &str = "RAFTSAN";
+pub const PRODUCT: &str = "VOLUME";
+
+thread_local! {
+    /// Set by [`ReplicatedStore`] when a proposal or read barrier failed because this node is no
+    /// longer the leader; the router turns the command's error into UNIT ATTENTION 2A/06.
+    static FENCED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The volume's backing store on this node: writes go through the Raft log, reads come from the
+/// image after a read barrier. Only used on the leader, on blocking threads.
+pub struct ReplicatedStore {
+    raft: RaftGroup,
+    image: Arc<VolumeImage>,
+    rt: tokio::runtime::Handle,
+    name: String,
+}
+
+impl ReplicatedStore {
+    fn fenced(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
+        FENCED.with(|f| f.set(true));
+        io::Error::other(format!("volume {}: {what}: {e}", self.name))
+    }
+
+    fn propose(&self, req: Request) -> io::Result<()> {
+        let raft = self.raft.clone();
+        let r = self
+            .rt
+            .block_on(async move { tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(req)).await });
+        match r {
+            Ok(Ok(resp)) => match resp.data.error {
+                None => Ok(()),
+                Some(e) => Err(io::Error::other(format!("volume {}: {e}", self.name))),
+            },
+            Ok(Err(e)) => Err(self.fenced("replicating", e)),
+            Err(_) => Err(self.fenced("replicating", "timed out")),
+        }
+    }
+
+    fn barrier(&self) -> io::Result<()> {
+        let raft = self.raft.clone();
+        // The lease is normally valid (heartbeats renew it); when it is not (just elected, or a
+        // quiet spell), fall back to a read index round before calling the command fenced.
+        let r = self.rt.block_on(async move {
+            tokio::time::timeout(PROPOSE_TIMEOUT, async {
+                match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+                    Ok(x) => Ok(x),
+                    Err(_) => raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
+                }
+            })
+            .await
+        });
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.fenced("read barrier", e)),
+            Err(_) => Err(self.fenced("read barrier", "timed out")),
+        }
+    }
+}
+
+impl BackingStore for ReplicatedStore {
+    fn size_bytes(&self) -> u64 {
+        self.image.size_bytes()
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.barrier()?;
+        self.image.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.propose(Request::Write {
+            offset_bytes: offset,
+            data: Bytes::copy_from_slice(buf),
+        })
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // Every acknowledged write is already in a quorum's log; with fsync = on-flush the flush
+        // entry is what makes those logs durable.
+        self.propose(Request::Flush)
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.propose(Request::Unmap {
+            offset_bytes: offset,
+            len_bytes: len,
+        })
+    }
+
+    fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.barrier()?;
+        self.image.is_mapped(offset, len)
+    }
+
+    fn describe(&self) -> String {
+        format!("replicated volume {}", self.name)
+    }
+}
+
+/// The leadership of a volume as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leadership {
+    leader: Option<u64>,
+    term: u64,
+}
+
+/// A volume exported by this node.
+pub struct VolumeRuntime {
+    node: Arc<Node>,
+    pub id: u64,
+    info: Mutex<VolumeInfo>,
+    raft: RaftGroup,
+    sm: GroupStateMachine,
+    pub lus: Arc<TargetLus>,
+    lun: u64,
+    /// Incremented at every leadership change (the ALUA epoch of DESIGN.md invariant 3).
+    epoch: AtomicU64,
+    /// ALUA epoch each I_T nexus of this node last saw.
+    nexus_epochs: Mutex<HashMap<u64, u64>>,
+    /// Nexuses of other nodes this leader has executed commands for (so PR and UA state exist).
+    remote_nexuses: Mutex<HashMap<u64, u64>>,
+    /// Term in which this node's LU last loaded the replicated PR state.
+    pr_loaded_term: Mutex<u64>,
+    leadership: tokio::sync::watch::Sender<Leadership>,
+}
+
+impl VolumeRuntime {
+    pub(super) fn new(node: Arc<Node>, info: &VolumeInfo, raft: RaftGroup, sm: GroupStateMachine) -> Result<Arc<Self>> {
+        let image = sm
+            .image()
+            .ok_or_else(|| anyhow!("volume {}: state machine has no image", info.name))?;
+        let store = ReplicatedStore {
+            raft: raft.clone(),
+            image,
+            rt: tokio::runtime::Handle::current(),
+            name: info.name.clone(),
+        };
+        let mut naa = [0u8; 16];
+        if info.naa.len() == 16 {
+            naa.copy_from_slice(&info.naa);
+        }
+        let def = LunDef {
+            lun: info.lun,
+            backing: Backing::Memory {
+                size_bytes: info.size_bytes,
+            },
+            serial: info.serial.clone(),
+            naa,
+            vendor: VENDOR.into(),
+            product: PRODUCT.into(),
+            revision: env!("CARGO_PKG_VERSION").chars().filter(|c| *c != '.').take(4).collect(),
+            block_size: info.block_size,
+            read_only: false,
+            thin: true,
+            write_cache: true,
+        };
+        let lus = Arc::new(TargetLus::with_stores(&info.target, vec![(def, Box::new(store))])?);
+        let v = Arc::new(VolumeRuntime {
+            node,
+            id: info.id,
+            info: Mutex::new(info.clone()),
+            raft,
+            sm,
+            lus,
+            lun: info.lun,
+            epoch: AtomicU64::new(1),
+            nexus_epochs: Mutex::new(HashMap::new()),
+            remote_nexuses: Mutex::new(HashMap::new()),
+            pr_loaded_term: Mutex::new(0),
+            leadership: tokio::sync::watch::channel(Leadership { leader: None, term: 0 }).0,
+        });
+        v.lus.set_alua(Arc::new(VolumeAlua(Arc::downgrade(&v))));
+        Ok(v)
+    }
+
+    pub fn target_name(&self) -> String {
+        lock(&self.info).target.clone()
+    }
+
+    pub fn info(&self) -> VolumeInfo {
+        lock(&self.info).clone()
+    }
+
+    pub(super) fn update_info(&self, info: &VolumeInfo) {
+        *lock(&self.info) = info.clone();
+    }
+
+    /// Watches leadership (ALUA epoch, UA) and the state machine (capacity changes).
+    pub(super) fn spawn_watchers(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let mut metrics = self.raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                let (leader, term) = {
+                    let m = metrics.borrow_and_update();
+                    (m.current_leader, m.current_term)
+                };
+                let Some(v) = weak.upgrade() else { return };
+                let now = Leadership { leader, term };
+                let before = *v.leadership.borrow();
+                if before != now {
+                    if before.leader != now.leader {
+                        v.epoch.fetch_add(1, Ordering::AcqRel);
+                        tracing::info!(volume = v.id, leader = ?now.leader, term, "volume leadership changed");
+                    }
+                    v.leadership.send_replace(now);
+                }
+                drop(v);
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let weak = Arc::downgrade(self);
+        let mut changes = self.sm.changes();
+        tokio::spawn(async move {
+            let mut size = weak.upgrade().map(|v| v.lus_size()).unwrap_or(0);
+            while changes.changed().await.is_ok() {
+                let Some(v) = weak.upgrade() else { return };
+                let now = v.lus_size();
+                if now != size {
+                    size = now;
+                    tracing::info!(volume = v.id, size_bytes = now, "volume capacity changed");
+                    v.lus.capacity_changed(v.lun);
+                }
+            }
+        });
+    }
+
+    fn lus_size(&self) -> u64 {
+        self.sm.image().map(|i| i.size_bytes()).unwrap_or(0)
+    }
+
+    fn current(&self) -> Leadership {
+        *self.leadership.borrow()
+    }
+
+    /// Waits (bounded) until some node leads the volume.
+    async fn wait_leader(&self, within: Duration) -> Option<Leadership> {
+        let mut rx = self.leadership.subscribe();
+        let r = tokio::time::timeout(within, rx.wait_for(|l| l.leader.is_some())).await;
+        match r {
+            Ok(Ok(l)) => Some(*l),
+            _ => None,
+        }
+    }
+
+    /// Runs a command on this node as the leader of `term`. Used for local sessions and for
+    /// commands other nodes forward.
+    pub(super) async fn execute_as_leader(self: &Arc<Self>, term: u64, nexus: Nexus, cmd: OwnedCommand) -> Option<Outcome> {
+        let l = self.current();
+        if l.leader != Some(self.node.id) || l.term != term {
+            return None;
+        }
+        // A new term: make sure everything committed before it is applied, then load the
+        // replicated persistent-reservation state into the LU.
+        if *lock(&self.pr_loaded_term) != term {
+            let raft = self.raft.clone();
+            match tokio::time::timeout(PROPOSE_TIMEOUT, raft.ensure_linearizable(ReadPolicy::ReadIndex)).await {
+                Ok(Ok(_)) => {}
+                _ => return None,
+            }
+            let mut loaded = lock(&self.pr_loaded_term);
+            if *loaded != term {
+                if let Some(state) = self.sm.pr_state(self.lun)
+                    && let Err(e) = self.lus.pr_import(self.lun, &state)
+                {
+                    tracing::error!(volume = self.id, "loading the replicated reservation state: {e}");
+                }
+                *loaded = term;
+            }
+        }
+        if nexus.id >> NEXUS_NODE_SHIFT != self.node.id {
+            let mut remote = lock(&self.remote_nexuses);
+            if remote.insert(nexus.id, term).is_none() {
+                self.lus.nexus_joined(&nexus);
+            }
+        }
+        let v = self.clone();
+        let opcode = cmd.cdb.first().copied().unwrap_or(0);
+        let joined = tokio::task::spawn_blocking(move || {
+            FENCED.with(|f| f.set(false));
+            let command = raftsan_target::lu::Command {
+                lun: cmd.lun,
+                cdb: &cmd.cdb,
+                data_out: &cmd.data_out,
+                expected_transfer_len: cmd.expected_transfer_len,
+                task_attr: cmd.task_attr,
+            };
+            let mut outcome = v.lus.execute_sync(&nexus, &command);
+            let mut fenced = FENCED.with(|f| f.get());
+            let pr_change = matches!(
+                opcode,
+                op::PERSISTENT_RESERVE_OUT | op::RESERVE_6 | op::RESERVE_10 | op::RELEASE_6 | op::RELEASE_10
+            );
+            if !fenced && pr_change && outcome.status == status::GOOD {
+                // The reservation change counts only once it is in the log (it is cluster state).
+                if let Some(state) = v.lus.pr_export(v.lun) {
+                    let store_raft = v.raft.clone();
+                    let req = Request::PrState {
+                        lun: v.lun,
+                        state: Bytes::from(state),
+                    };
+                    let r = tokio::runtime::Handle::current()
+                        .block_on(async move { tokio::time::timeout(PROPOSE_TIMEOUT, store_raft.client_write(req)).await });
+                    if !matches!(r, Ok(Ok(_))) {
+                        fenced = true;
+                    }
+                }
+            }
+            if fenced {
+                outcome = Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false);
+            }
+            outcome
+        })
+        .await;
+        match joined {
+            Ok(o) => Some(o),
+            Err(e) => {
+                tracing::error!(volume = self.id, "SCSI execution task failed: {e}");
+                Some(Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false))
+            }
+        }
+    }
+
+    /// The router's decision for a command of a local session.
+    async fn route(self: Arc<Self>, nexus: Nexus, cmd: OwnedCommand) -> Outcome {
+        let opcode = cmd.cdb.first().copied().unwrap_or(0);
+        let exempt = matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        if !exempt {
+            let mut seen = lock(&self.nexus_epochs);
+            let e = seen.entry(nexus.id).or_insert(epoch);
+            if *e != epoch {
+                *e = epoch;
+                return Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false);
+            }
+        }
+        // Identity and path state are the same on every node: answer locally, even without a
+        // leader (multipath needs them to classify paths).
+        let local = exempt || (opcode == op::MAINTENANCE_IN && cmd.cdb.get(1).map(|b| b & 0x1f) == Some(0x0a));
+        if local {
+            let lus = self.lus.clone();
+            return tokio::task::spawn_blocking(move || {
+                let command = raftsan_target::lu::Command {
+                    lun: cmd.lun,
+                    cdb: &cmd.cdb,
+                    data_out: &cmd.data_out,
+                    expected_transfer_len: cmd.expected_transfer_len,
+                    task_attr: cmd.task_attr,
+                };
+                lus.execute_sync(&nexus, &command)
+            })
+            .await
+            .unwrap_or_else(|_| Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false));
+        }
+        let Some(l) = self.wait_leader(TRANSITION_WAIT).await else {
+            return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
+        };
+        // The leadership changed while this command waited: the initiator learns it first.
+        if self.epoch.load(Ordering::Acquire) != epoch {
+            lock(&self.nexus_epochs).insert(nexus.id, self.epoch.load(Ordering::Acquire));
+            return Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false);
+        }
+        let leader = l.leader.unwrap_or_default();
+        if leader == self.node.id {
+            return match self.clone().execute_as_leader(l.term, nexus, cmd).await {
+                Some(o) => o,
+                None => self.lost_leader(epoch).await,
+            };
+        }
+        match self.forward(leader, l.term, &nexus, cmd).await {
+            Ok(resp) if !resp.not_leader => Outcome {
+                status: u8::try_from(resp.status).unwrap_or(status::CHECK_CONDITION),
+                sense: resp.sense.map(|s| s.to_vec()),
+                data_in: resp.data_in.to_vec(),
+                scsi_transfer_len: resp.scsi_transfer_len,
+            },
+            Ok(_) => self.lost_leader(epoch).await,
+            Err(e) => {
+                tracing::debug!(volume = self.id, leader, "forwarding failed: {e:#}");
+                self.lost_leader(epoch).await
+            }
+        }
+    }
+
+    /// The command could not run under the leadership it was routed with: wait (bounded) for the
+    /// next leader so the initiator's retry lands well, and tell it the state changed.
+    async fn lost_leader(&self, epoch: u64) -> Outcome {
+        let mut rx = self.leadership.subscribe();
+        let _ = tokio::time::timeout(TRANSITION_WAIT, rx.wait_for(|_| self.epoch.load(Ordering::Acquire) != epoch)).await;
+        if self.current().leader.is_none() {
+            return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
+        }
+        Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false)
+    }
+
+    async fn forward(&self, leader: u64, term: u64, nexus: &Nexus, cmd: OwnedCommand) -> Result<ExecuteResponse> {
+        let addr = self
+            .node
+            .rpc_addr_of(leader)
+            .ok_or_else(|| anyhow!("no address known for node {leader}"))?;
+        let mut client = self.node.cluster_client(&addr)?;
+        let req = ExecuteRequest {
+            volume: self.id,
+            term,
+            nexus: Some(nexus_to_pb(nexus)),
+            lun: cmd.lun,
+            cdb: Bytes::from(cmd.cdb),
+            data_out: cmd.data_out,
+            expected_transfer_len: cmd.expected_transfer_len,
+            task_attr: u32::from(cmd.task_attr),
+        };
+        let mut request = tonic::Request::new(req);
+        request.set_timeout(FORWARD_TIMEOUT);
+        let resp = client.execute(request).await.map_err(|s| anyhow!("{}", s.message()))?;
+        Ok(resp.into_inner())
+    }
+
+    /// This node's view of every node's port group state for this volume.
+    fn port_groups(&self) -> Vec<PortGroupState> {
+        let l = self.current();
+        let cat = self.node.catalogue();
+        let mut ids: Vec<u64> = cat.nodes.iter().map(|n| n.id).collect();
+        if !ids.contains(&self.node.id) {
+            ids.push(self.node.id);
+        }
+        ids.sort_unstable();
+        ids.into_iter()
+            .filter_map(|id| u16::try_from(id).ok().map(|g| (id, g)))
+            .map(|(id, g)| PortGroupState {
+                group: g,
+                state: match l.leader {
+                    None => AluaState::Transitioning,
+                    Some(x) if x == id => AluaState::ActiveOptimized,
+                    Some(_) => AluaState::ActiveNonOptimized,
+                },
+                relative_ports: vec![g],
+            })
+            .collect()
+    }
+
+    pub(super) fn forget_nexus(&self, nexus_id: u64) {
+        if lock(&self.remote_nexuses).remove(&nexus_id).is_some() {
+            let n = Nexus {
+                id: nexus_id,
+                initiator_name: String::new(),
+                initiator_port: String::new(),
+                isid: [0; 6],
+                target_port: TargetPort {
+                    target_name: self.target_name(),
+                    tpgt: 0,
+                    relative_port_id: 0,
+                    port_group: 0,
+                },
+            };
+            self.lus.nexus_left(&n);
+        }
+    }
+}
+
+/// Bits of a cluster-wide nexus id below the originating node's id.
+pub const NEXUS_NODE_SHIFT: u32 = 40;
+
+/// A nexus as other nodes see it: the local id tagged with this node's id.
+fn global_nexus(node: u64, nexus: &Nexus) -> Nexus {
+    let mut n = nexus.clone();
+    n.id = (node << NEXUS_NODE_SHIFT) | (nexus.id & ((1 << NEXUS_NODE_SHIFT) - 1));
+    n
+}
+
+pub(super) fn nexus_to_pb(n: &Nexus) -> crate::pb::cluster::Nexus {
+    crate::pb::cluster::Nexus {
+        id: n.id,
+        initiator_name: n.initiator_name.clone(),
+        initiator_port: n.initiator_port.clone(),
+        isid: Bytes::copy_from_slice(&n.isid),
+        target_name: n.target_port.target_name.clone(),
+        tpgt: u32::from(n.target_port.tpgt),
+        relative_port_id: u32::from(n.target_port.relative_port_id),
+        port_group: u32::from(n.target_port.port_group),
+    }
+}
+
+pub(super) fn nexus_from_pb(n: &crate::pb::cluster::Nexus) -> Option<Nexus> {
+    let isid: [u8; 6] = n.isid.as_ref().try_into().ok()?;
+    Some(Nexus {
+        id: n.id,
+        initiator_name: n.initiator_name.clone(),
+        initiator_port: n.initiator_port.clone(),
+        isid,
+        target_port: TargetPort {
+            target_name: n.target_name.clone(),
+            tpgt: u16::try_from(n.tpgt).ok()?,
+            relative_port_id: u16::try_from(n.relative_port_id).ok()?,
+            port_group: u16::try_from(n.port_group).ok()?,
+        },
+    })
+}
+
+struct VolumeAlua(std::sync::Weak<VolumeRuntime>);
+
+impl AluaView for VolumeAlua {
+    fn port_groups(&self, _lun: u64) -> Vec<PortGroupState> {
+        self.0.upgrade().map(|v| v.port_groups()).unwrap_or_default()
+    }
+}
+
+/// Routes the commands of one target's sessions to the volumes (LUNs) behind it.
+struct ClusterRouter {
+    node: Arc<Node>,
+    volumes: HashMap<u64, Arc<VolumeRuntime>>,
+    /// Answers commands for LUNs without a volume (LUN 0 controller, unknown LUNs).
+    lus: Arc<TargetLus>,
+}
+
+impl CommandRouter for ClusterRouter {
+    fn execute(
+        &self,
+        _target: Arc<TargetRuntime>,
+        nexus: Nexus,
+        cmd: OwnedCommand,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send>> {
+        let nexus = global_nexus(self.node.id, &nexus);
+        match self.volumes.get(&cmd.lun) {
+            Some(v) => Box::pin(v.clone().route(nexus, cmd)),
+            None => {
+                let lus = self.lus.clone();
+                Box::pin(async move {
+                    tokio::task::spawn_blocking(move || {
+                        let command = raftsan_target::lu::Command {
+                            lun: cmd.lun,
+                            cdb: &cmd.cdb,
+                            data_out: &cmd.data_out,
+                            expected_transfer_len: cmd.expected_transfer_len,
+                            task_attr: cmd.task_attr,
+                        };
+                        lus.execute_sync(&nexus, &command)
+                    })
+                    .await
+                    .unwrap_or_else(|_| Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false))
+                })
+            }
+        }
+    }
+
+    fn nexus_left(&self, nexus: &Nexus) {
+        let global = global_nexus(self.node.id, nexus);
+        for v in self.volumes.values() {
+            lock(&v.nexus_epochs).remove(&global.id);
+            let leader = v.current().leader;
+            if let Some(leader) = leader.filter(|l| *l != self.node.id) {
+                let node = self.node.clone();
+                let volume = v.id;
+                tokio::spawn(async move { node.forget_remote_nexus(leader, volume, global.id).await });
+            } else {
+                v.forget_nexus(global.id);
+            }
+        }
+    }
+}
+
+/// Builds the portal's view of one target: its ACL/CHAP definition from the catalogue and one
+/// LU per volume. With several volumes in one target, LUN 0's controller and REPORT LUNS come
+/// from the first volume's LU set (each volume's `TargetLus` holds only its own LUN).
+pub(super) fn target_runtime(
+    node: &Arc<Node>,
+    def: Option<&TargetInfo>,
+    name: &str,
+    vols: &[Arc<VolumeRuntime>],
+) -> Result<Arc<TargetRuntime>> {
+    let mut target = TargetDef {
+        name: name.to_ascii_lowercase(),
+        tid: u32::try_from(vols.first().map(|v| v.id).unwrap_or(0)).unwrap_or(u32::MAX),
+        alias: None,
+        luns: Vec::new(),
+        incoming_users: Vec::new(),
+        outgoing_user: None,
+        initiator_names: Vec::new(),
+        initiator_addresses: Vec::new(),
+    };
+    if let Some(d) = def {
+        target.incoming_users = d
+            .incoming
+            .iter()
+            .map(|a| ChapAccount {
+                user: a.user.clone(),
+                secret: a.secret.clone(),
+            })
+            .collect();
+        target.outgoing_user = d.outgoing.as_ref().map(|a| ChapAccount {
+            user: a.user.clone(),
+            secret: a.secret.clone(),
+        });
+        target.initiator_names = d.initiator_names.clone();
+        for a in &d.initiator_addresses {
+            match a.parse::<Cidr>() {
+                Ok(c) => target.initiator_addresses.push(c),
+                Err(e) => tracing::warn!(target = %name, "ignoring initiator address {a:?}: {e}"),
+            }
+        }
+    }
+    let lus = vols
+        .first()
+        .map(|v| v.lus.clone())
+        .ok_or_else(|| anyhow!("target {name} has no volume"))?;
+    let router = ClusterRouter {
+        node: node.clone(),
+        volumes: vols.iter().map(|v| (v.lun, v.clone())).collect(),
+        lus: lus.clone(),
+    };
+    Ok(TargetRuntime::new(target, lus, Some(Arc::new(router))))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nexus_ids_carry_the_node() {
+        let n = Nexus {
+            id: 7,
+            initiator_name: "iqn.x".into(),
+            initiator_port: "iqn.x,i,0x400000000001".into(),
+            isid: [0x40, 0, 0, 0, 0, 1],
+            target_port: TargetPort {
+                target_name: "iqn.t".into(),
+                tpgt: 2,
+                relative_port_id: 2,
+                port_group: 2,
+            },
+        };
+        let g = global_nexus(2, &n);
+        assert_eq!(g.id >> NEXUS_NODE_SHIFT, 2);
+        assert_eq!(g.id & 0xff, 7);
+        let back = nexus_from_pb(&nexus_to_pb(&g)).unwrap();
+        assert_eq!(back, g);
+        let mut bad = nexus_to_pb(&g);
+        bad.isid = Bytes::from_static(b"abc");
+        assert!(nexus_from_pb(&bad).is_none());
+    }
+}
