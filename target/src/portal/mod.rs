@@ -22,6 +22,8 @@
 //! management, metrics).
 
 mod conn;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -92,6 +94,8 @@ impl Default for PortalSettings {
 #[derive(Clone, Debug)]
 pub struct OwnedCommand {
     pub lun: u64,
+    /// The CDB field of the SCSI Command PDU (16 bytes, zero-padded after the CDB) plus any
+    /// extended-CDB AHS, as the logical units get it.
     pub cdb: Vec<u8>,
     /// All Data-Out the initiator sent, at most `expected_transfer_len` bytes.
     pub data_out: Bytes,
