@@ -20,6 +20,13 @@
 //! FIELD IN COMMAND INFORMATION UNIT and writes nothing (FCP-4 option b, what libiscsi's residual
 //! tests accept).
 //!
+//! ALUA ([`alua`]): REPORT TARGET PORT GROUPS answers from the [`AluaView`] the cluster installs
+//! with [`TargetLus::set_alua`] (standalone: one Active/Optimized group, the nexus's); access
+//! states are not enforced here. The medium's size is read from the backing store on every
+//! command, so a volume can grow while served; [`TargetLus::capacity_changed`] tells the
+//! initiators (UA 2A/09). Persistent-reservation state moves between nodes with
+//! [`TargetLus::pr_export`] / [`TargetLus::pr_import`].
+//!
 //! Atomicity: `Disk::atomic` is taken shared by READ, VERIFY and plain writes and exclusively by
 //! COMPARE AND WRITE, ORWRITE and WRITE ATOMIC, so those three are indivisible for every other
 //! command.
