@@ -51,7 +51,8 @@ fn write_zeroes(store: &dyn Fn(&[u8], u64) -> io::Result<()>, offset: u64, len: 
 pub struct FileStore {
     file: File,
     path: PathBuf,
-    size_bytes: u64,
+    /// Read once at open; [`FileStore::refresh_size`] re-reads it after the file grew.
+    size_bytes: AtomicU64,
     block_device: bool,
     /// Cleared after the first `EOPNOTSUPP` from fallocate: zeroes are written from then on.
     can_punch: AtomicBool,
@@ -72,16 +73,43 @@ impl FileStore {
         Ok(FileStore {
             file,
             path: path.to_path_buf(),
-            size_bytes,
+            size_bytes: AtomicU64::new(size_bytes),
             block_device,
             can_punch: AtomicBool::new(true),
         })
     }
 }
 
+impl FileStore {
+    /// Re-reads the size of the file or device (after it was extended by someone else) and
+    /// returns it.
+    pub fn refresh_size(&self) -> io::Result<u64> {
+        let size = if self.block_device {
+            (&self.file).seek(SeekFrom::End(0))?
+        } else {
+            self.file.metadata()?.len()
+        };
+        self.size_bytes.store(size, Ordering::Release);
+        Ok(size)
+    }
+
+    /// Sets a regular file's length (growing it sparsely or truncating it).
+    pub fn set_len(&self, size_bytes: u64) -> io::Result<()> {
+        if self.block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{} is a block device: its size cannot be set", self.path.display()),
+            ));
+        }
+        self.file.set_len(size_bytes)?;
+        self.size_bytes.store(size_bytes, Ordering::Release);
+        Ok(())
+    }
+}
+
 impl BackingStore for FileStore {
     fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -188,6 +216,15 @@ impl MemStore {
             mapped: RwLock::new(vec![false; granules]),
             granularity,
         }
+    }
+
+    /// Grows (with zeroes, deallocated) or shrinks the store.
+    pub fn resize(&self, size_bytes: u64) -> io::Result<()> {
+        let mut d = self.data.write().map_err(|_| io::Error::other("poisoned"))?;
+        let mut m = self.mapped.write().map_err(|_| io::Error::other("poisoned"))?;
+        d.resize(size_bytes as usize, 0);
+        m.resize(size_bytes.div_ceil(self.granularity) as usize, false);
+        Ok(())
     }
 
     fn check(&self, offset: u64, len: u64) -> io::Result<(usize, usize)> {

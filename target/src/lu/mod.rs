@@ -20,6 +20,13 @@
 //! FIELD IN COMMAND INFORMATION UNIT and writes nothing (FCP-4 option b, what libiscsi's residual
 //! tests accept).
 //!
+//! ALUA ([`alua`]): REPORT TARGET PORT GROUPS answers from the [`AluaView`] the cluster installs
+//! with [`TargetLus::set_alua`] (standalone: one Active/Optimized group, the nexus's); access
+//! states are not enforced here. The medium's size is read from the backing store on every
+//! command, so a volume can grow while served; [`TargetLus::capacity_changed`] tells the
+//! initiators (UA 2A/09). Persistent-reservation state moves between nodes with
+//! [`TargetLus::pr_export`] / [`TargetLus::pr_import`].
+//!
 //! Atomicity: `Disk::atomic` is taken shared by READ, VERIFY and plain writes and exclusively by
 //! COMPARE AND WRITE, ORWRITE and WRITE ATOMIC, so those three are indivisible for every other
 //! command.
@@ -27,6 +34,7 @@
 //! Not done: protection information, XCOPY, RECEIVE COPY RESULTS, SANITIZE (all answered INVALID
 //! COMMAND OPERATION CODE, which libiscsi treats as "not implemented").
 
+pub mod alua;
 pub mod pr;
 mod sbc;
 mod spc;
@@ -34,7 +42,7 @@ mod spc;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use raftsan_proto::scsi::cdb::{self, op};
 use raftsan_proto::scsi::sense::{self, Sense, SenseCode, status};
@@ -42,6 +50,7 @@ use raftsan_proto::scsi::vpd;
 
 use crate::backing::{BackingStore, FileStore, MemStore};
 use crate::catalog::{Backing, LunDef, TargetDef};
+pub use alua::{AluaState, AluaView, PortGroupState};
 use pr::{PersistentReservations, PrError, PrNexus, UaTarget};
 
 /// The target port an I_T nexus goes through.
@@ -101,13 +110,20 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn good(data_in: Vec<u8>) -> Self {
+    /// GOOD status with `data_in`.
+    pub fn good(data_in: Vec<u8>) -> Self {
         Outcome {
             status: status::GOOD,
             sense: None,
             data_in,
             scsi_transfer_len: None,
         }
+    }
+
+    /// CHECK CONDITION with `code`, in descriptor format when `descriptor` (D_SENSE = 1), else
+    /// fixed format.
+    pub fn check_code(code: SenseCode, descriptor: bool) -> Self {
+        Self::check(&Sense::from(code), descriptor)
     }
 
     fn check(sense: &Sense, descriptor_format: bool) -> Self {
@@ -226,7 +242,6 @@ pub(crate) struct Disk {
     pub(crate) def: LunDef,
     pub(crate) store: Box<dyn BackingStore>,
     pub(crate) block_size: u32,
-    pub(crate) blocks: u64,
     /// READ and writes take it shared; COMPARE AND WRITE, ORWRITE and WRITE ATOMIC exclusively, so
     /// each is atomic with respect to every other read or write of the LU.
     pub(crate) atomic: RwLock<()>,
@@ -262,12 +277,22 @@ impl LogicalUnit {
     }
 }
 
+impl Disk {
+    /// The medium's size in logical blocks, from the backing store's current size: a volume may
+    /// grow while it is served (see [`TargetLus::capacity_changed`]).
+    pub(crate) fn blocks(&self) -> u64 {
+        self.store.size_bytes() / u64::from(self.block_size)
+    }
+}
+
 /// All logical units of one target.
 pub struct TargetLus {
     target_name: String,
     lus: Vec<LogicalUnit>,
     /// Live I_T nexuses: initiator port and relative target port, for PR unit attentions.
     nexuses: Mutex<HashMap<u64, (String, u16)>>,
+    /// The cluster's view of the target port groups (None: standalone, one group).
+    alua: RwLock<Option<Arc<dyn AluaView>>>,
 }
 
 impl TargetLus {
@@ -300,6 +325,7 @@ impl TargetLus {
             target_name: target.name.clone(),
             lus,
             nexuses: Mutex::new(HashMap::new()),
+            alua: RwLock::new(None),
         })
     }
 
@@ -322,6 +348,7 @@ impl TargetLus {
             target_name: target_name.to_string(),
             lus,
             nexuses: Mutex::new(HashMap::new()),
+            alua: RwLock::new(None),
         })
     }
 
@@ -387,7 +414,10 @@ impl TargetLus {
                 let code = lu.ua.pop(nexus.id).unwrap_or(sense::NO_SENSE);
                 spc::request_sense(code, cmd.cdb)
             }
-            op::MAINTENANCE_IN => spc::maintenance_in(lu, nexus, cmd.cdb),
+            op::MAINTENANCE_IN => {
+                let view = self.alua.read().ok().and_then(|v| v.clone());
+                spc::maintenance_in(lu, nexus, cmd.cdb, view.as_deref())
+            }
             _ => match lu.disk() {
                 Some(disk) => self.dispatch_disk(lu, disk, nexus, cmd),
                 None => Err(sense::INVALID_COMMAND_OPERATION_CODE.into()),
@@ -548,7 +578,7 @@ impl TargetLus {
                 LuKind::Disk(d) => LunInfo {
                     lun: lu.lun,
                     kind: "disk",
-                    size_bytes: d.blocks * u64::from(d.block_size),
+                    size_bytes: d.blocks() * u64::from(d.block_size),
                     block_size: d.block_size,
                     backing: d.store.describe(),
                     read_only: d.def.read_only,
@@ -559,6 +589,53 @@ impl TargetLus {
 
     pub fn target_name(&self) -> &str {
         &self.target_name
+    }
+
+    /// Installs the cluster's view of the target port groups, used by REPORT TARGET PORT GROUPS
+    /// from then on (replacing any earlier view).
+    pub fn set_alua(&self, view: Arc<dyn AluaView>) {
+        let mut v = self.alua.write().unwrap_or_else(|p| p.into_inner());
+        *v = Some(view);
+    }
+
+    /// Establishes UNIT ATTENTION `code` on every live I_T nexus of LU `lun` (None: every LU),
+    /// e.g. ASYMMETRIC ACCESS STATE CHANGED (2A/06) when a volume's leader moves.
+    pub fn unit_attention_all(&self, lun: Option<u64>, code: SenseCode) {
+        for lu in self.lus.iter().filter(|l| lun.is_none_or(|n| n == l.lun)) {
+            self.ua_all(lu, code);
+        }
+    }
+
+    /// The backing store of LU `lun` changed size: UNIT ATTENTION CAPACITY DATA HAS CHANGED
+    /// (2A/09) on every live nexus (SBC-3 §4.6). READ CAPACITY and LBA checks already follow the
+    /// store's size. False when there is no such disk.
+    pub fn capacity_changed(&self, lun: u64) -> bool {
+        let Some(lu) = self.lu(lun).filter(|l| l.disk().is_some()) else {
+            return false;
+        };
+        self.ua_all(lu, sense::CAPACITY_DATA_HAS_CHANGED);
+        true
+    }
+
+    /// The persistent-reservation state of LU `lun` (every registration, the reservation, the
+    /// generation and the APTPL flag; not an SPC-2 RESERVE), prost-encoded
+    /// ([`pr::PersistedState`]). None when `lun` is not a disk.
+    pub fn pr_export(&self, lun: u64) -> Option<Vec<u8>> {
+        self.lu(lun).and_then(LogicalUnit::disk).map(|d| d.pr.export())
+    }
+
+    /// Replaces the persistent-reservation state of LU `lun` with `state` (from
+    /// [`TargetLus::pr_export`]). Raises no unit attention; an SPC-2 reservation held through
+    /// this node stays. Errors: no such disk (NotFound), undecodable or inconsistent state
+    /// (InvalidData), the APTPL file cannot be written.
+    pub fn pr_import(&self, lun: u64, state: &[u8]) -> std::io::Result<()> {
+        let Some(d) = self.lu(lun).and_then(LogicalUnit::disk) else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("target {}: no disk at LUN {lun}", self.target_name),
+            ));
+        };
+        d.pr.import(state)
     }
 }
 
@@ -586,13 +663,11 @@ impl Disk {
                 ),
             ));
         }
-        let blocks = store.size_bytes() / u64::from(block_size);
         let pr = PersistentReservations::open(aptpl)?;
         Ok(Disk {
             def,
             store,
             block_size,
-            blocks,
             atomic: RwLock::new(()),
             pr,
         })

@@ -880,6 +880,30 @@ impl PersistentReservations {
         Ok(())
     }
 
+    /// The whole PR state (not the SPC-2 reservation), prost-encoded as a [`PersistedState`],
+    /// whatever APTPL says: for replicating it to other nodes.
+    pub fn export(&self) -> Vec<u8> {
+        use prost::Message;
+        to_message(&self.lock().state).encode_to_vec()
+    }
+
+    /// Replaces the PR state with one from [`PersistentReservations::export`]; written to the
+    /// APTPL file first when APTPL is or was active, as any change. The SPC-2 reservation stays.
+    pub fn import(&self, bytes: &[u8]) -> io::Result<()> {
+        use prost::Message;
+        let bad = |why: String| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("persistent reservation state: {why}"),
+            )
+        };
+        let msg = PersistedState::decode(bytes).map_err(|e| bad(format!("undecodable: {e}")))?;
+        let st = from_message(msg).map_err(bad)?;
+        let mut inner = self.lock();
+        self.commit(&mut inner, st)
+            .map_err(|_| io::Error::other("cannot persist the imported persistent reservation state"))
+    }
+
     /// May this command run on this nexus? (SPC-4 §5.13.1 table 63 and SBC-3 §4.18 for
     /// persistent reservations; SPC-2 §5.5.1 for a RESERVE(6)/(10) held by another nexus.)
     pub fn check_access(&self, nexus: &PrNexus<'_>, cdb: &[u8]) -> Result<(), PrError> {
@@ -1138,9 +1162,8 @@ pub struct PersistedReservation {
     pub holder_relative_target_port: Option<u32>,
 }
 
-fn encode_state_file(st: &PrState) -> Vec<u8> {
-    use prost::Message;
-    let msg = PersistedState {
+fn to_message(st: &PrState) -> PersistedState {
+    PersistedState {
         generation: st.generation,
         registrations: st
             .registrations
@@ -1157,8 +1180,12 @@ fn encode_state_file(st: &PrState) -> Vec<u8> {
             holder_relative_target_port: res.holder.relative_target_port.map(u32::from),
         }),
         aptpl: st.aptpl,
-    };
-    let payload = msg.encode_to_vec();
+    }
+}
+
+fn encode_state_file(st: &PrState) -> Vec<u8> {
+    use prost::Message;
+    let payload = to_message(st).encode_to_vec();
     let mut out = Vec::with_capacity(FILE_HEADER_LEN + payload.len());
     out.extend_from_slice(&FILE_MAGIC);
     out.extend_from_slice(&FILE_VERSION.to_be_bytes());
@@ -1191,6 +1218,11 @@ fn decode_state_file(bytes: &[u8]) -> Result<PrState, String> {
         // The last registration asked not to persist: power loss clears everything.
         return Ok(PrState::default());
     }
+    from_message(msg)
+}
+
+/// Checks and converts a decoded state: port names, port numbers, reservation type and holder.
+fn from_message(msg: PersistedState) -> Result<PrState, String> {
     let rtp = |v: Option<u32>| -> Result<Option<u16>, String> {
         v.map(|p| u16::try_from(p).map_err(|_| format!("relative target port {p} out of range")))
             .transpose()
@@ -1205,7 +1237,7 @@ fn decode_state_file(bytes: &[u8]) -> Result<PrState, String> {
         generation: msg.generation,
         registrations: Vec::new(),
         reservation: None,
-        aptpl: true,
+        aptpl: msg.aptpl,
     };
     for r in msg.registrations {
         if r.initiator_port.is_empty() || r.initiator_port.len() > MAX_PORT_NAME_BYTES {

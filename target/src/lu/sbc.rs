@@ -134,7 +134,7 @@ fn is_write(opcode: u8) -> bool {
 /// LBA OUT OF RANGE unless `lba..lba+blocks` lies on the medium (SBC-3 §4.5).
 fn check_range(d: &Disk, lba: u64, blocks: u64) -> Result<(), Fail> {
     match lba.checked_add(blocks) {
-        Some(end) if end <= d.blocks => Ok(()),
+        Some(end) if end <= d.blocks() => Ok(()),
         _ => Err(sense::LBA_OUT_OF_RANGE.into()),
     }
 }
@@ -295,7 +295,7 @@ fn read_capacity10(d: &Disk, c: &[u8]) -> CmdResult {
     if !pmi && cdb::u32_at(c, 2) != 0 {
         return Err(bad_cdb(2, None));
     }
-    let last = d.blocks.saturating_sub(1);
+    let last = d.blocks().saturating_sub(1);
     let mut data = Vec::with_capacity(8);
     data.extend_from_slice(&u32::try_from(last).unwrap_or(u32::MAX).to_be_bytes());
     data.extend_from_slice(&d.block_size.to_be_bytes());
@@ -305,7 +305,7 @@ fn read_capacity10(d: &Disk, c: &[u8]) -> CmdResult {
 /// READ CAPACITY(16) parameter data (SBC-3 §5.16): LBPME and LBPRZ when thin.
 pub(crate) fn read_capacity16_data(d: &Disk) -> Vec<u8> {
     let mut data = vec![0u8; 32];
-    data[0..8].copy_from_slice(&d.blocks.saturating_sub(1).to_be_bytes());
+    data[0..8].copy_from_slice(&d.blocks().saturating_sub(1).to_be_bytes());
     data[8..12].copy_from_slice(&d.block_size.to_be_bytes());
     if d.def.thin {
         data[14] = 0x80 | 0x40;
@@ -321,15 +321,16 @@ fn read_capacity16(d: &Disk, c: &[u8]) -> CmdResult {
 fn get_lba_status(d: &Disk, c: &[u8]) -> CmdResult {
     let lba = cdb::u64_at(c, 2);
     let alloc = cdb::u32_at(c, 10) as usize;
-    if lba >= d.blocks {
+    let total = d.blocks();
+    if lba >= total {
         return Err(sense::LBA_OUT_OF_RANGE.into());
     }
     let bs = u64::from(d.block_size);
     let max_descriptors = (alloc.saturating_sub(8) / 16).clamp(1, 64);
     let mut data = vec![0u8; 8];
     let mut at = lba;
-    while at < d.blocks && (data.len() - 8) / 16 < max_descriptors {
-        let remaining = (d.blocks - at).min(u64::from(u32::MAX));
+    while at < total && (data.len() - 8) / 16 < max_descriptors {
+        let remaining = (total - at).min(u64::from(u32::MAX));
         let (mapped, run) = d
             .store
             .is_mapped(at * bs, remaining * bs)

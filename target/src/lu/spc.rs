@@ -8,7 +8,7 @@ use raftsan_proto::scsi::mode::{self, ModeParams, PageControl};
 use raftsan_proto::scsi::sense::{self, Sense, SenseCode};
 use raftsan_proto::scsi::vpd::{self, page};
 
-use super::{CmdResult, Disk, Fail, LogicalUnit, LuKind, Nexus, bad_cdb, truncate};
+use super::{CmdResult, Disk, Fail, LogicalUnit, LuKind, Nexus, alua, bad_cdb, truncate};
 
 /// Largest data transfer of one READ/WRITE, in bytes (VPD B0h MAXIMUM TRANSFER LENGTH).
 pub(crate) const MAX_TRANSFER_BYTES: u64 = 8 << 20;
@@ -168,38 +168,44 @@ pub(crate) fn request_sense(code: SenseCode, cdb: &[u8]) -> CmdResult {
 }
 
 /// MAINTENANCE IN: REPORT TARGET PORT GROUPS and REPORT SUPPORTED OPERATION CODES.
-pub(crate) fn maintenance_in(lu: &LogicalUnit, nexus: &Nexus, cdb: &[u8]) -> CmdResult {
+pub(crate) fn maintenance_in(
+    lu: &LogicalUnit,
+    nexus: &Nexus,
+    cdb: &[u8],
+    alua: Option<&dyn alua::AluaView>,
+) -> CmdResult {
     match u16::from(cdb::u8_at(cdb, 1) & 0x1f) {
-        sa::REPORT_TARGET_PORT_GROUPS => report_target_port_groups(nexus, cdb),
+        sa::REPORT_TARGET_PORT_GROUPS => report_target_port_groups(lu, nexus, cdb, alua),
         sa::REPORT_SUPPORTED_OPERATION_CODES => report_supported_opcodes(lu, cdb),
         _ => Err(bad_cdb(1, Some(4))),
     }
 }
 
-/// REPORT TARGET PORT GROUPS (SPC-4 §6.37): one group, Active/Optimized, with our port.
-fn report_target_port_groups(nexus: &Nexus, cdb: &[u8]) -> CmdResult {
-    let format = cdb::u8_at(cdb, 1) >> 5;
-    let alloc = cdb::u32_at(cdb, 6) as usize;
-    let mut desc = vec![
-        0x80, // PREF = 1, ASYMMETRIC ACCESS STATE 0h (active/optimized)
-        0x8f, // T_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP
-    ];
-    desc.extend_from_slice(&nexus.target_port.port_group.to_be_bytes());
-    desc.extend_from_slice(&[0, 0, 0, 1]); // reserved, status code, vendor specific, port count
-    desc.extend_from_slice(&[0, 0]);
-    desc.extend_from_slice(&nexus.target_port.relative_port_id.to_be_bytes());
-    let mut data = Vec::new();
-    match format {
-        0 => {
-            data.extend_from_slice(&(desc.len() as u32).to_be_bytes());
-        }
-        1 => {
-            data.extend_from_slice(&((desc.len() + 4) as u32).to_be_bytes());
-            data.extend_from_slice(&[0x10, 0, 0, 0]); // FORMAT TYPE 001b, no transition time
-        }
+/// REPORT TARGET PORT GROUPS (SPC-4 r37 §6.37): the groups of the cluster's view; without one
+/// (or when it knows no group for this LU), the nexus's own group, Active/Optimized, preferred.
+fn report_target_port_groups(
+    lu: &LogicalUnit,
+    nexus: &Nexus,
+    cdb: &[u8],
+    view: Option<&dyn alua::AluaView>,
+) -> CmdResult {
+    let extended = match cdb::u8_at(cdb, 1) >> 5 {
+        alua::format::LENGTH_ONLY => false,
+        alua::format::EXTENDED => true,
         _ => return Err(bad_cdb(1, Some(7))),
-    }
-    data.extend_from_slice(&desc);
+    };
+    let alloc = cdb::u32_at(cdb, 6) as usize;
+    let groups = view.map(|v| v.port_groups(lu.lun)).unwrap_or_default();
+    let data = if groups.is_empty() {
+        let own = alua::PortGroupState {
+            group: nexus.target_port.port_group,
+            state: alua::AluaState::ActiveOptimized,
+            relative_ports: vec![nexus.target_port.relative_port_id],
+        };
+        alua::report_target_port_groups(&[own], true, extended)
+    } else {
+        alua::report_target_port_groups(&groups, false, extended)
+    };
     Ok(truncate(data, alloc))
 }
 
@@ -461,7 +467,7 @@ pub(crate) fn mode_sense(lu: &LogicalUnit, d: &Disk, cdb: &[u8]) -> CmdResult {
             None => return Err(bad_cdb(2, Some(5))),
         }
     }
-    let bd = (!dbd).then_some((d.blocks, d.block_size));
+    let bd = (!dbd).then_some((d.blocks(), d.block_size));
     let data = mode::mode_sense_data(ten, d.def.read_only, bd, llbaa, &pages);
     Ok(truncate(data, alloc))
 }

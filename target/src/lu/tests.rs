@@ -870,6 +870,288 @@ fn report_luns() {
     );
 }
 
+/// SPC-4 §6.6.2 (standard INQUIRY data, byte 5): TPGS = 01b, implicit ALUA only, on the disk and
+/// on the controller at LUN 0.
+#[test]
+fn inquiry_tpgs_implicit() {
+    let t = target();
+    let n = nexus(1);
+    for lun in [0, 1] {
+        let o = run(&t, &n, lun, &[op::INQUIRY, 0, 0, 0, 96, 0], &[]);
+        good(&o);
+        assert_eq!(o.data_in[5] & 0x30, 0x10, "LUN {lun}");
+    }
+}
+
+/// SPC-4 §7.8.6 (device identification VPD page): the LU's NAA designator, then the target
+/// port's SCSI name string, relative target port (type 4) and target port group (type 5).
+#[test]
+fn device_identification_designators() {
+    let t = target();
+    let mut n = nexus(1);
+    n.target_port.relative_port_id = 3;
+    n.target_port.port_group = 2;
+    let o = run(&t, &n, 1, &[op::INQUIRY, 1, 0x83, 0, 255, 0], &[]);
+    good(&o);
+    let mut want = vec![0x00, 0x83, 0, 68];
+    // NAA (type 3), binary, associated with the logical unit.
+    want.extend_from_slice(&[0x01, 0x03, 0, 16]);
+    want.extend_from_slice(&derive_naa("iqn.2024-01.test:t", 1));
+    // SCSI name string (type 8), iSCSI, UTF-8, PIV, target port: "<iqn>,t,0x0001", NUL-padded.
+    want.extend_from_slice(&[0x53, 0x98, 0, 28]);
+    want.extend_from_slice(b"iqn.2024-01.test:t,t,0x0001\0");
+    // Relative target port (type 4), iSCSI, binary, PIV, target port.
+    want.extend_from_slice(&[0x51, 0x94, 0, 4, 0, 0, 0, 3]);
+    // Target port group (type 5).
+    want.extend_from_slice(&[0x51, 0x95, 0, 4, 0, 0, 0, 2]);
+    assert_eq!(o.data_in, want);
+}
+
+/// A cluster view: node 1 leads (Active/Optimized), nodes 2 and 3 follow (Active/Non-optimized).
+struct ThreeGroups;
+
+impl AluaView for ThreeGroups {
+    fn port_groups(&self, lun: u64) -> Vec<PortGroupState> {
+        if lun != 1 {
+            return Vec::new();
+        }
+        vec![
+            PortGroupState {
+                group: 1,
+                state: AluaState::ActiveOptimized,
+                relative_ports: vec![1],
+            },
+            PortGroupState {
+                group: 2,
+                state: AluaState::ActiveNonOptimized,
+                relative_ports: vec![2],
+            },
+            PortGroupState {
+                group: 3,
+                state: AluaState::ActiveNonOptimized,
+                relative_ports: vec![3],
+            },
+        ]
+    }
+}
+
+fn rtpg(extended: bool, alloc: u32) -> Vec<u8> {
+    let mut c = vec![op::MAINTENANCE_IN, if extended { 0x2a } else { 0x0a }, 0, 0, 0, 0];
+    c.extend_from_slice(&alloc.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c
+}
+
+/// SPC-4 r37 §6.37 REPORT TARGET PORT GROUPS with a view of three groups, in both parameter data
+/// formats. Each target port group descriptor (§6.37.2, table "Target port group descriptor
+/// format") is: PREF | ASYMMETRIC ACCESS STATE (0h AO, 1h ANO), supported states T_SUP U_SUP
+/// S_SUP AN_SUP AO_SUP (8Fh), TARGET PORT GROUP, reserved, STATUS CODE 00h, vendor specific,
+/// TARGET PORT COUNT, then one target port descriptor (2 reserved, RELATIVE TARGET PORT
+/// IDENTIFIER) per port.
+#[test]
+fn report_target_port_groups_with_view() {
+    let t = target();
+    t.set_alua(Arc::new(ThreeGroups));
+    let n = nexus(1);
+    let descriptors: [u8; 36] = [
+        0x00, 0x8f, 0, 1, 0, 0x00, 0, 1, 0, 0, 0, 1, // group 1: AO, port 1
+        0x01, 0x8f, 0, 2, 0, 0x00, 0, 1, 0, 0, 0, 2, // group 2: ANO, port 2
+        0x01, 0x8f, 0, 3, 0, 0x00, 0, 1, 0, 0, 0, 3, // group 3: ANO, port 3
+    ];
+    // Length-only header (table "Length only header parameter data format"): RETURN DATA LENGTH.
+    let o = run(&t, &n, 1, &rtpg(false, 4096), &[]);
+    good(&o);
+    let mut want = vec![0, 0, 0, 36];
+    want.extend_from_slice(&descriptors);
+    assert_eq!(o.data_in, want);
+    // Extended header (table "Extended header parameter data format"): RETURN DATA LENGTH
+    // (counting the 4 bytes below), FORMAT TYPE 001b, IMPLICIT TRANSITION TIME 0, 2 reserved.
+    let o = run(&t, &n, 1, &rtpg(true, 4096), &[]);
+    good(&o);
+    let mut want = vec![0, 0, 0, 40, 0x10, 0, 0, 0];
+    want.extend_from_slice(&descriptors);
+    assert_eq!(o.data_in, want);
+    // Truncated to the allocation length.
+    assert_eq!(run(&t, &n, 1, &rtpg(false, 6), &[]).data_in, [0, 0, 0, 36, 0x00, 0x8f]);
+    // A LU the view knows nothing of: the standalone answer.
+    let o = run(&t, &n, 0, &rtpg(false, 4096), &[]);
+    assert_eq!(o.data_in, [0, 0, 0, 12, 0x80, 0x8f, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1]);
+    // PARAMETER DATA FORMAT 010b is reserved.
+    assert_eq!(
+        sense_of(&run(
+            &t,
+            &n,
+            1,
+            &[op::MAINTENANCE_IN, 0x4a, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            &[]
+        )),
+        (key::ILLEGAL_REQUEST, 0x24, 0)
+    );
+}
+
+/// SPC-4 r37 §6.37 without a view: one group, the nexus's, Active/Optimized and preferred, with
+/// the nexus's relative port; both formats.
+#[test]
+fn report_target_port_groups_without_view() {
+    let t = target();
+    let mut n = nexus(1);
+    n.target_port.relative_port_id = 7;
+    n.target_port.port_group = 5;
+    let o = run(&t, &n, 1, &rtpg(false, 4096), &[]);
+    assert_eq!(o.data_in, [0, 0, 0, 12, 0x80, 0x8f, 0, 5, 0, 0, 0, 1, 0, 0, 0, 7]);
+    let o = run(&t, &n, 1, &rtpg(true, 4096), &[]);
+    assert_eq!(
+        o.data_in,
+        [0, 0, 0, 16, 0x10, 0, 0, 0, 0x80, 0x8f, 0, 5, 0, 0, 0, 1, 0, 0, 0, 7]
+    );
+}
+
+/// Clears the POWER ON unit attention of `n` on every LU of `t`.
+fn clear_power_on(t: &TargetLus, n: &Nexus) {
+    for lun in [0, 1] {
+        assert_eq!(sense_of(&run(t, n, lun, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
+    }
+}
+
+/// SPC-4 §5.16.2.3: ASYMMETRIC ACCESS STATE CHANGED (2A/06) on every nexus of the chosen LUs.
+#[test]
+fn unit_attention_all_access_state_changed() {
+    let t = target();
+    let (a, b) = (nexus(1), nexus(2));
+    t.nexus_joined(&a);
+    t.nexus_joined(&b);
+    clear_power_on(&t, &a);
+    clear_power_on(&t, &b);
+    t.unit_attention_all(Some(1), sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+    for n in [&a, &b] {
+        assert_eq!(
+            sense_of(&run(&t, n, 1, &[0; 6], &[])),
+            (key::UNIT_ATTENTION, 0x2a, 0x06)
+        );
+        good(&run(&t, n, 1, &[0; 6], &[]));
+        good(&run(&t, n, 0, &[0; 6], &[]));
+    }
+    t.unit_attention_all(None, sense::ASYMMETRIC_ACCESS_STATE_CHANGED);
+    for lun in [0, 1] {
+        assert_eq!(
+            sense_of(&run(&t, &a, lun, &[0; 6], &[])),
+            (key::UNIT_ATTENTION, 0x2a, 0x06)
+        );
+    }
+    // A nexus that left gets nothing more.
+    t.nexus_left(&b);
+    t.unit_attention_all(Some(1), sense::REPORTED_LUNS_DATA_HAS_CHANGED);
+    good(&run(&t, &b, 1, &[0; 6], &[]));
+    assert_eq!(
+        sense_of(&run(&t, &a, 1, &[0; 6], &[])),
+        (key::UNIT_ATTENTION, 0x3f, 0x0e)
+    );
+}
+
+/// SBC-3 §4.6: READ CAPACITY and LBA checks follow the store's size; capacity_changed raises
+/// CAPACITY DATA HAS CHANGED (2A/09) on every nexus.
+#[test]
+fn capacity_follows_the_store() {
+    let store = Arc::new(MemStore::new(BLOCKS * u64::from(BS)));
+    let t = target_with(def(1), Box::new(store.clone()));
+    let n = nexus(1);
+    t.nexus_joined(&n);
+    clear_power_on(&t, &n);
+    let rc10 = [op::READ_CAPACITY_10, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_eq!(run(&t, &n, 1, &rc10, &[]).data_in, [0, 0, 0x07, 0xff, 0, 0, 2, 0]);
+    assert_eq!(sense_of(&run(&t, &n, 1, &read10(BLOCKS as u32, 1), &[])).1, 0x21);
+    store.resize(2 * BLOCKS * u64::from(BS)).unwrap();
+    assert!(t.capacity_changed(1));
+    assert!(!t.capacity_changed(0));
+    assert!(!t.capacity_changed(9));
+    assert_eq!(sense_of(&run(&t, &n, 1, &rc10, &[])), (key::UNIT_ATTENTION, 0x2a, 0x09));
+    assert_eq!(run(&t, &n, 1, &rc10, &[]).data_in, [0, 0, 0x0f, 0xff, 0, 0, 2, 0]);
+    let mut rc16 = vec![op::SERVICE_ACTION_IN_16, 0x10];
+    rc16.extend_from_slice(&[0; 8]);
+    rc16.extend_from_slice(&32u32.to_be_bytes());
+    rc16.extend_from_slice(&[0, 0]);
+    assert_eq!(run(&t, &n, 1, &rc16, &[]).data_in[0..8], (2 * BLOCKS - 1).to_be_bytes());
+    good(&run(
+        &t,
+        &n,
+        1,
+        &write10(2 * BLOCKS as u32 - 1, 1, 0),
+        &[9; BS as usize],
+    ));
+    assert_eq!(
+        run(&t, &n, 1, &read10(2 * BLOCKS as u32 - 1, 1), &[]).data_in,
+        [9; BS as usize]
+    );
+    assert_eq!(t.luns()[1].size_bytes, 2 * BLOCKS * u64::from(BS));
+}
+
+fn prout(sa: u8, pr_type: u8, key: u64, sa_key: u64) -> (Vec<u8>, Vec<u8>) {
+    let cdb = vec![op::PERSISTENT_RESERVE_OUT, sa, pr_type, 0, 0, 0, 0, 0, 24, 0];
+    let mut params = vec![0u8; 24];
+    params[0..8].copy_from_slice(&key.to_be_bytes());
+    params[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    (cdb, params)
+}
+
+fn prin(sa: u8) -> Vec<u8> {
+    vec![op::PERSISTENT_RESERVE_IN, sa, 0, 0, 0, 0, 0, 0x10, 0, 0]
+}
+
+/// SPC-4 §5.13: the PR state exported from one TargetLus and imported into another reads back
+/// the same (READ KEYS, READ RESERVATION, READ FULL STATUS) and is enforced the same.
+#[test]
+fn pr_export_import_round_trip() {
+    let a = target();
+    let (n1, n2, n3) = (nexus(1), nexus(2), nexus(3));
+    let (c, p) = prout(0x00, 0, 0, 0xaa);
+    good(&run(&a, &n1, 1, &c, &p));
+    let (c, p) = prout(0x00, 0, 0, 0xbb);
+    good(&run(&a, &n2, 1, &c, &p));
+    // RESERVE, Write Exclusive - Registrants Only, by n1.
+    let (c, p) = prout(0x01, 0x05, 0xaa, 0);
+    good(&run(&a, &n1, 1, &c, &p));
+    let state = a.pr_export(1).unwrap();
+    assert!(a.pr_export(0).is_none());
+
+    let b = target();
+    b.pr_import(1, &state).unwrap();
+    for sa in [0x00, 0x01, 0x03] {
+        let (x, y) = (run(&a, &n1, 1, &prin(sa), &[]), run(&b, &n1, 1, &prin(sa), &[]));
+        good(&y);
+        assert_eq!(x.data_in, y.data_in, "service action {sa}");
+    }
+    let keys = run(&b, &n1, 1, &prin(0x00), &[]).data_in;
+    // Generation 2 (two REGISTERs), 16 bytes of keys.
+    assert_eq!(keys[0..8], [0, 0, 0, 2, 0, 0, 0, 16]);
+    let res = run(&b, &n1, 1, &prin(0x01), &[]).data_in;
+    assert_eq!(res[4..8], [0, 0, 0, 16]);
+    assert_eq!(res[8..16], 0xaau64.to_be_bytes());
+    assert_eq!(res[21], 0x05);
+    // Enforced: an unregistered nexus may not write.
+    assert_eq!(
+        run(&b, &n3, 1, &write10(0, 1, 0), &[0; BS as usize]).status,
+        status::RESERVATION_CONFLICT
+    );
+    // Importing replaces: an empty state clears it.
+    b.pr_import(1, &target().pr_export(1).unwrap()).unwrap();
+    assert_eq!(run(&b, &n1, 1, &prin(0x00), &[]).data_in, [0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(
+        b.pr_import(1, &[0xff, 0xff]).unwrap_err().kind(),
+        std::io::ErrorKind::InvalidData
+    );
+    assert_eq!(b.pr_import(0, &state).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+}
+
+/// Outcome constructors for command routers.
+#[test]
+fn outcome_constructors() {
+    let o = Outcome::check_code(sense::LOGICAL_UNIT_NOT_ACCESSIBLE_TRANSITIONING, false);
+    assert_eq!(sense_of(&o), (key::NOT_READY, 0x04, 0x0a));
+    let o = Outcome::check_code(sense::LOGICAL_UNIT_NOT_ACCESSIBLE_STANDBY, true);
+    assert_eq!(o.sense.unwrap(), [0x72, 0x02, 0x04, 0x0b, 0, 0, 0, 0]);
+    assert_eq!(Outcome::good(vec![1, 2]).data_in, [1, 2]);
+}
+
 mod fuzz {
     use super::*;
     use proptest::prelude::*;

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::{PortalServer, SessionInfo, TargetRuntime, lock};
+use super::{OwnedCommand, PortalServer, SessionInfo, TargetRuntime, lock};
 use crate::lu::{Command, Nexus, TargetPort};
 use crate::metrics::Op;
 
@@ -338,11 +338,7 @@ impl Conn {
                 }
                 LoginStep::FullFeature(mut r, params) => {
                     let target = match params.session_type {
-                        SessionType::Normal => params
-                            .target_name
-                            .as_deref()
-                            .and_then(|n| self.server.target(n))
-                            .cloned(),
+                        SessionType::Normal => params.target_name.as_deref().and_then(|n| self.server.target(n)),
                         SessionType::Discovery => None,
                     };
                     if req.tsih != 0 {
@@ -432,6 +428,9 @@ impl Conn {
                 },
             };
             t.lus.nexus_joined(&nexus);
+            if let Some(r) = &t.router {
+                r.nexus_joined(&nexus);
+            }
             Arc::new(Session {
                 target: t.clone(),
                 nexus,
@@ -511,6 +510,9 @@ impl Conn {
                 wait_done(&t).await;
             }
             s.target.lus.nexus_left(&s.nexus);
+            if let Some(r) = &s.target.router {
+                r.nexus_left(&s.nexus);
+            }
         }
         let _ = ffp.out.try_send(Out::Close);
         drop(ffp);
@@ -912,20 +914,28 @@ impl FullFeature {
             let op = Op::of(&cdb);
             handles.in_flight.increment(1.0);
             let start = Instant::now();
-            let outcome = session
-                .target
-                .lus
-                .execute(
-                    &session.nexus,
-                    &Command {
+            let outcome = match &session.target.router {
+                Some(router) => {
+                    let cmd = OwnedCommand {
+                        lun: c.lun,
+                        cdb,
+                        data_out,
+                        expected_transfer_len: c.expected_data_len,
+                        task_attr: c.attr,
+                    };
+                    router.execute(session.target.clone(), session.nexus.clone(), cmd).await
+                }
+                None => {
+                    let cmd = Command {
                         lun: c.lun,
                         cdb: &cdb,
                         data_out: &data_out,
                         expected_transfer_len: c.expected_data_len,
                         task_attr: c.attr,
-                    },
-                )
-                .await;
+                    };
+                    session.target.lus.execute(&session.nexus, &cmd).await
+                }
+            };
             handles.duration[op as usize].record(start.elapsed().as_secs_f64());
             handles.commands[op as usize].increment(1);
             handles.in_flight.decrement(1.0);
@@ -1118,13 +1128,16 @@ impl FullFeature {
         let server = &self.server;
         let addresses = server.send_targets_addresses(self.local);
         let visible = |t: &TargetRuntime| t.def.admits(&self.params.initiator_name, self.peer.ip()).is_ok();
-        let mut targets: Vec<&Arc<TargetRuntime>> = server.targets.values().filter(|t| visible(t)).collect();
-        targets.sort_by_key(|t| t.def.tid);
+        let mut targets: Vec<Arc<TargetRuntime>> = server.targets().into_iter().filter(|t| visible(t)).collect();
+        targets.sort_by(|a, b| (a.def.tid, &a.def.name).cmp(&(b.def.tid, &b.def.name)));
         let chosen: Vec<SendTarget> = targets
             .into_iter()
             .filter(|t| match value {
                 "All" => self.session.is_none(),
-                "" => self.session.as_ref().is_some_and(|s| Arc::ptr_eq(&s.target, t)),
+                "" => self
+                    .session
+                    .as_ref()
+                    .is_some_and(|s| s.target.def.name.eq_ignore_ascii_case(&t.def.name)),
                 name => t.def.name.eq_ignore_ascii_case(name),
             })
             .map(|t| SendTarget {

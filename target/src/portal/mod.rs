@@ -12,23 +12,36 @@
 //! Sessions: MaxConnections is negotiated to 1, so a session is one connection. A login with the
 //! same initiator name, ISID and target as a live session and TSIH 0 reinstates it (RFC 7143
 //! §6.3.5): the old connection is closed before the new session starts.
+//!
+//! Targets: [`PortalServer::new`] serves a static catalog (standalone `raftsan serve`);
+//! [`PortalServer::empty`] starts with none and the cluster sets them with
+//! [`PortalServer::set_targets`]. A session holds the [`TargetRuntime`] it logged into, so the
+//! targets map is read at login and SendTargets only, never per command. A target built with a
+//! [`CommandRouter`] has every SCSI command of its sessions run by the router instead of its
+//! logical units; the portal keeps doing everything else (CmdSN window, R2T, Data-In, task
+//! management, metrics).
 
 mod conn;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use raftsan_proto::text::TargetLimits;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::catalog::{Catalog, TargetDef};
-use crate::lu::TargetLus;
+use crate::lu::{Nexus, Outcome, TargetLus};
 use crate::metrics::{LuMetrics, PortalMetrics};
 
 /// Portal-wide settings (from the node config).
@@ -77,11 +90,67 @@ impl Default for PortalSettings {
     }
 }
 
-/// A target as the portal serves it: its definition, its logical units and their metrics.
+/// One SCSI command of a session, owned, for a [`CommandRouter`].
+#[derive(Clone, Debug)]
+pub struct OwnedCommand {
+    pub lun: u64,
+    /// The CDB field of the SCSI Command PDU (16 bytes, zero-padded after the CDB) plus any
+    /// extended-CDB AHS, as the logical units get it.
+    pub cdb: Vec<u8>,
+    /// All Data-Out the initiator sent, at most `expected_transfer_len` bytes.
+    pub data_out: Bytes,
+    /// iSCSI Expected Data Transfer Length.
+    pub expected_transfer_len: u32,
+    pub task_attr: u8,
+}
+
+/// Runs the SCSI commands of a target's sessions in place of its logical units (the cluster
+/// forwards them to the volume leader). The portal calls `execute` once per command whose
+/// Data-Out is complete, on a task of its own, several at once up to the CmdSN window; the
+/// [`Outcome`] is sent as for a local command (Data-In cut to the expected length, residuals).
+pub trait CommandRouter: Send + Sync + 'static {
+    /// Runs one command of a session on this target.
+    fn execute(
+        &self,
+        target: Arc<TargetRuntime>,
+        nexus: Nexus,
+        cmd: OwnedCommand,
+    ) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
+    /// A session of this node started (after the target's LUs learnt of it).
+    fn nexus_joined(&self, _nexus: &Nexus) {}
+    /// A session of this node ended (logout, connection loss), after its last command finished.
+    fn nexus_left(&self, _nexus: &Nexus) {}
+}
+
+/// A target as the portal serves it: its definition, its logical units, an optional command
+/// router and the LUs' metrics.
 pub struct TargetRuntime {
     pub def: TargetDef,
-    pub lus: TargetLus,
+    pub(crate) lus: Arc<TargetLus>,
+    pub(crate) router: Option<Arc<dyn CommandRouter>>,
     pub(crate) metrics: LuMetrics,
+}
+
+impl TargetRuntime {
+    /// A target serving `lus`; with a `router`, SCSI commands go to the router instead.
+    /// Metrics handles are registered here for every LUN of `lus`.
+    pub fn new(def: TargetDef, lus: Arc<TargetLus>, router: Option<Arc<dyn CommandRouter>>) -> Arc<Self> {
+        let metrics = LuMetrics::new(&def.name, lus.lun_list().into_iter());
+        Arc::new(TargetRuntime {
+            def,
+            lus,
+            router,
+            metrics,
+        })
+    }
+
+    pub fn lus(&self) -> &Arc<TargetLus> {
+        &self.lus
+    }
+
+    pub fn router(&self) -> Option<&Arc<dyn CommandRouter>> {
+        self.router.as_ref()
+    }
 }
 
 /// A live session, as the session table and `raftsan show` see it.
@@ -109,10 +178,13 @@ struct SessionEntry {
 /// The node's iSCSI service: every portal listener shares one of these.
 pub struct PortalServer {
     pub(crate) catalog: Catalog,
-    pub(crate) targets: HashMap<String, Arc<TargetRuntime>>,
+    /// Keyed by lower-case target name. Lock order: `sessions` before `targets`.
+    targets: RwLock<HashMap<String, Arc<TargetRuntime>>>,
     pub(crate) settings: PortalSettings,
     /// Addresses of this node's portals, for SendTargets.
     pub(crate) portal_addrs: Mutex<Vec<SocketAddr>>,
+    /// The other nodes' portals (address, TPGT), listed in SendTargets after this node's.
+    peer_portals: Mutex<Vec<(SocketAddr, u16)>>,
     sessions: Mutex<HashMap<u16, SessionEntry>>,
     next_tsih: AtomicU16,
     next_nexus: AtomicU64,
@@ -149,31 +221,76 @@ impl PortalServer {
                 std::fs::create_dir_all(d)?;
             }
             let lus = TargetLus::open(def, dir.as_deref())?;
-            let metrics = LuMetrics::new(&def.name, def.luns.iter().map(|l| l.lun));
             targets.insert(
                 def.name.to_ascii_lowercase(),
-                Arc::new(TargetRuntime {
-                    def: def.clone(),
-                    lus,
-                    metrics,
-                }),
+                TargetRuntime::new(def.clone(), Arc::new(lus), None),
             );
         }
-        Ok(Arc::new(PortalServer {
+        Ok(Self::with_targets(catalog, targets, settings))
+    }
+
+    /// A portal server with no targets yet (cluster mode); targets come from
+    /// [`PortalServer::set_targets`]. Discovery sessions need no CHAP.
+    pub fn empty(settings: PortalSettings) -> Arc<Self> {
+        Self::with_targets(Catalog::default(), HashMap::new(), settings)
+    }
+
+    fn with_targets(
+        catalog: Catalog,
+        targets: HashMap<String, Arc<TargetRuntime>>,
+        settings: PortalSettings,
+    ) -> Arc<Self> {
+        Arc::new(PortalServer {
             catalog,
-            targets,
+            targets: RwLock::new(targets),
             settings,
             portal_addrs: Mutex::new(Vec::new()),
+            peer_portals: Mutex::new(Vec::new()),
             sessions: Mutex::new(HashMap::new()),
             next_tsih: AtomicU16::new(1),
             next_nexus: AtomicU64::new(1),
             metrics: PortalMetrics::new(),
             shutdown: watch::channel(false).0,
-        }))
+        })
     }
 
-    pub(crate) fn target(&self, name: &str) -> Option<&Arc<TargetRuntime>> {
-        self.targets.get(&name.to_ascii_lowercase())
+    pub(crate) fn target(&self, name: &str) -> Option<Arc<TargetRuntime>> {
+        read(&self.targets).get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    /// Every served target.
+    pub(crate) fn targets(&self) -> Vec<Arc<TargetRuntime>> {
+        read(&self.targets).values().cloned().collect()
+    }
+
+    /// Replaces the served targets (keyed by lower-case name).
+    ///
+    /// Sessions of a target whose name is gone are closed (as on reinstatement: running commands
+    /// finish first, no Logout). Sessions of a name that stays keep the [`TargetRuntime`] they
+    /// logged into: when a new `Arc` replaces it, they go on with the old one (its LUs and
+    /// router) until they log out, and only new logins see the new one. Pass the same `Arc` to
+    /// leave a target's sessions untouched.
+    pub fn set_targets(&self, targets: Vec<Arc<TargetRuntime>>) {
+        let map: HashMap<String, Arc<TargetRuntime>> = targets
+            .into_iter()
+            .map(|t| (t.def.name.to_ascii_lowercase(), t))
+            .collect();
+        let sessions = lock(&self.sessions);
+        for s in sessions.values() {
+            if let Some(name) = &s.info.target
+                && !map.contains_key(&name.to_ascii_lowercase())
+            {
+                tracing::info!(tsih = s.info.tsih, target = %name, "target removed: closing its session");
+                let _ = s.close.send(true);
+            }
+        }
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = map;
+    }
+
+    /// Portals of the other nodes (address, TPGT), added to SendTargets answers after this
+    /// node's own.
+    pub fn set_peer_portals(&self, portals: Vec<(SocketAddr, u16)>) {
+        *lock(&self.peer_portals) = portals;
     }
 
     /// Binds a portal listener (IPv4 or IPv6).
@@ -233,6 +350,12 @@ impl PortalServer {
     /// has no room for another session.
     pub(crate) fn register_session(&self, mut info: SessionInfo) -> Option<(u16, watch::Receiver<bool>)> {
         let mut sessions = lock(&self.sessions);
+        if let Some(name) = &info.target
+            && self.target(name).is_none()
+        {
+            // Removed by set_targets while this login ran.
+            return None;
+        }
         let old: Vec<u16> = sessions
             .iter()
             .filter(|(_, s)| {
@@ -291,14 +414,20 @@ impl PortalServer {
                 out.push((s, tpgt));
             }
         }
+        for (a, tpgt) in lock(&self.peer_portals).iter() {
+            let s = a.to_string();
+            if !out.iter().any(|(x, _)| *x == s) {
+                out.push((s, *tpgt));
+            }
+        }
         out
     }
 
     /// A snapshot for `raftsan show`. Secrets are never included.
     pub fn show(&self) -> ShowState {
         let mut targets: Vec<ShowTarget> = self
-            .targets
-            .values()
+            .targets()
+            .iter()
             .map(|t| ShowTarget {
                 tid: t.def.tid,
                 name: t.def.name.clone(),
@@ -329,4 +458,9 @@ impl PortalServer {
 /// consistent, so a panic elsewhere must not take the portal down with it.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// [`lock`] for a read lock.
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|p| p.into_inner())
 }
