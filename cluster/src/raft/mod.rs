@@ -4,7 +4,9 @@
 pub mod journal;
 pub mod log_store;
 pub mod record;
+pub mod state_machine;
 pub mod types;
 
 pub use log_store::{FsyncPolicy, LogStore, LogStoreOptions};
+pub use state_machine::{GroupSnapshotBuilder, GroupStateMachine, VolumeImage};
 pub use types::{GroupId, META_GROUP, Request, Response, SnapshotBase, SnapshotData, TypeConfig};
