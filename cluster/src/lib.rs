@@ -5,3 +5,4 @@ pub mod config;
 pub mod meta;
 pub mod pb;
 pub mod raft;
+pub mod rpc;
