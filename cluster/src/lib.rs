@@ -6,3 +6,4 @@ pub mod meta;
 pub mod node;
 pub mod pb;
 pub mod raft;
+pub mod rpc;

@@ -5,3 +5,8 @@
 pub mod cluster {
     tonic::include_proto!("raftsan.cluster.v1");
 }
+
+/// `proto/rpc/raft.proto`: the Raft RPC between nodes (AppendEntries, votes, snapshots).
+pub mod raft {
+    tonic::include_proto!("raftsan.raft.v1");
+}

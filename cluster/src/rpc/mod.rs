@@ -1,0 +1,132 @@
+//! Cluster RPC on tonic: the openraft network of every Raft group (client side [`NetworkFactory`],
+//! server side [`raft_service`]), mutual TLS with a cluster CA ([`tls`]), and differential
+//! snapshot streaming ([`snapshot`]).
+//!
+//! Wiring on a node:
+//!
+//! ```ignore
+//! let channels = Channels::new(Some(tls_files.clone()))?;
+//! let progress = SnapshotProgress::default();
+//! // one factory per group, handed to Raft::new
+//! let net = NetworkFactory::new(group, channels.clone(), progress.clone());
+//! // one server per node, every group served by the same service
+//! server_builder(Some(&tls_files))?
+//!     .add_service(raft_service(registry, progress.clone()))
+//!     .add_service(cluster_service)
+//!     .serve_with_incoming_shutdown(..)
+//! ```
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use openraft::storage::RaftStateMachine;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server};
+
+use crate::raft::{GroupId, SnapshotBase, SnapshotData, TypeConfig};
+
+pub mod network;
+pub mod server;
+pub mod snapshot;
+pub mod tls;
+mod wire;
+
+#[cfg(test)]
+mod tests;
+
+pub use network::{NetworkFactory, PeerNetwork};
+pub use server::{RaftService, raft_service};
+pub use snapshot::{SnapshotDirection, SnapshotProgress, SnapshotTransfer};
+pub use tls::{TlsFiles, client_tls, create_ca, issue_admin_cert, issue_node_cert, server_tls};
+
+/// Largest gRPC message either side accepts or sends (a 32 MiB write travels in one message).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Encoded entry bytes per AppendEntries request (the first entry always goes, whatever its size).
+pub const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Timeout of establishing a connection to a peer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
+/// HTTP/2 keepalive ping interval and timeout (a dead peer is noticed on idle connections too).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Raft groups this node serves, as the RPC server sees them.
+///
+/// Generic over the state machine type so tests can use a small one; the daemon uses its own.
+pub trait GroupRegistry<SM>: Send + Sync + 'static
+where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotData>,
+{
+    /// The Raft handle of `group`, None when this node has no such group (yet).
+    fn raft(&self, group: GroupId) -> Option<openraft::Raft<TypeConfig, SM>>;
+    /// Where a snapshot of `group` is compared and staged on this node.
+    fn snapshot_base(&self, group: GroupId) -> Option<SnapshotBase>;
+}
+
+/// A pool of lazily connected tonic channels keyed by "host:port", shared by every group (one
+/// HTTP/2 connection per peer carries all groups' RPCs).
+#[derive(Clone)]
+pub struct Channels {
+    tls: Option<ClientTlsConfig>,
+    pool: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Channels {
+    /// `tls`: the node's certificate files (None: plain HTTP/2, for tests only).
+    pub fn new(tls: Option<TlsFiles>) -> io::Result<Self> {
+        let tls = tls.as_ref().map(client_tls).transpose()?;
+        Ok(Self {
+            tls,
+            pool: Arc::default(),
+        })
+    }
+
+    fn pool(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
+        // A poisoned pool only means another thread panicked while inserting; the map is fine.
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The channel to `addr` ("host:port"); created on first use, connected lazily (and
+    /// reconnected by tonic after failures).
+    pub fn get(&self, addr: &str) -> io::Result<Channel> {
+        if let Some(ch) = self.pool().get(addr) {
+            return Ok(ch.clone());
+        }
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let bad = |e: &dyn std::fmt::Display| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("peer address {addr:?}: {e}"))
+        };
+        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| bad(&e))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        if let Some(tls) = &self.tls {
+            ep = ep.tls_config(tls.clone()).map_err(|e| bad(&e))?;
+        }
+        let ch = ep.connect_lazy();
+        Ok(self.pool().entry(addr.to_string()).or_insert(ch).clone())
+    }
+
+    /// Drops the channel to `addr` (the next [`Self::get`] makes a new one).
+    pub fn forget(&self, addr: &str) {
+        self.pool().remove(addr);
+    }
+}
+
+/// A tonic server with the node's TLS (client certificates required) and connection settings.
+/// Add [`raft_service`] and the cluster service to it.
+pub fn server_builder(tls: Option<&TlsFiles>) -> io::Result<Server> {
+    let mut b = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+    if let Some(files) = tls {
+        b = b
+            .tls_config(server_tls(files)?)
+            .map_err(|e| io::Error::other(format!("server TLS: {e}")))?;
+    }
+    Ok(b)
+}
