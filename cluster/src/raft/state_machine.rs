@@ -444,7 +444,9 @@ impl GroupStateMachine {
         let staging = dir.join(STAGING_DIR);
         fs::create_dir_all(&staging)?;
         let state_path = dir.join(STATE_FILE);
-        let rec = read_state(&state_path)?.unwrap_or_else(|| SmStateRecord {
+        let existing = read_state(&state_path)?;
+        let fresh = existing.is_none();
+        let rec = existing.unwrap_or_else(|| SmStateRecord {
             kind: kind_code,
             ..Default::default()
         });
@@ -467,10 +469,12 @@ impl GroupStateMachine {
         }
         let catalogue = Arc::new(rec.catalogue.clone().unwrap_or_default());
         let kind = match volume_size {
-            Some(size) => Kind::Volume(Arc::new(VolumeImage::open(
-                &dir.join(IMAGE_FILE),
-                size.max(rec.size_bytes),
-            )?)),
+            Some(size) => {
+                let path = dir.join(IMAGE_FILE);
+                let img = VolumeImage::open(&path, size.max(rec.size_bytes))
+                    .map_err(|e| io::Error::new(e.kind(), format!("volume image {}: {e}", path.display())))?;
+                Kind::Volume(Arc::new(img))
+            }
             None => Kind::Meta(watch::Sender::new(catalogue.clone())),
         };
         let applied_index = last_applied.map_or(0, |l| l.index);
@@ -497,6 +501,10 @@ impl GroupStateMachine {
             failed: Mutex::new(None),
         });
         let _ = fs::remove_file(inner.dir.join(format!("{STATE_FILE}.tmp")));
+        if fresh {
+            // Records the group's kind, so a directory is never opened as the other kind.
+            inner.persist(|_| {})?;
+        }
         if let Some(plan) = &installing {
             tracing::info!(dir = %dir.display(), "finishing an interrupted snapshot install");
             inner.finish_install(plan)?;
@@ -955,7 +963,8 @@ impl Inner {
                 pr_states = pr_states_from_records(&recs.luns);
                 img.set_size(snap.len)?;
                 if let Some(j) = &journal {
-                    let mut r = JournalReader::open(j)?;
+                    let mut r = JournalReader::open(j)
+                        .map_err(|e| io::Error::new(e.kind(), format!("snapshot journal {}: {e}", j.display())))?;
                     while let Some((offset, data)) = r.next_chunk()? {
                         if !img.in_range(offset, data.len() as u64) {
                             return Err(invalid(format!(

@@ -261,6 +261,17 @@ async fn persists_every_1024_entries() {
 }
 
 #[tokio::test]
+async fn persists_after_one_second_of_applying() {
+    let dir = TempDir::new().unwrap();
+    let sm = GroupStateMachine::open_volume(dir.path(), 64 * KIB).unwrap();
+    apply_sync(&sm, vec![write(1, 0, 1, 10)]).unwrap();
+    assert_eq!(persisted(dir.path()).applied, None);
+    lock(&sm.inner.live).unpersisted_since = Instant::now().checked_sub(PERSIST_EVERY);
+    apply_sync(&sm, vec![write(2, 0, 2, 10)]).unwrap();
+    assert_eq!(persisted(dir.path()).applied.unwrap().index, 2);
+}
+
+#[tokio::test]
 async fn meta_refused_command_leaves_catalogue_unchanged() {
     let dir = TempDir::new().unwrap();
     let sm = GroupStateMachine::open_meta(dir.path()).unwrap();
