@@ -1,7 +1,7 @@
 //! The cluster side of the `raftsan` binary: `serve` of a cluster node, `cluster ...`,
 //! `volume ...` and `status`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,8 +226,9 @@ pub async fn serve_cluster(cfg: NodeConfig, cs: ClusterSettings) -> Result<()> {
     let (stop_rpc, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let registry: Arc<dyn rpc::GroupRegistry<_>> = node.clone();
     let service = raftsan_cluster::node::ClusterService { node: node.clone() };
-    let router = rpc::server_builder(Some(&tls))?
-        .add_service(rpc::raft_service(registry))
+    let mut builder = rpc::server_builder(Some(&tls))?;
+    let router = builder
+        .add_service(rpc::raft_service(registry, node.snapshot_progress()))
         .add_service(
             ClusterServer::new(service)
                 .max_decoding_message_size(rpc::MAX_MESSAGE_BYTES)
@@ -654,11 +655,6 @@ pub fn render_status(s: &StatusResponse) -> String {
         }
     }
     o
-}
-
-/// Address helper for callers that print URLs.
-pub fn http_url(addr: &SocketAddr) -> String {
-    format!("http://{addr}/metrics")
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! voters equal to the volume's replicas. A node is always added as a learner first and promoted
 //! once it caught up (openraft `add_learner(blocking)` then `change_membership`, joint consensus).
 
+use openraft::async_runtime::watch::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,7 +108,7 @@ async fn duty_round(node: &Arc<Node>) -> Result<()> {
 /// One step towards `want` as the voter set of the group `raft` leads: add a missing node as a
 /// learner (blocking until it caught up), else change the voters.
 async fn align_voters(raft: &RaftGroup, want: &BTreeMap<u64, BasicNode>, name: &str) -> Result<()> {
-    let m = raft.metrics().borrow().membership_config.clone();
+    let m = raft.metrics().borrow_watched().membership_config.clone();
     let membership = m.membership();
     let voters: BTreeSet<u64> = membership.voter_ids().collect();
     let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
@@ -156,7 +157,7 @@ impl Node {
 
     /// The metadata leader's id and RPC address, if one is known.
     pub(crate) fn meta_leader(&self) -> Option<(u64, String)> {
-        let leader = self.meta().raft.metrics().borrow().current_leader?;
+        let leader = self.meta().raft.metrics().borrow_watched().current_leader?;
         Some((leader, self.rpc_addr_of(leader)?))
     }
 

@@ -20,6 +20,7 @@ mod admin;
 mod service;
 mod volume;
 
+use openraft::async_runtime::watch::WatchReceiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -143,6 +144,11 @@ impl Node {
 
     pub fn portal(&self) -> &Arc<PortalServer> {
         &self.portal
+    }
+
+    /// Snapshot transfers in and out of this node (for the RPC server and `raftsan status`).
+    pub fn snapshot_progress(&self) -> SnapshotProgress {
+        self.progress.clone()
     }
 
     fn group_dir(&self, group: GroupId) -> PathBuf {
@@ -288,7 +294,7 @@ impl Node {
         if let Some(n) = self.node_info(id) {
             return Some(n.rpc_addr);
         }
-        let m = self.meta().raft.metrics().borrow().membership_config.clone();
+        let m = self.meta().raft.metrics().borrow_watched().membership_config.clone();
         m.membership().get_node(&id).map(|n| n.addr.clone())
     }
 
@@ -347,7 +353,7 @@ impl Node {
         Ok(())
     }
 
-    fn update_portal(&self, cat: &Catalogue) {
+    fn update_portal(self: &Arc<Self>, cat: &Catalogue) {
         let mut targets = Vec::new();
         let groups = self.read_groups();
         let mut by_target: BTreeMap<String, Vec<Arc<VolumeRuntime>>> = BTreeMap::new();
@@ -443,7 +449,7 @@ impl Node {
         let groups: Vec<Arc<Group>> = self.read_groups().values().cloned().collect();
         let mut waits = Vec::new();
         for g in &groups {
-            let m = g.raft.metrics().borrow().clone();
+            let m = g.raft.metrics().borrow_watched().clone();
             if m.current_leader != Some(self.id) {
                 continue;
             }

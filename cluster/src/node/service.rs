@@ -2,6 +2,7 @@
 //! admin API. Admin calls that change the catalogue run on the metadata leader; any other node
 //! forwards them there.
 
+use openraft::async_runtime::watch::WatchReceiver;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ impl ClusterService {
         let deadline = tokio::time::Instant::now() + within;
         while tokio::time::Instant::now() < deadline {
             if let Some(g) = self.node.group(id)
-                && g.raft.metrics().borrow().current_leader.is_some()
+                && g.raft.metrics().borrow_watched().current_leader.is_some()
             {
                 return true;
             }
@@ -67,7 +68,7 @@ impl ClusterService {
         let mut groups = Vec::new();
         let all: Vec<_> = self.node.read_groups().values().cloned().collect();
         for g in all {
-            let m = g.raft.metrics().borrow().clone();
+            let m = g.raft.metrics().borrow_watched().clone();
             let name = if super::admin::is_meta(g.id) {
                 "metadata".to_string()
             } else {
@@ -101,12 +102,12 @@ impl ClusterService {
                 name,
                 leader: m.current_leader.unwrap_or(0),
                 term: m.current_term,
-                commit_index: m.committed.as_ref().map(|l| l.index).unwrap_or(0),
+                commit_index: m.cluster_committed.as_ref().map(|l| l.index).unwrap_or(0),
                 applied_index: m.last_applied.as_ref().map(|l| l.index).unwrap_or(0),
                 followers,
                 voters: membership.voter_ids().collect(),
                 learners: membership.learner_ids().collect(),
-                snapshot_progress: self.node.progress.describe(g.id),
+                snapshot_progress: self.node.progress.group(g.id).iter().map(|t| t.to_string()).collect::<Vec<_>>().join("; "),
             });
         }
         groups.sort_by_key(|g| g.group);
@@ -309,7 +310,7 @@ impl Cluster for ClusterService {
     async fn step_down(&self, _request: Request<Empty>) -> Result<Response<Empty>, Status> {
         let groups: Vec<_> = self.node.read_groups().values().cloned().collect();
         for g in groups {
-            let m = g.raft.metrics().borrow().clone();
+            let m = g.raft.metrics().borrow_watched().clone();
             if m.current_leader != Some(self.node.id) {
                 continue;
             }

@@ -16,6 +16,7 @@
 //! refuses the forwarded term), the command ends with UNIT ATTENTION 2A/06 and is never re-sent
 //! elsewhere by the target; the initiator retries it on the current path.
 
+use openraft::async_runtime::watch::WatchReceiver;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
@@ -29,7 +30,7 @@ use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use openraft::ReadPolicy;
 use raftsan_proto::scsi::cdb::op;
-use raftsan_proto::scsi::sense::{self, SenseCode, status};
+use raftsan_proto::scsi::sense::{self, status};
 use raftsan_target::backing::BackingStore;
 use raftsan_target::catalog::{Backing, ChapAccount, Cidr, LunDef, TargetDef};
 use raftsan_target::lu::{AluaState, AluaView, Nexus, Outcome, PortGroupState, TargetLus, TargetPort};
