@@ -72,7 +72,7 @@ impl RaftSnapshotBuilder<TypeConfig> for TestSm {
         let mut st = self.st.lock().unwrap();
         let s = Snapshot {
             meta: SnapshotMeta {
-                last_log_id: st.last_applied.clone(),
+                last_log_id: st.last_applied,
                 last_membership: st.membership.clone(),
             },
             snapshot: SnapshotData::Local {
@@ -92,7 +92,7 @@ impl RaftStateMachine<TypeConfig> for TestSm {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMem), io::Error> {
         let st = self.st.lock().unwrap();
-        Ok((st.last_applied.clone(), st.membership.clone()))
+        Ok((st.last_applied, st.membership.clone()))
     }
 
     async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
@@ -102,12 +102,12 @@ impl RaftStateMachine<TypeConfig> for TestSm {
         while let Some((entry, responder)) = entries.try_next().await? {
             let entry: Entry = entry;
             let mut st = self.st.lock().unwrap();
-            st.last_applied = Some(entry.log_id.clone());
+            st.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Normal(Request::Write { offset_bytes, data }) => {
                     st.writes.push((offset_bytes, data.len()))
                 }
-                EntryPayload::Membership(m) => st.membership = StoredMembership::new(Some(entry.log_id.clone()), m),
+                EntryPayload::Membership(m) => st.membership = StoredMembership::new(Some(entry.log_id), m),
                 _ => {}
             }
             if let Some(r) = responder {
@@ -148,7 +148,7 @@ impl RaftStateMachine<TypeConfig> for TestSm {
             std::fs::remove_file(j)?;
         }
         let mut st = self.st.lock().unwrap();
-        st.last_applied = meta.last_log_id.clone();
+        st.last_applied = meta.last_log_id;
         st.membership = meta.last_membership.clone();
         st.snapshot = Some(Snapshot {
             meta: meta.clone(),
@@ -555,7 +555,7 @@ async fn snapshot_sends_only_differing_chunks() {
         std::fs::read(&dst_path).unwrap() == src,
         "receiver's file is byte-identical"
     );
-    let st = receiver.sm.st.lock().unwrap().last_applied.clone();
+    let st = receiver.sm.st.lock().unwrap().last_applied;
     assert_eq!(st, Some(log_id(1, 1, 5)));
 
     receiver.raft.shutdown().await.unwrap();
