@@ -10,7 +10,8 @@
 //! // one factory per group, handed to Raft::new
 //! let net = NetworkFactory::new(group, channels.clone(), progress.clone());
 //! // one server per node, every group served by the same service
-//! server_builder(Some(&tls_files))?
+//! let mut builder = server_builder(Some(&tls_files))?;
+//! builder
 //!     .add_service(raft_service(registry, progress.clone()))
 //!     .add_service(cluster_service)
 //!     .serve_with_incoming_shutdown(..)

@@ -227,7 +227,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         // When only a prefix goes, a full success means "up to the last entry sent".
         let cut: Option<LogId> = if entries.len() < rpc.entries.len() {
             self.stats.append_splits.fetch_add(1, Ordering::Relaxed);
-            entries.len().checked_sub(1).map(|i| rpc.entries[i].log_id.clone())
+            entries.len().checked_sub(1).map(|i| rpc.entries[i].log_id)
         } else {
             None
         };
