@@ -167,8 +167,12 @@ impl Conn {
 
 fn cluster_settings(config: &Path) -> Result<ClusterSettings> {
     let cfg = super::load(config)?;
-    cfg.cluster
-        .ok_or_else(|| anyhow!("{} is not a cluster node configuration ([node] id is not set)", config.display()))
+    cfg.cluster.ok_or_else(|| {
+        anyhow!(
+            "{} is not a cluster node configuration ([node] id is not set)",
+            config.display()
+        )
+    })
 }
 
 /// Parses `10G`, `512M`, `1048576`.
@@ -285,7 +289,12 @@ pub async fn cluster(cmd: ClusterCmd) -> Result<()> {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let files = rpc::issue_node_cert(&pki, node_id, &ips, &out)
                 .with_context(|| format!("issuing a certificate for node {node_id}"))?;
-            std::fs::copy(&cs.tls.ca, out.join("ca.crt")).context("copying the CA certificate")?;
+            let ca_copy = out.join("ca.crt");
+            // Copying a file onto itself would truncate it.
+            let same = std::fs::canonicalize(&cs.tls.ca).ok() == std::fs::canonicalize(&ca_copy).ok();
+            if !same {
+                std::fs::copy(&cs.tls.ca, &ca_copy).context("copying the CA certificate")?;
+            }
             println!(
                 "node {node_id}: {} and {} (CA: {})",
                 files.cert.display(),
@@ -367,10 +376,12 @@ fn pki_dir(cs: &ClusterSettings) -> Result<PathBuf> {
 
 fn init(config: &Path) -> Result<()> {
     let cfg = super::load(config)?;
-    let cs = cfg
-        .cluster
-        .clone()
-        .ok_or_else(|| anyhow!("{} is not a cluster node configuration ([node] id is not set)", config.display()))?;
+    let cs = cfg.cluster.clone().ok_or_else(|| {
+        anyhow!(
+            "{} is not a cluster node configuration ([node] id is not set)",
+            config.display()
+        )
+    })?;
     let data_dir = cfg
         .data_dir
         .clone()
@@ -537,7 +548,10 @@ pub async fn volume(cmd: VolumeCmd) -> Result<()> {
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
-                println!("{:<4} {:<20} {:>14} {:<44} {:>3}  REPLICAS", "ID", "NAME", "BYTES", "TARGET", "LUN");
+                println!(
+                    "{:<4} {:<20} {:>14} {:<44} {:>3}  REPLICAS",
+                    "ID", "NAME", "BYTES", "TARGET", "LUN"
+                );
                 for v in &list.volumes {
                     println!(
                         "{:<4} {:<20} {:>14} {:<44} {:>3}  {:?}",
@@ -608,7 +622,11 @@ pub fn render_status(s: &StatusResponse) -> String {
             n.id,
             n.rpc_addr,
             n.portals.join(","),
-            if n.metrics_addr.is_empty() { "-" } else { &n.metrics_addr },
+            if n.metrics_addr.is_empty() {
+                "-"
+            } else {
+                &n.metrics_addr
+            },
             state
         );
     }
@@ -636,7 +654,11 @@ pub fn render_status(s: &StatusResponse) -> String {
                 }
             );
             for f in &g.followers {
-                let _ = writeln!(o, "      follower {:<3} matched {:<8} lag {} entries", f.node, f.matched_index, f.lag_entries);
+                let _ = writeln!(
+                    o,
+                    "      follower {:<3} matched {:<8} lag {} entries",
+                    f.node, f.matched_index, f.lag_entries
+                );
             }
         }
     }

@@ -251,12 +251,17 @@ async fn drive(
                 .map_err(|s| anyhow!("adding node {}: {}", n.id, s.message()))?;
         }
     }
-    wait_until(&mut c, "three voters in the metadata group", Duration::from_secs(60), |s| {
-        s.nodes
-            .iter()
-            .flat_map(|n| n.groups.iter())
-            .any(|g| g.group == 0 && g.leader != 0 && g.voters.len() == 3)
-    })
+    wait_until(
+        &mut c,
+        "three voters in the metadata group",
+        Duration::from_secs(60),
+        |s| {
+            s.nodes
+                .iter()
+                .flat_map(|n| n.groups.iter())
+                .any(|g| g.group == 0 && g.leader != 0 && g.voters.len() == 3)
+        },
+    )
     .await?;
     let cat = c.catalogue().await?;
     let volume: VolumeInfo = match cat.volumes.iter().find(|v| v.name == VOLUME) {
@@ -274,16 +279,27 @@ async fn drive(
             .map_err(|s| anyhow!("creating the volume: {}", s.message()))?
             .into_inner(),
     };
-    let s = wait_until(&mut c, "the volume's group to elect a leader with 3 voters", Duration::from_secs(60), |s| {
-        s.nodes
-            .iter()
-            .flat_map(|n| n.groups.iter())
-            .any(|g| g.group == volume.id && g.leader != 0 && g.voters.len() == 3)
-    })
+    let s = wait_until(
+        &mut c,
+        "the volume's group to elect a leader with 3 voters",
+        Duration::from_secs(60),
+        |s| {
+            s.nodes
+                .iter()
+                .flat_map(|n| n.groups.iter())
+                .any(|g| g.group == volume.id && g.leader != 0 && g.voters.len() == 3)
+        },
+    )
     .await?;
-    println!("raftsan demo: three nodes, one replicated volume (ready in {:.1} s)", t0.elapsed().as_secs_f64());
+    println!(
+        "raftsan demo: three nodes, one replicated volume (ready in {:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
     println!("  data directory : {}", dir.display());
-    println!("  {:<6} {:<8} {:<18} {:<18} {:<32} log", "node", "pid", "portal", "rpc", "metrics");
+    println!(
+        "  {:<6} {:<8} {:<18} {:<18} {:<32} log",
+        "node", "pid", "portal", "rpc", "metrics"
+    );
     for n in nodes.iter() {
         println!(
             "  {:<6} {:<8} {:<18} {:<18} {:<32} {}",
@@ -324,11 +340,7 @@ async fn drive(
     }
     println!(
         "running until Ctrl-C. Try `kill -9 {}` (the volume leader's node) and watch the others carry on.",
-        nodes
-            .iter()
-            .find(|n| n.id == leader)
-            .map(|n| n.pid())
-            .unwrap_or(0)
+        nodes.iter().find(|n| n.id == leader).map(|n| n.pid()).unwrap_or(0)
     );
     watch(nodes, pki, volume.id).await;
     checked
@@ -370,7 +382,9 @@ async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64) {
             println!(
                 "[{:>7.2} s] volume leader: {}; {}",
                 start.elapsed().as_secs_f64(),
-                now.0.map(|l| format!("node {l}")).unwrap_or_else(|| "none (election)".into()),
+                now.0
+                    .map(|l| format!("node {l}"))
+                    .unwrap_or_else(|| "none (election)".into()),
                 ups.join(", ")
             );
             last = Some(now);

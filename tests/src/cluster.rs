@@ -60,7 +60,11 @@ impl ClusterNode {
     }
     /// The volume image of group `volume` on this node.
     pub fn image_path(&self, volume: u64) -> PathBuf {
-        self.dir.join("data").join(format!("volume-{volume}")).join("sm").join("image")
+        self.dir
+            .join("data")
+            .join(format!("volume-{volume}"))
+            .join("sm")
+            .join("image")
     }
 }
 
@@ -218,7 +222,10 @@ impl Cluster {
                     bail!("node {id} exited at start; log:\n{}", crate::tail(&n.log_text(), 40));
                 }
                 if Instant::now() > deadline {
-                    bail!("node {id} did not listen on {addr}; log:\n{}", crate::tail(&n.log_text(), 40));
+                    bail!(
+                        "node {id} did not listen on {addr}; log:\n{}",
+                        crate::tail(&n.log_text(), 40)
+                    );
                 }
                 thread::sleep(Duration::from_millis(50));
             }
@@ -326,9 +333,11 @@ impl Cluster {
         let target = vol["target"].as_str().unwrap_or_default().to_string();
         let lun = vol["lun"].as_u64().unwrap_or(0);
         let voters = self.nodes.len();
-        self.wait_for("the volume to have a leader and all voters", Duration::from_secs(60), |s| {
-            group_leader(s, id).is_some() && group_voters(s, id) == voters
-        })?;
+        self.wait_for(
+            "the volume to have a leader and all voters",
+            Duration::from_secs(60),
+            |s| group_leader(s, id).is_some() && group_voters(s, id) == voters,
+        )?;
         Ok((id, target, lun))
     }
 

@@ -124,7 +124,9 @@ impl Loopback {
             let mut got = Vec::new();
             for k in 0..u32::from(n) {
                 let ip = Ipv4Addr::new(127, 0, third, u8::try_from(base + k).unwrap_or(255));
-                let Some(file) = try_lock(&dir, &format!("{ip}.lock"))? else { break };
+                let Some(file) = try_lock(&dir, &format!("{ip}.lock"))? else {
+                    break;
+                };
                 if TcpListener::bind(SocketAddrV4::new(ip, ISCSI_PORT)).is_err() {
                     break;
                 }

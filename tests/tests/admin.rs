@@ -141,7 +141,10 @@ fn demo_starts_a_three_node_cluster_and_its_client_check_passes() -> Result<()> 
             i + 1
         );
     }
-    assert!(text.contains("read it back through node 3") && text.contains("identical"), "{text}");
+    assert!(
+        text.contains("read it back through node 3") && text.contains("identical"),
+        "{text}"
+    );
     assert!(!text.contains("panicked"), "{text}");
     for n in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("node{n}/raftsan.log")))?;

@@ -45,7 +45,10 @@ fn sha(data: &[u8]) -> String {
 
 fn qemu_write(src: &Path, url: &str) -> Result<()> {
     let out = run(
-        Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(src).arg(url),
+        Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
+            .arg(src)
+            .arg(url),
         CLIENT,
     )?;
     ensure!(out.success(), "qemu-img write to {url} failed:\n{}", out.combined());
@@ -56,7 +59,9 @@ fn qemu_write(src: &Path, url: &str) -> Result<()> {
 fn qemu_read(url: &str, dir: &Path, len: usize) -> Result<Vec<u8>> {
     let back = dir.join(format!("read-{}.raw", std::process::id()));
     let out = run(
-        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", url]).arg(&back),
+        Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", url])
+            .arg(&back),
         CLIENT,
     )?;
     ensure!(out.success(), "qemu-img read from {url} failed:\n{}", out.combined());
@@ -79,7 +84,9 @@ fn converged_images(c: &mut Cluster, volume: u64, nodes: &[u64]) -> Result<Vec<S
 }
 
 fn leader(c: &mut Cluster, volume: u64) -> Result<u64> {
-    let s = c.wait_for("a volume leader", Duration::from_secs(30), |s| group_leader(s, volume).is_some())?;
+    let s = c.wait_for("a volume leader", Duration::from_secs(30), |s| {
+        group_leader(s, volume).is_some()
+    })?;
     group_leader(&s, volume).context("no leader")
 }
 
@@ -132,7 +139,10 @@ fn write_one_portal_read_all_kill_leader_restart_converge() -> Result<()> {
     );
     for n in [1u64, 2, 3].into_iter().filter(|n| *n != l) {
         let got = qemu_read(&url(&c, n, &target, lun)?, &dir, data2.len())?;
-        ensure!(sha(&got) == sha(&data2), "acknowledged writes missing on node {n}'s portal");
+        ensure!(
+            sha(&got) == sha(&data2),
+            "acknowledged writes missing on node {n}'s portal"
+        );
     }
 
     // The killed node comes back, catches up from the log, and all images are identical.
@@ -185,10 +195,16 @@ fn node_behind_the_purged_log_is_rebuilt_from_the_image_stream() -> Result<()> {
     bench_writes(&url(&c, via, &target, lun)?, 2000, 1 << 20)?;
     c.spawn(down)?;
     let shas = converged_images(&mut c, vol, &[1, 2, 3])?;
-    ensure!(shas.iter().all(|s| *s == shas[0]), "replica images differ after rebuild: {shas:?}");
-    let log = c.node(down)?.log_text();
     ensure!(
-        log.contains("snapshot"),
+        shas.iter().all(|s| *s == shas[0]),
+        "replica images differ after rebuild: {shas:?}"
+    );
+    let log = c.node(down)?.log_text();
+    for l in log.lines().filter(|l| l.contains("install full snapshot")) {
+        println!("node {down}: {l}");
+    }
+    ensure!(
+        log.contains("install full snapshot"),
         "node {down} caught up without a snapshot install (log purge not exercised?):\n{}",
         log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
     );
@@ -219,10 +235,19 @@ fn fourth_node_added_and_a_node_removed_while_io_runs() -> Result<()> {
     let out = c.admin(&["cluster", "remove-node", "--id", "3"])?;
     ensure!(out.success(), "remove-node failed:\n{}", out.combined());
     let out = writer.wait_with_output()?;
-    ensure!(out.status.success(), "writes failed during membership changes: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "writes failed during membership changes: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     c.stop(3)?;
-    let s = c.wait_for("three voters after removal", Duration::from_secs(60), |s| group_voters(s, vol) == 3)?;
-    ensure!(group_leader(&s, vol).is_some_and(|l| l != 3), "node 3 still leads: {s:#}");
+    let s = c.wait_for("three voters after removal", Duration::from_secs(60), |s| {
+        group_voters(s, vol) == 3
+    })?;
+    ensure!(
+        group_leader(&s, vol).is_some_and(|l| l != 3),
+        "node 3 still leads: {s:#}"
+    );
     let got = qemu_read(&url(&c, 4, &target, lun)?, &dir, data.len())?;
     ensure!(sha(&got) == sha(&data), "node 4 serves different data");
     let shas = converged_images(&mut c, vol, &[1, 2, 4])?;
@@ -243,13 +268,20 @@ fn torn_log_tail_after_kill_is_recovered() -> Result<()> {
     bench_writes(&url(&c, l, &target, lun)?, 200, 0)?;
     c.signal(victim, libc::SIGKILL)?;
     // A torn record at the end of the newest log segment, as a crash mid-append leaves.
-    let log_dir = c.node(victim)?.dir.join("data").join(format!("volume-{vol}")).join("log");
+    let log_dir = c
+        .node(victim)?
+        .dir
+        .join("data")
+        .join(format!("volume-{vol}"))
+        .join("log");
     let mut segs: Vec<_> = fs::read_dir(&log_dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "seg") || p.to_string_lossy().contains("seg"))
         .collect();
     segs.sort();
-    let Some(last) = segs.last() else { bail!("no log segment in {}", log_dir.display()) };
+    let Some(last) = segs.last() else {
+        bail!("no log segment in {}", log_dir.display())
+    };
     let mut bytes = fs::read(last)?;
     bytes.extend_from_slice(&[0x52, 0x4c, 0x53, 0x47, 0xff, 0x00, 0x00, 0x00, 1, 2, 3]);
     fs::write(last, &bytes)?;
@@ -257,6 +289,9 @@ fn torn_log_tail_after_kill_is_recovered() -> Result<()> {
     bench_writes(&url(&c, l, &target, lun)?, 100, 4 << 20)?;
     let shas = converged_images(&mut c, vol, &[1, 2, 3])?;
     ensure!(shas.iter().all(|s| *s == shas[0]), "replica images differ: {shas:?}");
+    for l in c.node(victim)?.log_text().lines().filter(|l| l.contains("torn")) {
+        println!("node {victim}: {l}");
+    }
     ensure!(
         c.node(victim)?.log_text().contains("torn"),
         "the restarted node did not report the torn tail"
@@ -273,10 +308,12 @@ fn a_node_with_a_foreign_certificate_cannot_join_or_administer() -> Result<()> {
     let node1 = c.node(1)?.config.clone();
     let text = fs::read_to_string(&node1)?;
     let pki = c.pki().display().to_string();
+    let node1_dir = c.node(1)?.dir.display().to_string();
     let outsider_cfg = other.join("node.toml");
     fs::write(
         &outsider_cfg,
         text.replace(&pki, &other.join("pki").display().to_string())
+            .replace(&node1_dir, &other.display().to_string())
             .replace("id = 1", "id = 9")
             .replace(":7000", ":7999")
             .replace(":3260", ":3999")
@@ -284,7 +321,9 @@ fn a_node_with_a_foreign_certificate_cannot_join_or_administer() -> Result<()> {
             .replace("admin.sock", "outsider.sock"),
     )?;
     let init = run(
-        Command::new(raftsan_tests::raftsan_bin()?).args(["cluster", "init", "--config"]).arg(&outsider_cfg),
+        Command::new(raftsan_tests::raftsan_bin()?)
+            .args(["cluster", "init", "--config"])
+            .arg(&outsider_cfg),
         CLIENT,
     )?;
     ensure!(init.success(), "{}", init.combined());
@@ -296,7 +335,37 @@ fn a_node_with_a_foreign_certificate_cannot_join_or_administer() -> Result<()> {
             .arg(c.node(1)?.rpc()),
         CLIENT,
     )?;
-    ensure!(!status.success(), "a foreign certificate was accepted:\n{}", status.combined());
+    ensure!(
+        !status.success(),
+        "a foreign certificate was accepted:\n{}",
+        status.combined()
+    );
+    println!("outsider refused: {}", status.stderr.trim());
+    // The CA certificate is public: an outsider trusting it but presenting its own certificate
+    // is refused by the server.
+    let as_client = run(
+        Command::new(raftsan_tests::raftsan_bin()?)
+            .args(["volume", "list", "--node"])
+            .arg(c.node(1)?.rpc())
+            .arg("--ca")
+            .arg(c.pki().join("ca.crt"))
+            .arg("--cert")
+            .arg(other.join("pki").join("node-1.crt"))
+            .arg("--key")
+            .arg(other.join("pki").join("node-1.key")),
+        CLIENT,
+    )?;
+    ensure!(
+        !as_client.success(),
+        "the server accepted a foreign client certificate:\n{}",
+        as_client.combined()
+    );
+    println!("outsider client refused: {}", as_client.stderr.trim());
+    ensure!(
+        !as_client.stderr.contains("No such file"),
+        "the refusal must come from the server, not a missing file: {}",
+        as_client.stderr
+    );
     let volumes = c.admin(&["volume", "list", "--json"])?;
     ensure!(volumes.success(), "{}", volumes.combined());
     Ok(())

@@ -407,7 +407,10 @@ fn cluster_settings(
     let rpc_addr = socket_addr(rpc.get_ref(), 0).filter(|a| a.port() != 0).ok_or_else(|| {
         ConfigError::invalid(
             &rpc_at,
-            format!("rpc_listen `{}` must be an address with a port, such as `10.0.0.11:7000`", rpc.get_ref()),
+            format!(
+                "rpc_listen `{}` must be an address with a port, such as `10.0.0.11:7000`",
+                rpc.get_ref()
+            ),
         )
     })?;
     let advertise = match rpc_advertise {
@@ -483,7 +486,10 @@ fn cluster_settings(
         }
         if let Some(n) = raft.snapshot_every_entries {
             if *n.get_ref() < 100 {
-                return Err(ConfigError::invalid(&lines.of(&n), "snapshot_every_entries must be at least 100"));
+                return Err(ConfigError::invalid(
+                    &lines.of(&n),
+                    "snapshot_every_entries must be at least 100",
+                ));
             }
             r.snapshot_every_entries = n.into_inner();
         }

@@ -29,10 +29,13 @@ const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Proposes a catalogue change on `raft` (which must lead the metadata group).
 pub(crate) async fn propose_meta(raft: &RaftGroup, cmd: Cmd) -> Result<Response> {
     let bytes = MetaCommand { cmd: Some(cmd) }.encode_to_vec();
-    let resp = tokio::time::timeout(Duration::from_secs(10), raft.client_write(Request::Meta(Bytes::from(bytes))))
-        .await
-        .map_err(|_| anyhow!("the metadata group did not commit the change within 10 s (no quorum?)"))?
-        .map_err(|e| anyhow!("{e}"))?;
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        raft.client_write(Request::Meta(Bytes::from(bytes))),
+    )
+    .await
+    .map_err(|_| anyhow!("the metadata group did not commit the change within 10 s (no quorum?)"))?
+    .map_err(|e| anyhow!("{e}"))?;
     match resp.data.error {
         Some(e) => bail!("{e}"),
         None => Ok(resp.data),
@@ -60,7 +63,14 @@ async fn duty_round(node: &Arc<Node>) -> Result<()> {
         let want: BTreeMap<u64, BasicNode> = cat
             .nodes
             .iter()
-            .map(|n| (n.id, BasicNode { addr: n.rpc_addr.clone() }))
+            .map(|n| {
+                (
+                    n.id,
+                    BasicNode {
+                        addr: n.rpc_addr.clone(),
+                    },
+                )
+            })
             .collect();
         align_voters(&meta.raft, &want, "metadata").await?;
     }
@@ -77,16 +87,22 @@ async fn duty_round(node: &Arc<Node>) -> Result<()> {
             .replicas
             .iter()
             .filter_map(|r| {
-                cat.nodes
-                    .iter()
-                    .find(|n| n.id == *r)
-                    .map(|n| (*r, BasicNode { addr: n.rpc_addr.clone() }))
+                cat.nodes.iter().find(|n| n.id == *r).map(|n| {
+                    (
+                        *r,
+                        BasicNode {
+                            addr: n.rpc_addr.clone(),
+                        },
+                    )
+                })
             })
             .collect();
         if !want.is_empty() {
             align_voters(&g.raft, &want, &info.name).await?;
         }
-        let size = g.sm.image().map(|i| raftsan_target::backing::BackingStore::size_bytes(&*i));
+        let size =
+            g.sm.image()
+                .map(|i| raftsan_target::backing::BackingStore::size_bytes(&*i));
         if size.is_some_and(|s| s < info.size_bytes) {
             tracing::info!(volume = %info.name, size_bytes = info.size_bytes, "growing the volume");
             let r = tokio::time::timeout(
@@ -149,7 +165,10 @@ async fn align_voters(raft: &RaftGroup, want: &BTreeMap<u64, BasicNode>, name: &
 impl Node {
     /// A client of node `addr`'s Cluster service over the node's mTLS channels.
     pub(crate) fn cluster_client(&self, addr: &str) -> Result<ClusterClient<tonic::transport::Channel>> {
-        let ch = self.channels.get(addr).map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
+        let ch = self
+            .channels
+            .get(addr)
+            .map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
         Ok(ClusterClient::new(ch)
             .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES))
@@ -164,9 +183,7 @@ impl Node {
     pub(super) async fn forget_remote_nexus(&self, leader: u64, volume: u64, nexus_id: u64) {
         let Some(addr) = self.rpc_addr_of(leader) else { return };
         if let Ok(mut c) = self.cluster_client(&addr) {
-            let _ = c
-                .forget_nexus(crate::pb::cluster::NexusLeft { volume, nexus_id })
-                .await;
+            let _ = c.forget_nexus(crate::pb::cluster::NexusLeft { volume, nexus_id }).await;
         }
     }
 }

@@ -228,7 +228,10 @@ impl Node {
                 .initialize(members)
                 .await
                 .map_err(|e| anyhow!("initializing the metadata group: {e}"))?;
-            tracing::info!(node = self.id, "created the cluster (metadata group with this node as voter)");
+            tracing::info!(
+                node = self.id,
+                "created the cluster (metadata group with this node as voter)"
+            );
         }
         // Record this node in the catalogue once it leads.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -329,7 +332,12 @@ impl Node {
             .filter(|v| v.replicas.contains(&self.id))
             .map(|v| (v.id, v))
             .collect();
-        let open: Vec<GroupId> = self.read_groups().keys().copied().filter(|g| *g != META_GROUP).collect();
+        let open: Vec<GroupId> = self
+            .read_groups()
+            .keys()
+            .copied()
+            .filter(|g| *g != META_GROUP)
+            .collect();
         for g in open {
             if !wanted.contains_key(&g) {
                 self.close_volume(g, !cat.volumes.iter().any(|v| v.id == g)).await;
@@ -410,10 +418,14 @@ impl Node {
                 .replicas
                 .iter()
                 .filter_map(|r| {
-                    cat.nodes
-                        .iter()
-                        .find(|n| n.id == *r)
-                        .map(|n| (*r, BasicNode { addr: n.rpc_addr.clone() }))
+                    cat.nodes.iter().find(|n| n.id == *r).map(|n| {
+                        (
+                            *r,
+                            BasicNode {
+                                addr: n.rpc_addr.clone(),
+                            },
+                        )
+                    })
                 })
                 .collect();
             if let Err(e) = raft.initialize(members).await {
@@ -453,11 +465,7 @@ impl Node {
             if m.current_leader != Some(self.id) {
                 continue;
             }
-            let to = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .find(|v| *v != self.id);
+            let to = m.membership_config.membership().voter_ids().find(|v| *v != self.id);
             if let Some(to) = to {
                 tracing::info!(group = g.id, to, "transferring leadership before shutdown");
                 let _ = g.raft.trigger().transfer_leader(to).await;
@@ -466,7 +474,10 @@ impl Node {
                 waits.push(async move {
                     let _ = raft
                         .wait(Some(Duration::from_secs(2)))
-                        .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(me), "leader moved")
+                        .metrics(
+                            |m| m.current_leader.is_some() && m.current_leader != Some(me),
+                            "leader moved",
+                        )
                         .await;
                 });
             }

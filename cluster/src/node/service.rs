@@ -28,9 +28,7 @@ fn err(e: anyhow::Error) -> Status {
 
 impl ClusterService {
     /// The metadata leader's client when this node is not the leader (None: handle locally).
-    fn leader_client(
-        &self,
-    ) -> Result<Option<cluster_client::ClusterClient<tonic::transport::Channel>>, Status> {
+    fn leader_client(&self) -> Result<Option<cluster_client::ClusterClient<tonic::transport::Channel>>, Status> {
         let meta = self.node.meta();
         if meta.raft.is_leader() {
             return Ok(None);
@@ -42,7 +40,10 @@ impl ClusterService {
         if id == self.node.id {
             return Ok(None);
         }
-        self.node.cluster_client(&addr).map(Some).map_err(|e| Status::unavailable(format!("{e:#}")))
+        self.node
+            .cluster_client(&addr)
+            .map(Some)
+            .map_err(|e| Status::unavailable(format!("{e:#}")))
     }
 
     async fn change(&self, cmd: Cmd) -> Result<crate::raft::Response, Status> {
@@ -107,7 +108,14 @@ impl ClusterService {
                 followers,
                 voters: membership.voter_ids().collect(),
                 learners: membership.learner_ids().collect(),
-                snapshot_progress: self.node.progress.group(g.id).iter().map(|t| t.to_string()).collect::<Vec<_>>().join("; "),
+                snapshot_progress: self
+                    .node
+                    .progress
+                    .group(g.id)
+                    .iter()
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
             });
         }
         groups.sort_by_key(|g| g.group);
@@ -189,7 +197,9 @@ impl Cluster for ClusterService {
         let id = request.into_inner().id;
         let cat = self.node.catalogue();
         if cat.nodes.len() <= 1 {
-            return Err(Status::failed_precondition("refusing to remove the last node of the cluster"));
+            return Err(Status::failed_precondition(
+                "refusing to remove the last node of the cluster",
+            ));
         }
         self.change(Cmd::RemoveNode(id)).await?;
         Ok(Response::new((*self.node.catalogue()).clone()))
@@ -314,7 +324,12 @@ impl Cluster for ClusterService {
             if m.current_leader != Some(self.node.id) {
                 continue;
             }
-            if let Some(to) = m.membership_config.membership().voter_ids().find(|v| *v != self.node.id) {
+            if let Some(to) = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .find(|v| *v != self.node.id)
+            {
                 let _ = g.raft.trigger().transfer_leader(to).await;
             }
         }

@@ -41,8 +41,10 @@ use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo
 use crate::raft::Request;
 use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
 
-/// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning).
-pub const TRANSITION_WAIT: Duration = Duration::from_millis(1500);
+/// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning): a few
+/// election timeouts, so an ordinary failover is seen as UNIT ATTENTION 2A/06 (retried by every
+/// initiator) and only a lost quorum as transitioning.
+pub const TRANSITION_WAIT: Duration = Duration::from_millis(3000);
 /// Upper bound on one replicated write or barrier (then the command fails and is retried).
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Upper bound on a forwarded command.
@@ -200,7 +202,11 @@ impl VolumeRuntime {
             naa,
             vendor: VENDOR.into(),
             product: PRODUCT.into(),
-            revision: env!("CARGO_PKG_VERSION").chars().filter(|c| *c != '.').take(4).collect(),
+            revision: env!("CARGO_PKG_VERSION")
+                .chars()
+                .filter(|c| *c != '.')
+                .take(4)
+                .collect(),
             block_size: info.block_size,
             read_only: false,
             thin: true,
@@ -299,7 +305,12 @@ impl VolumeRuntime {
 
     /// Runs a command on this node as the leader of `term`. Used for local sessions and for
     /// commands other nodes forward.
-    pub(super) async fn execute_as_leader(self: &Arc<Self>, term: u64, nexus: Nexus, cmd: OwnedCommand) -> Option<Outcome> {
+    pub(super) async fn execute_as_leader(
+        self: &Arc<Self>,
+        term: u64,
+        nexus: Nexus,
+        cmd: OwnedCommand,
+    ) -> Option<Outcome> {
         let l = self.current();
         if l.leader != Some(self.node.id) || l.term != term {
             return None;
@@ -353,8 +364,9 @@ impl VolumeRuntime {
                         lun: v.lun,
                         state: Bytes::from(state),
                     };
-                    let r = tokio::runtime::Handle::current()
-                        .block_on(async move { tokio::time::timeout(PROPOSE_TIMEOUT, store_raft.client_write(req)).await });
+                    let r = tokio::runtime::Handle::current().block_on(async move {
+                        tokio::time::timeout(PROPOSE_TIMEOUT, store_raft.client_write(req)).await
+                    });
                     if !matches!(r, Ok(Ok(_))) {
                         fenced = true;
                     }
@@ -418,7 +430,7 @@ impl VolumeRuntime {
         if leader == self.node.id {
             return match self.clone().execute_as_leader(l.term, nexus, cmd).await {
                 Some(o) => o,
-                None => self.lost_leader(epoch).await,
+                None => self.lost_leader(l).await,
             };
         }
         match self.forward(leader, l.term, &nexus, cmd).await {
@@ -428,20 +440,23 @@ impl VolumeRuntime {
                 data_in: resp.data_in.to_vec(),
                 scsi_transfer_len: resp.scsi_transfer_len,
             },
-            Ok(_) => self.lost_leader(epoch).await,
+            Ok(_) => self.lost_leader(l).await,
             Err(e) => {
                 tracing::debug!(volume = self.id, leader, "forwarding failed: {e:#}");
-                self.lost_leader(epoch).await
+                self.lost_leader(l).await
             }
         }
     }
 
-    /// The command could not run under the leadership it was routed with: wait (bounded) for the
-    /// next leader so the initiator's retry lands well, and tell it the state changed.
-    async fn lost_leader(&self, epoch: u64) -> Outcome {
+    /// The command could not run under the leadership `was` it was routed with: it was not
+    /// executed (or its outcome is unknown). Wait (bounded) for a newer leader so the initiator's
+    /// retry lands well and tell it the access state changed; without one, the LU is
+    /// transitioning.
+    async fn lost_leader(&self, was: Leadership) -> Outcome {
         let mut rx = self.leadership.subscribe();
-        let _ = tokio::time::timeout(TRANSITION_WAIT, rx.wait_for(|_| self.epoch.load(Ordering::Acquire) != epoch)).await;
-        if self.current().leader.is_none() {
+        let newer = |l: &Leadership| l.leader.is_some() && (l.term > was.term || l.leader != was.leader);
+        let found = tokio::time::timeout(TRANSITION_WAIT, rx.wait_for(newer)).await;
+        if !matches!(found, Ok(Ok(_))) {
             return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
         }
         Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false)

@@ -1391,7 +1391,10 @@ mod tests {
         append_durable(&mut s, vec![Entry::new_normal(lid(1, 11), Request::Flush)])
             .await
             .unwrap();
-        assert!(s.fsync_count() > base, "a flush entry must be durable before its callback");
+        assert!(
+            s.fsync_count() > base,
+            "a flush entry must be durable before its callback"
+        );
         assert_eq!(all_entries(&mut s).await.len(), 11);
     }
 
