@@ -733,7 +733,7 @@ fn toml_error_messages() {
     let cases: Vec<(&str, &str)> = vec![
         (
             "[node]\nportal = []\n",
-            "DIR/main.conf:2: unknown field `portal`, expected one of `portals`, `data_dir`, `metrics`, `admin_socket`; see docs/configuration.md",
+            "DIR/main.conf:2: unknown field `portal`, expected one of `portals`, `data_dir`, `metrics`, `admin_socket`, `id`, `rpc_listen`, `rpc_advertise`; see docs/configuration.md",
         ),
         (
             "[node]\nportals = [\"nonsense\"]\n",
@@ -826,6 +826,43 @@ fn toml_error_messages() {
         (
             "[node\n",
             "DIR/main.conf:1: unclosed table, expected `]`; see docs/configuration.md",
+        ),
+        // Cluster mode.
+        (
+            "[node]\nid = 1\n",
+            "DIR/main.conf:2: a cluster node needs `rpc_listen = \"ADDR:PORT\"` in [node] (the cluster RPC listener)",
+        ),
+        (
+            "[node]\nid = 0\nrpc_listen = \"127.0.0.1:7000\"\n",
+            "DIR/main.conf:2: node id must be at least 1",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"127.0.0.1\"\n",
+            "DIR/main.conf:3: rpc_listen `127.0.0.1` must be an address with a port, such as `10.0.0.11:7000`",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"0.0.0.0:7000\"\n",
+            "DIR/main.conf:3: rpc_listen is a wildcard address; set rpc_advertise to the address peers should use",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"127.0.0.1:7000\"\n",
+            "DIR/main.conf:2: a cluster node needs a [tls] section (ca, cert, key); `raftsan cluster init` and `raftsan cluster issue-cert` create the files",
+        ),
+        (
+            "[node]\nrpc_listen = \"127.0.0.1:7000\"\n",
+            "DIR/main.conf:2: [node] rpc_listen is only meaningful for a cluster node: set [node] id too",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"127.0.0.1:7000\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[raft]\nfsync = \"sometimes\"\n",
+            "DIR/main.conf:9: fsync = \"sometimes\" is not known; use \"always\" or \"on-flush\"",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"127.0.0.1:7000\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[raft]\nelection_timeout_ms = [600, 300]\n",
+            "DIR/main.conf:9: election_timeout_ms must be [min, max] with min < max, min at least twice heartbeat_ms (50) and max at most 60000",
+        ),
+        (
+            "[node]\nid = 1\nrpc_listen = \"127.0.0.1:7000\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[[target]]\nname = \"iqn.2023-02.com.example:a\"\n",
+            "DIR/main.conf:8: a cluster node ([node] id is set) takes its targets from the cluster: create volumes with `raftsan volume create` instead of [[target]] sections",
         ),
     ];
     for (text, want) in cases {
@@ -1008,4 +1045,23 @@ mod fuzz {
             let _ = d.parse(&tokens.join(" "));
         }
     }
+}
+
+#[test]
+fn cluster_node_settings() {
+    let text = "[node]\nid = 3\ndata_dir = \"d\"\nportals = [\"127.0.0.13:3260\"]\nrpc_listen = \"127.0.0.13:7000\"\n\
+                [tls]\nca = \"pki/ca.crt\"\ncert = \"pki/node-3.crt\"\nkey = \"pki/node-3.key\"\n\
+                [raft]\nfsync = \"on-flush\"\nheartbeat_ms = 100\nelection_timeout_ms = [400, 800]\n";
+    let cfg = parse_str(text, Path::new("/etc/raftsan/node.toml")).unwrap();
+    let c = cfg.cluster.unwrap();
+    assert_eq!(c.node_id, 3);
+    assert_eq!(c.rpc_advertise, "127.0.0.13:7000");
+    assert_eq!(c.tls.ca, Path::new("/etc/raftsan/pki/ca.crt"));
+    assert_eq!(c.raft.fsync, FsyncMode::OnFlush);
+    assert_eq!(
+        (c.raft.election_timeout_min_ms, c.raft.election_timeout_max_ms),
+        (400, 800)
+    );
+    // Without [node] id a file is a standalone target.
+    assert!(parse_str("[node]\n", Path::new("x.toml")).unwrap().cluster.is_none());
 }
