@@ -370,3 +370,100 @@ fn a_node_with_a_foreign_certificate_cannot_join_or_administer() -> Result<()> {
     ensure!(volumes.success(), "{}", volumes.combined());
     Ok(())
 }
+
+/// READ CAPACITY(16) through `url` with libiscsi's iscsi-readcapacity16: (blocks, block size).
+fn read_capacity(url: &str) -> Result<(u64, u64)> {
+    let out = run(Command::new("iscsi-readcapacity16").arg(url), CLIENT)?;
+    ensure!(out.success(), "iscsi-readcapacity16 {url} failed:\n{}", out.combined());
+    let field = |name: &str| -> Result<u64> {
+        out.stdout
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix(name)
+                    .map(|v| v.trim_start_matches(':').trim().to_string())
+            })
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {name} in:\n{}", out.stdout))
+    };
+    Ok((field("Total size")?, field("LOGICAL BLOCK LENGTH IN BYTES")?))
+}
+
+#[test]
+fn graceful_stop_hands_over_leadership_resize_grows_every_path_delete_removes() -> Result<()> {
+    let mut c = Cluster::start(3)?;
+    let (vol, target, lun) = c.create_volume("v5", "32M")?;
+
+    // `raftsan status` text names every node, the volume's leader and each follower's lag.
+    let text = c.admin(&["status"])?;
+    ensure!(text.success(), "{}", text.combined());
+    ensure!(
+        text.stdout.contains("v5") && text.stdout.contains("follower") && text.stdout.contains("metadata"),
+        "status text:\n{}",
+        text.stdout
+    );
+
+    // SIGTERM of the leader: it hands leadership over before it exits.
+    let l = leader(&mut c, vol)?;
+    let t = Instant::now();
+    c.stop(l)?;
+    let stopped = t.elapsed();
+    let s = c.wait_for("a new leader", Duration::from_secs(10), |s| {
+        group_leader(s, vol).is_some_and(|x| x != l)
+    })?;
+    let log = c.node(l)?.log_text();
+    ensure!(
+        log.contains("transferring leadership before shutdown"),
+        "node {l} did not hand over leadership:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    println!(
+        "node {l} stopped in {:.2} s; new leader {:?}",
+        stopped.as_secs_f64(),
+        group_leader(&s, vol)
+    );
+    c.spawn(l)?;
+
+    // Resize: every portal reports the new capacity.
+    let out = c.admin(&["volume", "resize", "v5", "--size", "64M"])?;
+    ensure!(out.success(), "{}", out.combined());
+    for n in [1u64, 2, 3] {
+        let u = url(&c, n, &target, lun)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (size, _) = read_capacity(&u)?;
+            if size == 64 << 20 {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node {n} still reports {size} bytes after the resize"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let shrink = c.admin(&["volume", "resize", "v5", "--size", "16M"])?;
+    ensure!(
+        !shrink.success() && shrink.combined().contains("shrinking"),
+        "{}",
+        shrink.combined()
+    );
+
+    // Delete: gone from the catalogue and from every node's disk.
+    let out = c.admin(&["volume", "delete", "v5"])?;
+    ensure!(out.success(), "{}", out.combined());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while [1u64, 2, 3]
+        .iter()
+        .any(|n| c.node(*n).map(|x| x.image_path(vol).exists()).unwrap_or(false))
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "a replica of the deleted volume is still on disk"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let list = c.admin(&["volume", "list", "--json"])?;
+    ensure!(list.stdout.trim() == "[]", "volumes left: {}", list.stdout);
+    Ok(())
+}
