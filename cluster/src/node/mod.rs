@@ -42,6 +42,9 @@ pub use admin::AdminClient;
 pub use service::ClusterService;
 pub use volume::VolumeRuntime;
 
+/// How long a group that left the registry stays running for RPCs already inside it.
+const IN_FLIGHT_RPC_GRACE: Duration = Duration::from_millis(200);
+
 /// One Raft group's handle.
 pub type RaftGroup = openraft::Raft<TypeConfig, GroupStateMachine>;
 
@@ -78,6 +81,8 @@ pub struct Node {
     pub(crate) progress: SnapshotProgress,
     pub(crate) raft_config: Arc<openraft::Config>,
     pub(crate) groups: RwLock<HashMap<GroupId, Arc<Group>>>,
+    /// The metadata group, also reachable after shutdown took it out of `groups`.
+    meta_group: std::sync::OnceLock<Arc<Group>>,
     pub(crate) portal: Arc<PortalServer>,
     /// Serializes reconcile passes.
     reconcile_lock: tokio::sync::Mutex<()>,
@@ -129,6 +134,7 @@ impl Node {
             progress: SnapshotProgress::default(),
             raft_config,
             groups: RwLock::new(HashMap::new()),
+            meta_group: std::sync::OnceLock::new(),
             portal,
             reconcile_lock: tokio::sync::Mutex::new(()),
             closed: Mutex::new(BTreeSet::new()),
@@ -192,7 +198,8 @@ impl Node {
             dir,
             volume: None,
         });
-        self.write_groups().insert(META_GROUP, group);
+        self.write_groups().insert(META_GROUP, group.clone());
+        let _ = self.meta_group.set(group);
         Ok(())
     }
 
@@ -256,11 +263,11 @@ impl Node {
     }
 
     pub(crate) fn meta(&self) -> Arc<Group> {
-        // The metadata group is opened in `start` and never closed while the node runs.
-        self.read_groups()
-            .get(&META_GROUP)
+        // `start` opens the metadata group before the node is handed out.
+        self.meta_group
+            .get()
             .cloned()
-            .unwrap_or_else(|| unreachable!("metadata group is always open"))
+            .unwrap_or_else(|| unreachable!("metadata group is opened in Node::start"))
     }
 
     pub(crate) fn read_groups(&self) -> std::sync::RwLockReadGuard<'_, HashMap<GroupId, Arc<Group>>> {
@@ -439,6 +446,8 @@ impl Node {
         let Some(g) = self.write_groups().remove(&id) else {
             return;
         };
+        // RPCs that looked the group up before it left the registry finish first.
+        tokio::time::sleep(IN_FLIGHT_RPC_GRACE).await;
         if let Err(e) = g.raft.shutdown().await {
             tracing::warn!(group = id, "stopping the volume's Raft group: {e}");
         }
@@ -483,7 +492,13 @@ impl Node {
             }
         }
         futures_util::future::join_all(waits).await;
+        // Out of the registry first (peers' RPCs get "no such group"), then stopped.
+        self.write_groups().clear();
+        tokio::time::sleep(IN_FLIGHT_RPC_GRACE).await;
         for g in groups {
+            if let Err(e) = g.sm.persist() {
+                tracing::warn!(group = g.id, "persisting the applied state at shutdown: {e}");
+            }
             let _ = g.raft.shutdown().await;
         }
     }
