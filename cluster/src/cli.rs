@@ -492,6 +492,7 @@ pub async fn volume(cmd: VolumeCmd) -> Result<()> {
                     block_size,
                     target,
                     replicas: Vec::new(),
+                    initializer: 0,
                 })
                 .await
                 .map_err(|s| status_err(&addr, s))?

@@ -274,6 +274,7 @@ async fn drive(
                 block_size: 512,
                 target: String::new(),
                 replicas: Vec::new(),
+                initializer: 0,
             })
             .await
             .map_err(|s| anyhow!("creating the volume: {}", s.message()))?

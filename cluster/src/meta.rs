@@ -228,6 +228,11 @@ fn create_volume(cat: &mut Catalogue, c: &CreateVolume) -> Result<u64, String> {
         serial: volume_serial(id),
         target,
         lun,
+        initializer: if replicas.contains(&c.initializer) {
+            c.initializer
+        } else {
+            0
+        },
         replicas,
     });
     Ok(id)

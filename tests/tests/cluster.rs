@@ -467,3 +467,21 @@ fn graceful_stop_hands_over_leadership_resize_grows_every_path_delete_removes() 
     ensure!(list.stdout.trim() == "[]", "volumes left: {}", list.stdout);
     Ok(())
 }
+
+#[test]
+fn leaders_of_volumes_spread_over_the_nodes() -> Result<()> {
+    let mut c = Cluster::start(3)?;
+    let mut ids = Vec::new();
+    for name in ["s1", "s2", "s3"] {
+        ids.push(c.create_volume(name, "8M")?.0);
+    }
+    let s = c.wait_for("each volume led by a different node", Duration::from_secs(60), |s| {
+        let leaders: std::collections::BTreeSet<u64> = ids.iter().filter_map(|v| group_leader(s, *v)).collect();
+        leaders.len() == 3
+    })?;
+    println!(
+        "leaders: {:?}",
+        ids.iter().map(|v| (v, group_leader(&s, *v))).collect::<Vec<_>>()
+    );
+    Ok(())
+}

@@ -117,8 +117,53 @@ async fn duty_round(node: &Arc<Node>) -> Result<()> {
             }
         }
         let _ = v;
+        spread_leadership(node, &g.raft, info);
     }
     Ok(())
+}
+
+/// How long a node leads a volume before it hands the volume to its preferred leader.
+const SPREAD_AFTER: Duration = Duration::from_secs(5);
+
+/// The node that should lead volume `info`: the replicas take turns by volume id, so the leaders
+/// of different volumes spread over the nodes.
+pub(crate) fn preferred_leader(info: &crate::pb::cluster::VolumeInfo) -> Option<u64> {
+    let mut r = info.replicas.clone();
+    r.sort_unstable();
+    let n = u64::try_from(r.len()).ok().filter(|n| *n > 0)?;
+    r.get(usize::try_from(info.id % n).ok()?).copied()
+}
+
+/// On the leader of a volume that is not its preferred leader: once this node has led for a
+/// while and the preferred node is a voter that holds every entry, hand leadership over.
+fn spread_leadership(node: &Arc<Node>, raft: &RaftGroup, info: &crate::pb::cluster::VolumeInfo) {
+    let Some(want) = preferred_leader(info).filter(|w| *w != node.id) else {
+        return;
+    };
+    let m = raft.metrics().borrow_watched().clone();
+    let since = {
+        let mut led = node.led_since.lock().unwrap_or_else(|p| p.into_inner());
+        led.retain(|(v, t), _| *v != info.id || *t == m.current_term);
+        *led.entry((info.id, m.current_term))
+            .or_insert_with(std::time::Instant::now)
+    };
+    if since.elapsed() < SPREAD_AFTER || !m.membership_config.membership().voter_ids().any(|v| v == want) {
+        return;
+    }
+    let last = m.last_log_index.unwrap_or(0);
+    let caught_up = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&want).cloned())
+        .flatten()
+        .is_some_and(|l| l.index >= last);
+    if caught_up {
+        tracing::info!(volume = %info.name, to = want, "handing leadership to the volume's preferred leader");
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().transfer_leader(want).await;
+        });
+    }
 }
 
 /// One step towards `want` as the voter set of the group `raft` leads: add a missing node as a

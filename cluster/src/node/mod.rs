@@ -86,6 +86,8 @@ pub struct Node {
     pub(crate) portal: Arc<PortalServer>,
     /// Serializes reconcile passes.
     reconcile_lock: tokio::sync::Mutex<()>,
+    /// (volume, term) → when this node started leading it (leadership spreading).
+    pub(crate) led_since: Mutex<HashMap<(GroupId, u64), std::time::Instant>>,
     /// Volume groups being removed (so a late RPC does not reopen them).
     closed: Mutex<BTreeSet<GroupId>>,
     shutdown: watch::Sender<bool>,
@@ -137,6 +139,7 @@ impl Node {
             meta_group: std::sync::OnceLock::new(),
             portal,
             reconcile_lock: tokio::sync::Mutex::new(()),
+            led_since: Mutex::new(HashMap::new()),
             closed: Mutex::new(BTreeSet::new()),
             shutdown: watch::channel(false).0,
         });
@@ -417,8 +420,13 @@ impl Node {
         self.write_groups().insert(info.id, group);
         volume.spawn_watchers();
         tracing::info!(volume = %info.name, group = info.id, "opened the volume's replica");
-        // The first replica in id order creates the group; the others wait to be contacted.
-        let first = info.replicas.iter().min().copied();
+        // One replica creates the group (the metadata leader that created the volume, else the
+        // lowest id); the others wait to be contacted. Leadership then moves to the volume's
+        // preferred leader (admin.rs), so leaders spread over the nodes.
+        let first = match info.initializer {
+            0 => info.replicas.iter().min().copied(),
+            n => Some(n),
+        };
         if first == Some(self.id) && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
             let cat = self.catalogue();
             let members: BTreeMap<u64, BasicNode> = info

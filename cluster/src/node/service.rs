@@ -209,7 +209,9 @@ impl Cluster for ClusterService {
         if let Some(mut c) = self.leader_client()? {
             return c.create_volume(request.into_inner()).await;
         }
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        // This node is up: it creates the volume's group.
+        req.initializer = self.node.id;
         let name = req.name.clone();
         let id = self.change(Cmd::CreateVolume(req)).await?.value;
         let info = self
