@@ -483,5 +483,45 @@ fn leaders_of_volumes_spread_over_the_nodes() -> Result<()> {
         "leaders: {:?}",
         ids.iter().map(|v| (v, group_leader(&s, *v))).collect::<Vec<_>>()
     );
+    // Every node exports the Raft and ALUA gauges; across the nodes each volume has exactly one
+    // leader and one active/optimized port group (sampled once a second).
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut leaders = 0;
+    let mut optimized = 0;
+    for n in [1u64, 2, 3] {
+        let text = scrape(&c.node(n)?.ip.to_string())?;
+        for name in ["s1", "s2", "s3"] {
+            let g = format!("group=\"{name}\"");
+            leaders += sample(&text, "raftsan_raft_is_leader", &g)
+                .with_context(|| format!("node {n}: no is_leader for {name}"))? as u32;
+            if sample(&text, "raftsan_alua_state", &format!("volume=\"{name}\"")) == Some(0.0) {
+                optimized += 1;
+            }
+        }
+        ensure!(
+            sample(&text, "raftsan_raft_term", "group=\"metadata\"").is_some(),
+            "node {n}: no metadata term"
+        );
+    }
+    ensure!(
+        leaders == 3 && optimized == 3,
+        "leaders {leaders}, active/optimized {optimized} (want 3 and 3)"
+    );
     Ok(())
+}
+
+fn scrape(ip: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((ip, raftsan_tests::cluster::METRICS_PORT))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: raftsan\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+fn sample(text: &str, metric: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }

@@ -17,6 +17,7 @@
 //! runs on blocking threads (`volume.rs`).
 
 mod admin;
+mod metrics;
 mod service;
 mod volume;
 
@@ -219,6 +220,8 @@ impl Node {
         tokio::spawn(async move { node.reconcile_loop().await });
         let node = self.clone();
         tokio::spawn(async move { admin::leader_duties(node).await });
+        let node = self.clone();
+        tokio::spawn(async move { metrics::sample_loop(node).await });
     }
 
     async fn bootstrap_if_marked(self: &Arc<Self>) -> Result<()> {
