@@ -2,11 +2,13 @@
 # Leader failover time of a replicated volume: kill -9 of the volume leader's node to the first
 # successful write through a surviving node's portal, over N trials.
 #
-#   bench/failover.sh [-n TRIALS] [-z SIZE] [-w WARMUP_S] [-a FIRST_ADDR] [-o OUT.json]
+#   bench/failover.sh [-n TRIALS] [-z SIZE] [-w WARMUP_S] [-e MIN,MAX] [-a FIRST_ADDR] [-o OUT.json]
 #
 #   -n TRIALS      trials                                                            [20]
 #   -z SIZE        size of the demo volume                                           [256M]
 #   -w WARMUP_S    seconds of writes before each kill                                [1]
+#   -e MIN,MAX     election timeout range in ms: rewrite it in every node.toml and restart the
+#                  nodes one by one before the first trial                   [the demo's: 300,600]
 #   -a FIRST_ADDR  node 1's loopback address; nodes 2 and 3 take the next two        [127.0.0.53]
 #   -o FILE        JSON results                                                      [bench/failover.json]
 #
@@ -28,18 +30,21 @@ source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 TRIALS=20
 SIZE=256M
 WARMUP=1
+ELECTION=""
 FIRST=127.0.0.53
 OUT="$REPO/bench/failover.json"
-while getopts "n:z:w:a:o:h" opt; do
+while getopts "n:z:w:e:a:o:h" opt; do
     case $opt in
     n) TRIALS=$OPTARG ;;
     z) SIZE=$OPTARG ;;
     w) WARMUP=$OPTARG ;;
+    e) ELECTION=$OPTARG ;;
     a) FIRST=$OPTARG ;;
     o) OUT=$OPTARG ;;
-    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
+[[ -z "$ELECTION" || "$ELECTION" =~ ^[0-9]+,[0-9]+$ ]] || die "-e takes MIN,MAX in milliseconds"
 require_loopback "$FIRST"
 for tool in python3 jq qemu-img iscsi-ls pgrep; do
     command -v "$tool" >/dev/null || die "$tool missing (scripts/install-deps.sh)"
@@ -100,6 +105,18 @@ portal_of() { # portal_of NODE < status json
     jq -r --argjson n "$1" '.nodes[] | select(.id == $n) | .portals[0]'
 }
 
+# gone PID: the process has exited (or is a zombie its parent has not reaped yet).
+gone() { [[ ! -e /proc/$1/stat ]] || [[ $(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) == Z ]]; }
+
+# start_node N: `raftsan serve` for node N exactly as the demo starts it (log appended), as our
+# child (disowned: bash reaps it without a job notice when a trial kills it).
+start_node() {
+    RUST_LOG="${RUST_LOG:-info}" "$BIN" serve --config "$DIR/node$1/node.toml" \
+        </dev/null >>"$DIR/node$1/raftsan.log" 2>&1 &
+    OURS[$1]=$!
+    disown "$!"
+}
+
 # wait_in_sync SECONDS: until in_sync holds; prints the seconds it took, fails on timeout.
 wait_in_sync() {
     local secs=$1 t0 s
@@ -120,6 +137,18 @@ start_cluster_demo "$FIRST" "$DIR" "$DIR/demo.log" "$SIZE"
 DEMO_PID=$STARTED_PID
 SPAN=$(($(numfmt --from=iec "$SIZE") / 512))
 wait_in_sync 60 >/dev/null || die "cluster not in sync after start; see $DIR/demo.log"
+if [[ -n "$ELECTION" ]]; then
+    for n in 1 2 3; do
+        sed -i "s/^election_timeout_ms = .*/election_timeout_ms = [${ELECTION/,/, }]/" "$DIR/node$n/node.toml"
+        pid=$(pgrep -f "serve --config $DIR/node$n/node.toml\$" || true)
+        [[ -n "$pid" ]] && kill -TERM "$pid"
+        for ((i = 0; i < 200; i++)); do gone "$pid" && break; sleep 0.05; done
+        gone "$pid" || die "node $n did not stop on SIGTERM"
+        start_node "$n"
+        wait_in_sync 60 >/dev/null || die "node $n did not rejoin after the restart with election timeout [$ELECTION]"
+    done
+    log "election timeout set to [$ELECTION] ms on every node (nodes restarted)"
+fi
 log "cluster ready (demo pid $DEMO_PID)"
 : >"$TRIALS_FILE"
 
@@ -143,9 +172,7 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
         sleep 0.1
     done
     # Restart the killed node exactly as the demo started it.
-    RUST_LOG="${RUST_LOG:-info}" "$BIN" serve --config "$DIR/node$old_leader/node.toml" \
-        </dev/null >>"$DIR/node$old_leader/raftsan.log" 2>&1 &
-    OURS[$old_leader]=$!
+    start_node "$old_leader"
     catchup=$(wait_in_sync 120) || die "trial $trial: node $old_leader did not catch up within 120 s"
     jq -c --argjson t "$trial" --argjson ol "$old_leader" --argjson ot "$old_term" \
         --argjson nl "${new_leader:-0}" --argjson nt "${new_term:-0}" --argjson s "$survivor" \
@@ -157,7 +184,9 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
 done
 ELAPSED=$(($(date +%s) - T0))
 
-python3 - "$TRIALS_FILE" "$OUT" "$ELAPSED" "$WARMUP" "$SIZE" <<'EOF'
+ELECTION_MS=$(grep -h '^election_timeout_ms' "$DIR/node1/node.toml" | sed 's/.*= *//')
+HEARTBEAT_MS=$(grep -h '^heartbeat_ms' "$DIR/node1/node.toml" | sed 's/.*= *//')
+python3 - "$TRIALS_FILE" "$OUT" "$ELAPSED" "$WARMUP" "$SIZE" "$ELECTION_MS" "$HEARTBEAT_MS" <<'EOF'
 import json, statistics, sys, os
 trials = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ok = [t["kill_to_first_good_ms"] for t in trials if t.get("kill_to_first_good_ms") is not None]
@@ -178,6 +207,8 @@ summary = {
     "failed_writes_total": sum(t["failed_writes"] for t in trials),
     "catchup_p50_s": round(statistics.median([t["catchup_s"] for t in trials]), 2) if trials else None,
     "warmup_s": float(sys.argv[4]),
+    "election_timeout_ms": json.loads(sys.argv[6]),
+    "heartbeat_ms": json.loads(sys.argv[7]),
     "volume_size": sys.argv[5],
     "elapsed_seconds": int(sys.argv[3]),
     "host_cpus": os.cpu_count(),

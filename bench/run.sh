@@ -204,9 +204,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 iqn=$C_IQN
                 read -r c_node addr < <(cluster_leader_portal) || { c_node=""; addr=""; }
                 if [[ -z "$addr" ]]; then
-                    log "round $round $test C: no volume leader known; counted as 0"
-                    RES[$test.C.iops]+="0 "
-                    RES[$test.C.mibps]+="0 "
+                    log "round $round $test C: no volume leader known; counted as a failed run"
+                    RES[$test.C.fail]=$((${RES[$test.C.fail]:-0} + 1))
                     continue
                 fi
                 [[ -n "$c_last" && "$c_last" != "$c_node" ]] && log "C: the volume leader moved to node $c_node"
@@ -214,6 +213,12 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 ;;
             esac
             read -r iops mibps < <(run_one "$test" "$addr" "$iqn")
+            if [[ $iops == 0 ]]; then
+                # A failed run (error logged by run_one) is counted, not averaged in as 0 IOPS.
+                RES[$test.$side.fail]=$((${RES[$test.$side.fail]:-0} + 1))
+                log "round $round/$ROUNDS $test $side (${NAME[$side]}): FAILED"
+                continue
+            fi
             RES[$test.$side.iops]+="$iops "
             RES[$test.$side.mibps]+="$mibps "
             log "round $round/$ROUNDS $test $side (${NAME[$side]}$([[ $side == C ]] && echo ", leader node $c_node")): $iops IOPS, $mibps MiB/s"
@@ -251,20 +256,25 @@ for test in "${TESTS[@]}"; do
         c_mib=$(med "$test.C.mibps")
         c_ratio=$(ratio_of "$a_iops" "$c_iops")
         line+=$(printf ' %13s %11s %10s' "$c_iops" "$c_mib" "$c_ratio")
-        cjson=$(printf ', "cluster_iops": %d, "cluster_mibps": %d, "cluster_ratio": %s, "cluster_runs_iops": [%s]' \
-            "$c_iops" "$c_mib" "$(json_num "$c_ratio")" "$(runs_of "$test.C.iops")")
+        cjson=$(printf ', "cluster_iops": %d, "cluster_mibps": %d, "cluster_ratio": %s, "cluster_runs_iops": [%s], "cluster_failed_runs": %d' \
+            "$c_iops" "$c_mib" "$(json_num "$c_ratio")" "$(runs_of "$test.C.iops")" "${RES[$test.C.fail]:-0}")
     fi
-    printf '%s\n' "$line"
+    fails=""
+    for side in "${SIDES[@]}"; do
+        [[ ${RES[$test.$side.fail]:-0} -gt 0 ]] && fails+=" ${NAME[$side]}: ${RES[$test.$side.fail]} failed run(s)"
+    done
+    printf '%s%s\n' "$line" "${fails:+  (${fails# })}"
     n=$((n + 1))
     sep=","
     [[ $n -eq ${#TESTS[@]} ]] && sep=""
-    printf '    {"test": "%s", "tgtd_iops": %d, "tgtd_mibps": %d, "b_iops": %d, "b_mibps": %d, "ratio": %s, "tgtd_runs_iops": [%s], "b_runs_iops": [%s]%s}%s\n' \
+    printf '    {"test": "%s", "tgtd_iops": %d, "tgtd_mibps": %d, "b_iops": %d, "b_mibps": %d, "ratio": %s, "tgtd_runs_iops": [%s], "b_runs_iops": [%s], "tgtd_failed_runs": %d, "b_failed_runs": %d%s}%s\n' \
         "$test" "$a_iops" "$a_mib" "$b_iops" "$b_mib" "$(json_num "$ratio")" \
-        "$(runs_of "$test.A.iops")" "$(runs_of "$test.B.iops")" "$cjson" "$sep" >>"$OUT"
+        "$(runs_of "$test.A.iops")" "$(runs_of "$test.B.iops")" "${RES[$test.A.fail]:-0}" "${RES[$test.B.fail]:-0}" \
+        "$cjson" "$sep" >>"$OUT"
 done
 printf '  ]\n}\n' >>"$OUT"
 echo
-echo "medians over $ROUNDS interleaved rounds, ${ELAPSED}s of measurement; JSON: $OUT"
+echo "medians over $ROUNDS interleaved rounds (failed runs left out), ${ELAPSED}s of measurement; JSON: $OUT"
 echo "ratios: B/tgtd and C/tgtd are IOPS ratios"
 echo "B logs: $WORK/b-$B_SUBJECT.log"
 if [[ $CLUSTER == 1 ]]; then
