@@ -128,7 +128,7 @@ fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path) -> String {
          \n[raft]\n\
          fsync = \"always\"\n\
          heartbeat_ms = 50\n\
-         election_timeout_ms = [300, 600]\n",
+         election_timeout_ms = [150, 300]\n",
         data = dir.join("data").display(),
         sock = dir.join("admin.sock").display(),
         pki = pki.display(),

@@ -116,8 +116,8 @@ impl Default for RaftSettings {
         RaftSettings {
             fsync: FsyncMode::Always,
             heartbeat_ms: 50,
-            election_timeout_min_ms: 300,
-            election_timeout_max_ms: 600,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_every_entries: 20_000,
             keep_entries: 2_000,
         }

@@ -464,6 +464,7 @@ impl Node {
         }
         if delete {
             self.closed.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+            g.sm.discard();
             if let Err(e) = std::fs::remove_dir_all(&g.dir) {
                 tracing::warn!(group = id, "removing {}: {e}", g.dir.display());
             } else {

@@ -47,6 +47,8 @@ use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
 pub const TRANSITION_WAIT: Duration = Duration::from_millis(3000);
 /// Upper bound on one replicated write or barrier (then the command fails and is retried).
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause before a proposal refused for a lapsed lease is tried again.
+pub const PROPOSE_RETRY: Duration = Duration::from_millis(10);
 /// Upper bound on a forwarded command.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -64,6 +66,8 @@ thread_local! {
 /// image after a read barrier. Only used on the leader, on blocking threads.
 pub struct ReplicatedStore {
     raft: RaftGroup,
+    /// This node's id.
+    me: u64,
     image: Arc<VolumeImage>,
     rt: tokio::runtime::Handle,
     name: String,
@@ -77,16 +81,37 @@ impl ReplicatedStore {
 
     fn propose(&self, req: Request) -> io::Result<()> {
         let raft = self.raft.clone();
-        let r = self
-            .rt
-            .block_on(async move { tokio::time::timeout(PROPOSE_TIMEOUT, raft.client_write(req)).await });
+        let me = self.me;
+        let r = self.rt.block_on(async move {
+            let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match tokio::time::timeout(left, raft.client_write(req.clone())).await {
+                    Err(_) => return Err("timed out".to_string()),
+                    Ok(Ok(resp)) => return Ok(resp),
+                    Ok(Err(e)) => {
+                        // Refused before it was appended while no other leader is known (the
+                        // leader's lease lapsed under load; openraft refuses proposals until a
+                        // quorum acknowledges it again): nothing was written, so retrying is
+                        // safe. Another leader, or anything else, fences the command.
+                        let retry = e
+                            .forward_to_leader()
+                            .is_some_and(|f| f.leader_id.is_none() || f.leader_id == Some(me));
+                        let still_leads = raft.metrics().borrow_watched().current_leader.is_none_or(|l| l == me);
+                        if !(retry && still_leads) || tokio::time::Instant::now() >= deadline {
+                            return Err(e.to_string());
+                        }
+                        tokio::time::sleep(PROPOSE_RETRY).await;
+                    }
+                }
+            }
+        });
         match r {
-            Ok(Ok(resp)) => match resp.data.error {
+            Ok(resp) => match resp.data.error {
                 None => Ok(()),
                 Some(e) => Err(io::Error::other(format!("volume {}: {e}", self.name))),
             },
-            Ok(Err(e)) => Err(self.fenced("replicating", e)),
-            Err(_) => Err(self.fenced("replicating", "timed out")),
+            Err(e) => Err(self.fenced("replicating", e)),
         }
     }
 
@@ -185,6 +210,7 @@ impl VolumeRuntime {
             .ok_or_else(|| anyhow!("volume {}: state machine has no image", info.name))?;
         let store = ReplicatedStore {
             raft: raft.clone(),
+            me: node.id,
             image,
             rt: tokio::runtime::Handle::current(),
             name: info.name.clone(),
@@ -336,7 +362,7 @@ impl VolumeRuntime {
         if nexus.id >> NEXUS_NODE_SHIFT != self.node.id {
             let mut remote = lock(&self.remote_nexuses);
             if remote.insert(nexus.id, term).is_none() {
-                self.lus.nexus_joined(&nexus);
+                self.lus.nexus_attached(&nexus);
             }
         }
         let v = self.clone();

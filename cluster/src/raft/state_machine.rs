@@ -556,6 +556,12 @@ impl GroupStateMachine {
         }
     }
 
+    /// The group is being deleted with its directory: nothing is persisted any more (every later
+    /// call fails, as after a storage error, but without an error log at drop).
+    pub fn discard(&self) {
+        *lock(&self.inner.failed) = Some("the group was deleted".into());
+    }
+
     /// Makes everything applied so far durable (fdatasync + state), e.g. before a clean shutdown.
     pub fn persist(&self) -> io::Result<()> {
         self.inner.check_failed()?;

@@ -37,10 +37,12 @@ type Err = RPCError<TypeConfig>;
 /// so a large write is not timed out by a heartbeat-sized budget.
 const APPEND_NANOS_PER_BYTE: u64 = 10;
 
-/// Least time given to an AppendEntries that carries entries: the follower fsyncs them before it
-/// answers, and on a loaded node that takes longer than a heartbeat-sized budget. (Heartbeats
-/// keep openraft's budget; a dead follower is found by them, not by this.)
-const APPEND_WITH_ENTRIES_FLOOR: Duration = Duration::from_millis(500);
+/// Least time given to a replication AppendEntries: the follower answers only once its log is
+/// durable up to the request (an empty request waits for the appends before it), and on a loaded
+/// node that takes longer than a heartbeat-sized budget; timing it out restarts replication with a
+/// backoff. Heartbeats are bounded by openraft itself (its heartbeat worker times them out at
+/// the heartbeat interval), and a dead follower is found by them, not by this.
+const APPEND_FLOOR: Duration = Duration::from_millis(500);
 
 /// Counters of a factory's networks (shared by its clones).
 #[derive(Debug, Default)]
@@ -245,9 +247,7 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
             leader_commit: opt_log_id_to_pb(&rpc.leader_commit),
         };
         let mut budget = option.soft_ttl() + Duration::from_nanos(bytes as u64 * APPEND_NANOS_PER_BYTE);
-        if bytes > 0 {
-            budget = budget.max(APPEND_WITH_ENTRIES_FLOOR);
-        }
+        budget = budget.max(APPEND_FLOOR);
         let mut c = self.client().map_err(Self::unreachable)?;
         let r = self.call(RPCTypes::AppendEntries, from, budget, c.append(req)).await?;
         use pb::append_response::Kind;
