@@ -173,3 +173,127 @@ state = bytes([0x08, 7]) + ld(2, reg_a) + ld(2, reg_b) + ld(3, resv) + bytes([0x
 write("aptpl", "two_regs_reserved", bytes([0]) + state)
 write("aptpl", "empty_not_aptpl", bytes([0]) + bytes([0x08, 1]))
 write("aptpl", "raw_file", bytes([1]) + b"RSPR" + struct.pack(">III", 1, len(state), crc32c(state)) + state)
+
+# --- protobuf encoding for the cluster targets (proto3: varint and length-delimited fields)
+def varint(v):
+    out = bytearray()
+    while True:
+        b = v & 0x7f
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+def pv(field, v):
+    return varint(field << 3) + varint(v) if v else b""
+
+def pb(field, b):
+    b = b.encode() if isinstance(b, str) else b
+    return varint(field << 3 | 2) + varint(len(b)) + b
+
+def log_id(term, node, index):
+    return pv(1, term) + pv(2, node) + pv(3, index)
+
+def vote(term, node, committed):
+    return pv(1, term) + pv(2, node) + pv(3, int(committed))
+
+def membership(configs, nodes):
+    return b"".join(pb(1, b"".join(pv(1, i) for i in c)) for c in configs) + \
+        b"".join(pb(2, pv(1, i) + pb(2, a)) for i, a in nodes)
+
+NODES3 = [(1, "10.0.0.1:7000"), (2, "10.0.0.2:7000"), (3, "10.0.0.3:7000")]
+MEM3 = membership([[1, 2, 3]], NODES3)
+
+def entry(term, node, index, kind, app=b"", mem=b""):
+    e = pb(1, log_id(term, node, index)) + pv(2, kind)
+    if app:
+        e += pb(3, app)
+    if mem:
+        e += pb(4, mem)
+    return e
+
+def app(op, offset=0, length=0, data=b""):
+    return pv(1, op) + pv(2, offset) + pv(3, length) + (pb(4, data) if data else b"") or pv(1, 0) + pb(4, b"\0")
+
+def u16(b):
+    return struct.pack("<H", len(b)) + b
+
+# --- rpc: selector (mod 5) + message
+append_req = pv(1, 1) + pv(2, 2) + pb(3, vote(3, 1, True)) + pb(4, log_id(2, 1, 5)) + \
+    pb(5, entry(3, 1, 6, 0)) + pb(5, entry(3, 1, 7, 1, app(0, 4096, 0, bytes(range(32))))) + \
+    pb(5, entry(3, 1, 8, 2, mem=MEM3)) + pb(5, entry(3, 1, 9, 1, app(5, data=b"\x10\x02"))) + \
+    pb(5, entry(3, 1, 10, 1, app(4, 0, 1 << 21))) + pb(6, log_id(3, 1, 8))
+write("rpc", "append", bytes([0]) + append_req)
+write("rpc", "append_heartbeat", bytes([0]) + pv(2, 3) + pb(3, vote(4, 2, True)) + pb(4, log_id(4, 2, 100)) +
+      pb(6, log_id(4, 2, 100)))
+write("rpc", "append_first", bytes([0]) + pb(3, vote(1, 1, True)) + pb(5, entry(1, 1, 0, 2, mem=MEM3)))
+write("rpc", "vote", bytes([1]) + pv(2, 2) + pb(3, vote(5, 3, False)) + pb(4, log_id(4, 2, 100)) + pv(6, 1))
+write("rpc", "transfer", bytes([2]) + pv(1, 7) + pv(2, 2) + pb(3, vote(5, 1, True)) + pv(4, 2) +
+      pb(5, log_id(5, 1, 42)))
+begin = pv(1, 7) + pv(2, 2) + pb(3, vote(5, 1, True)) + pb(4, log_id(5, 1, 4096)) + pb(5, log_id(1, 1, 3)) + \
+    pb(6, MEM3) + pv(7, 1) + pv(8, 3 << 20) + pv(9, 1 << 20) + pb(10, pb(1, pv(1, 1) + pb(2, b"PR")))
+write("rpc", "snapshot_begin", bytes([3]) + pb(1, begin))
+write("rpc", "snapshot_joint", bytes([3]) + pb(1, pb(3, vote(2, 1, True)) +
+      pb(6, membership([[1, 2], [2, 3]], NODES3 + [(4, "10.0.0.4:7000")]))))
+write("rpc", "snapshot_chunk", bytes([3]) + pb(2, pv(1, 2) + pb(2, b"data")))
+write("rpc", "snapshot_end", bytes([3]) + pb(3, pv(1, 3)))
+nexus = pv(1, (2 << 48) | 5) + pb(2, INIT) + pb(3, INIT + ",i,0x800000000001") + pb(4, bytes([0x80, 0, 0, 0, 0, 1])) + \
+    pb(5, "iqn.2026-11.org.raftsan:v") + pv(6, 1) + pv(7, 2) + pv(8, 2)
+write("rpc", "execute", bytes([4]) + pv(1, 1) + pv(2, 3) + pb(3, nexus) + pv(4, 1) + pb(5, bytes(INQ)) + pv(7, 255))
+
+# --- meta: flags (bit 0: a u16-framed starting Catalogue) + u16-framed MetaCommands
+def node_info(i, addr=None):
+    return pv(1, i) + pb(2, addr or f"10.0.0.{i}:7000") + pb(3, f"10.0.0.{i}:3260")
+def create_vol(name, size, target="", block=0, replicas=()):
+    return pb(1, name) + pv(2, size) + pv(3, block) + (pb(4, target) if target else b"") + \
+        b"".join(pv(5, r) for r in replicas)
+add = lambda i: pb(1, node_info(i))
+cmds = [add(1), add(2), add(3), pb(3, create_vol("a", 1 << 20)), pb(3, create_vol("b", 1 << 21, block=4096)),
+        pb(5, pb(1, "a") + pv(2, 1 << 22)), pb(6, pb(1, "iqn.2026-01.test:t") + pb(2, INIT) +
+                                              pb(4, pb(1, "user") + pb(2, "secret123456"))),
+        pb(3, create_vol("c", 1 << 20, target="iqn.2026-01.test:t", replicas=[1, 2])),
+        pb(3, create_vol("d", 1 << 20, target="IQN.2026-01.TEST:T")),
+        pv(2, 2), add(2), add(4), pb(8, node_info(4, "10.0.0.44:7000")), pb(4, "a"), pb(7, "iqn.2026-01.test:t"),
+        pb(4, "c"), pb(4, "d"), pb(7, "iqn.2026-01.test:t"), pb(3, create_vol("a", 1 << 20))]
+write("meta", "lifecycle", bytes([0]) + b"".join(u16(c) for c in cmds))
+write("meta", "case_target", bytes([0]) + b"".join(u16(c) for c in [
+    add(1), pb(3, create_vol("A", 1 << 20)), pb(3, create_vol("x", 1 << 20, target="iqn.2026-11.org.raftsan:A")),
+    pb(4, "A"), pb(4, "x")]))
+vol = pv(1, 7) + pb(2, "v") + pv(3, 1 << 20) + pv(4, 512) + pb(5, "iqn.2026-11.org.raftsan:v") + pv(6, 1) + \
+    pb(7, bytes(16)) + pb(8, "RAFTSAN00000007") + pv(9, 1) + pv(9, 2)
+catalogue = pb(1, node_info(1)) + pb(1, node_info(2)) + pv(2, 1) + pv(2, 2) + pv(2, 5) + \
+    pb(3, pb(1, "iqn.2026-11.org.raftsan:v")) + pb(4, vol) + pv(5, 8)
+write("meta", "from_catalogue", bytes([1]) + u16(catalogue) + b"".join(u16(c) for c in [
+    add(5), add(3), pb(3, create_vol("w", 1 << 20)), pb(5, pb(1, "v") + pv(2, 1 << 19)), pv(2, 1), pb(4, "v")]))
+
+# --- journal: the file's contents
+def journal(chunks, size, count=None):
+    out = b"RSJN" + struct.pack("<I", 1)
+    for off, data in chunks:
+        out += struct.pack("<QII", off, len(data), crc32c(data)) + data
+    body = struct.pack("<QQ", size, len(chunks) if count is None else count)
+    return out + struct.pack("<QII", (1 << 64) - 1, 0, crc32c(body)) + body
+J2 = journal([(0, b"hello"), (1 << 20, bytes([7]) * 64)], 2 << 20)
+write("journal", "two_chunks", J2)
+write("journal", "empty", journal([], 0))
+write("journal", "no_trailer", J2[:-24])
+write("journal", "bad_count", journal([(4096, b"x" * 100)], 8192, count=2))
+
+# --- sm_state: flags (bit 0 meta, bit 1 raw file, bit 2 u16-framed journal first) + state
+def frame(payload):
+    return struct.pack("<III", 0x47534C52, len(payload), crc32c(payload)) + payload
+stored_mem = pb(1, log_id(1, 1, 3)) + pb(2, MEM3)
+snap_rec = pb(1, log_id(5, 1, 4096)) + pb(2, stored_mem) + pv(3, 16384) + pb(4, pb(1, pv(1, 1) + pb(2, b"PR")))
+vol_state = pv(1, 1) + pb(2, log_id(5, 1, 5000)) + pb(3, stored_mem) + pv(4, 8192) + \
+    pb(5, pv(1, 1) + pb(2, b"PR")) + pb(7, snap_rec)
+write("sm_state", "volume", bytes([1 << 3]) + vol_state)
+write("sm_state", "volume_raw", bytes([2 | 1 << 3]) + frame(vol_state))
+meta_state = pv(1, 2) + pb(2, log_id(2, 1, 17)) + pb(3, stored_mem) + pb(6, catalogue)
+write("sm_state", "meta", bytes([1]) + meta_state)
+install_j = journal([(0, b"snapshot bytes"), (8192, bytes([9]) * 512)], 16384)
+installing = pb(1, b"j.journal") + pb(2, snap_rec)
+write("sm_state", "volume_install", bytes([4 | 1 << 3]) + u16(install_j) + vol_state + pb(8, installing))
+meta_snap = pb(1, log_id(2, 1, 20)) + pb(2, stored_mem) + pb(4, catalogue)
+write("sm_state", "meta_install", bytes([1]) + meta_state + pb(8, pb(2, meta_snap)))

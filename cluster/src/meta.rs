@@ -67,6 +67,12 @@ pub fn apply(cat: &mut Catalogue, cmd: &MetaCommand) -> Result<u64, String> {
     match cmd {
         Cmd::AddNode(n) => add_node(cat, n),
         Cmd::UpdateNode(n) => {
+            if n.rpc_addr.is_empty() {
+                return Err(format!("node {} has no RPC address", n.id));
+            }
+            if let Some(other) = cat.nodes.iter().find(|x| x.rpc_addr == n.rpc_addr && x.id != n.id) {
+                return Err(format!("RPC address {} is already node {}'s", n.rpc_addr, other.id));
+            }
             let node = cat
                 .nodes
                 .iter_mut()
@@ -94,9 +100,12 @@ pub fn apply(cat: &mut Catalogue, cmd: &MetaCommand) -> Result<u64, String> {
                 .position(|v| v.name == *name)
                 .ok_or_else(|| format!("no volume named {name:?}"))?;
             let v = cat.volumes.remove(i);
-            // A target created for the volume goes with it once empty.
-            if v.target == default_target(&v.name) && !cat.volumes.iter().any(|o| o.target == v.target) {
-                cat.targets.retain(|t| t.name != v.target);
+            // A target created for the volume goes with it once empty (iSCSI names compare
+            // case-insensitively).
+            if v.target == default_target(&v.name)
+                && !cat.volumes.iter().any(|o| o.target.eq_ignore_ascii_case(&v.target))
+            {
+                cat.targets.retain(|t| !t.name.eq_ignore_ascii_case(&v.target));
             }
             Ok(v.id)
         }
@@ -208,11 +217,19 @@ fn create_volume(cat: &mut Catalogue, c: &CreateVolume) -> Result<u64, String> {
     if replicas.is_empty() {
         return Err("the cluster has no nodes to hold the volume".into());
     }
+    // iSCSI names compare case-insensitively: "iqn.x:A" and "iqn.x:a" are one target.
     let lun = (FIRST_LUN..)
-        .find(|l| !cat.volumes.iter().any(|v| v.target == target && v.lun == *l))
+        .find(|l| {
+            !cat.volumes
+                .iter()
+                .any(|v| v.target.eq_ignore_ascii_case(&target) && v.lun == *l)
+        })
         .unwrap_or(FIRST_LUN);
     let id = cat.next_volume_id.max(1);
-    cat.next_volume_id = id + 1;
+    let next_id = id
+        .checked_add(1)
+        .ok_or_else(|| "volume ids are exhausted".to_string())?;
+    cat.next_volume_id = next_id;
     if !cat.targets.iter().any(|t| t.name.eq_ignore_ascii_case(&target)) {
         cat.targets.push(TargetInfo {
             name: target.clone(),
@@ -328,6 +345,55 @@ mod tests {
         assert!(apply(&mut c, &resize(1 << 19)).unwrap_err().contains("shrinking"));
         apply(&mut c, &resize(2 << 20)).unwrap();
         assert_eq!(c.volumes[0].size_bytes, 2 << 20);
+    }
+
+    #[test]
+    fn target_names_compare_case_insensitively() {
+        // Found by fuzz/fuzz_targets/meta.rs (fuzz/seeds/meta/case_target): the volume of a
+        // default target "…:A" and one created in "…:a" both got LUN 1 of the same target.
+        let mut c = Catalogue::default();
+        apply(&mut c, &node(1)).unwrap();
+        apply(&mut c, &create("A", 1 << 20)).unwrap();
+        let x = MetaCommand {
+            cmd: Some(Cmd::CreateVolume(CreateVolume {
+                name: "x".into(),
+                size_bytes: 1 << 20,
+                target: default_target("A"),
+                ..Default::default()
+            })),
+        };
+        apply(&mut c, &x).unwrap();
+        assert_eq!(c.volumes.iter().map(|v| v.lun).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(c.targets.len(), 1);
+        // Deleting "A" keeps the target while "x" is in it.
+        apply(
+            &mut c,
+            &MetaCommand {
+                cmd: Some(Cmd::DeleteVolume("A".into())),
+            },
+        )
+        .unwrap();
+        assert_eq!(c.targets.len(), 1);
+    }
+
+    #[test]
+    fn volume_ids_never_wrap_and_addresses_stay_unique() {
+        let mut c = Catalogue::default();
+        apply(&mut c, &node(1)).unwrap();
+        apply(&mut c, &node(2)).unwrap();
+        c.next_volume_id = u64::MAX;
+        let before = c.clone();
+        assert!(apply(&mut c, &create("v", 1 << 20)).unwrap_err().contains("exhausted"));
+        assert_eq!(c, before);
+        let Some(Cmd::AddNode(mut n)) = node(2).cmd else {
+            unreachable!()
+        };
+        n.rpc_addr = c.nodes[0].rpc_addr.clone();
+        let update = MetaCommand {
+            cmd: Some(Cmd::UpdateNode(n)),
+        };
+        assert!(apply(&mut c, &update).unwrap_err().contains("already node 1's"));
+        assert_eq!(c, before);
     }
 
     #[test]

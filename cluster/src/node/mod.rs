@@ -43,6 +43,18 @@ pub use admin::AdminClient;
 pub use service::ClusterService;
 pub use volume::VolumeRuntime;
 
+/// Fuzzing entry point (fuzz/fuzz_targets/rpc.rs), not an API: the nexus of a forwarded command
+/// (`Execute` RPC) as the receiving leader converts it, and that nexus encoded back.
+#[doc(hidden)]
+pub fn fuzz_nexus_from_pb(
+    n: &crate::pb::cluster::Nexus,
+) -> Option<(raftsan_target::lu::Nexus, crate::pb::cluster::Nexus)> {
+    volume::nexus_from_pb(n).map(|x| {
+        let back = volume::nexus_to_pb(&x);
+        (x, back)
+    })
+}
+
 /// How long a group that left the registry stays running for RPCs already inside it.
 const IN_FLIGHT_RPC_GRACE: Duration = Duration::from_millis(200);
 

@@ -36,6 +36,13 @@ mod wire;
 #[cfg(test)]
 mod tests;
 
+/// Fuzzing entry points (fuzz/fuzz_targets/rpc.rs), not an API.
+#[doc(hidden)]
+pub use wire::{
+    fuzz_decode_append, fuzz_decode_snapshot, fuzz_decode_transfer, fuzz_decode_vote, fuzz_encode_append,
+    fuzz_membership_to_bytes,
+};
+
 pub use network::{NetworkFactory, PeerNetwork};
 pub use server::{RaftService, raft_service};
 pub use snapshot::{SnapshotDirection, SnapshotProgress, SnapshotTransfer};

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, TransferLeaderError, TransferLeaderRequest};
+use openraft::raft::{AppendEntriesResponse, TransferLeaderError, TransferLeaderRequest};
 use openraft::storage::RaftStateMachine;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::snapshot::{self, SnapshotProgress};
-use super::wire::{decode_entry, log_id_to_pb, opt_log_id_from_pb, opt_log_id_to_pb, req_vote, vote_to_pb};
+use super::wire::{append_from_pb, log_id_to_pb, opt_log_id_from_pb, opt_log_id_to_pb, req_vote, vote_to_pb};
 use super::{GroupRegistry, MAX_MESSAGE_BYTES};
 use crate::pb::raft as pb;
 use crate::pb::raft::raft_server::{Raft as RaftRpc, RaftServer};
@@ -84,20 +84,8 @@ where
     async fn append(&self, request: Request<pb::AppendRequest>) -> Result<Response<pb::AppendResponse>, Status> {
         let r = request.into_inner();
         let raft = self.raft(r.group, r.target, "append")?;
-        let bad = |m: String| Status::invalid_argument(format!("append (group {}): {m}", r.group));
-        let vote = req_vote(&r.vote, "append")?;
-        let entries = r
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, b)| decode_entry(b).map_err(|e| bad(format!("entry #{i}: {e}"))))
-            .collect::<Result<Vec<_>, _>>()?;
-        let rpc = AppendEntriesRequest {
-            vote,
-            prev_log_id: opt_log_id_from_pb(&r.prev_log_id),
-            entries,
-            leader_commit: opt_log_id_from_pb(&r.leader_commit),
-        };
+        let rpc =
+            append_from_pb(&r).map_err(|m| Status::invalid_argument(format!("append (group {}): {m}", r.group)))?;
         let resp = raft
             .append_entries(rpc)
             .await

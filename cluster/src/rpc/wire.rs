@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use openraft::alias::{EntryOf, LogIdOf, StoredMembershipOf, VoteOf};
-use openraft::{BasicNode, Membership, StoredMembership};
+use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, StoredMembershipOf, VoteOf};
+use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::{BasicNode, Membership, SnapshotMeta, StoredMembership};
 use prost::Message;
 use tonic::Status;
 
@@ -80,6 +81,34 @@ pub(crate) fn decode_entry(b: &[u8]) -> Result<Entry, String> {
     record_to_entry(&rec).map_err(|e| e.to_string())
 }
 
+/// An AppendEntries request as openraft takes it. The entries must follow `prev_log_id` one
+/// index at a time with log ids that never go backwards: openraft only debug-asserts that a
+/// segment is consecutive, so a malformed batch from a peer is refused here, not stored.
+pub(crate) fn append_from_pb(r: &pb::AppendRequest) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    let vote = r.vote.as_ref().map(vote_from_pb).ok_or("missing vote")?;
+    let prev_log_id = opt_log_id_from_pb(&r.prev_log_id);
+    let mut entries: Vec<Entry> = Vec::with_capacity(r.entries.len());
+    for (i, b) in r.entries.iter().enumerate() {
+        let e = decode_entry(b).map_err(|e| format!("entry #{i}: {e}"))?;
+        let before = entries.last().map(|p| &p.log_id).or(prev_log_id.as_ref());
+        if let Some(before) = before {
+            let consecutive = before.index.checked_add(1) == Some(e.log_id.index);
+            if !consecutive || e.log_id.leader_id < before.leader_id {
+                return Err(format!("entry #{i} {} does not follow {before}", e.log_id));
+            }
+        } else if e.log_id.index != 0 {
+            return Err(format!("entry #{i} {} does not start the log", e.log_id));
+        }
+        entries.push(e);
+    }
+    Ok(AppendEntriesRequest {
+        vote,
+        prev_log_id,
+        entries,
+        leader_commit: opt_log_id_from_pb(&r.leader_commit),
+    })
+}
+
 pub(crate) fn membership_to_bytes(m: &StoredMem) -> Bytes {
     let rec = MembershipRecord {
         configs: m
@@ -114,4 +143,76 @@ pub(crate) fn membership_from_bytes(log_id: Option<LogId>, b: &[u8]) -> Result<S
         Membership::new(configs, nodes).map_err(|e| format!("bad membership: {e}"))?
     };
     Ok(StoredMembership::new(log_id, membership))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing entry points (fuzz/fuzz_targets/rpc.rs), re-exported hidden from `rpc`: the decoders
+// of bytes a peer sends, reachable from outside the crate. Not an API.
+
+/// Decodes an `AppendRequest` and converts it as the server does.
+#[doc(hidden)]
+pub fn fuzz_decode_append(bytes: &[u8]) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    let r = pb::AppendRequest::decode(bytes).map_err(|e| e.to_string())?;
+    append_from_pb(&r)
+}
+
+/// Encodes `rpc` as the client does (every entry, no byte cap).
+#[doc(hidden)]
+pub fn fuzz_encode_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Vec<u8> {
+    pb::AppendRequest {
+        group: 0,
+        target: 0,
+        vote: Some(vote_to_pb(&rpc.vote)),
+        prev_log_id: opt_log_id_to_pb(&rpc.prev_log_id),
+        entries: rpc.entries.iter().map(encode_entry).collect(),
+        leader_commit: opt_log_id_to_pb(&rpc.leader_commit),
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a `VoteRequest` and converts it as the server does.
+#[doc(hidden)]
+pub fn fuzz_decode_vote(bytes: &[u8]) -> Result<VoteRequest<TypeConfig>, String> {
+    let r = pb::VoteRequest::decode(bytes).map_err(|e| e.to_string())?;
+    Ok(VoteRequest {
+        vote: req_vote(&r.vote, "vote").map_err(|s| s.message().to_string())?,
+        last_log_id: opt_log_id_from_pb(&r.last_log_id),
+        leadership_transfer: r.leadership_transfer,
+    })
+}
+
+/// Decodes a `TransferLeaderRequest` and converts it as the server does.
+#[doc(hidden)]
+pub fn fuzz_decode_transfer(bytes: &[u8]) -> Result<TransferLeaderRequest<TypeConfig>, String> {
+    let r = pb::TransferLeaderRequest::decode(bytes).map_err(|e| e.to_string())?;
+    Ok(TransferLeaderRequest::new(
+        req_vote(&r.from_leader, "transfer leader").map_err(|s| s.message().to_string())?,
+        r.to_node_id,
+        opt_log_id_from_pb(&r.last_log_id),
+    ))
+}
+
+/// Decodes a `SnapshotRequest`; a `Begin` is converted to the vote and snapshot meta as the
+/// receiver does (`snapshot::begin`), other messages only decode.
+#[doc(hidden)]
+pub fn fuzz_decode_snapshot(bytes: &[u8]) -> Result<Option<(Vote, SnapshotMetaOf<TypeConfig>)>, String> {
+    let r = pb::SnapshotRequest::decode(bytes).map_err(|e| e.to_string())?;
+    let Some(pb::snapshot_request::Msg::Begin(b)) = r.msg else {
+        return Ok(None);
+    };
+    let vote = req_vote(&b.vote, "snapshot begin").map_err(|s| s.message().to_string())?;
+    let last_membership = membership_from_bytes(opt_log_id_from_pb(&b.last_membership_log_id), &b.last_membership)?;
+    Ok(Some((
+        vote,
+        SnapshotMeta {
+            last_log_id: opt_log_id_from_pb(&b.last_log_id),
+            last_membership,
+        },
+    )))
+}
+
+/// [`membership_to_bytes`], to check that a decoded membership encodes back.
+#[doc(hidden)]
+pub fn fuzz_membership_to_bytes(m: &StoredMem) -> Vec<u8> {
+    membership_to_bytes(m).to_vec()
 }
