@@ -71,7 +71,7 @@ case $SUBJECT in
 tgtd) start_tgtd "$ADDR" "$PORT" 41 "$CONF" "$DAEMON_LOG" ;;
 raftsan) start_raftsan "$ADDR" "$PORT" "$CONF" "$WORK/data" "$DAEMON_LOG" "$ADDR2" ;;
 cluster)
-    start_cluster_demo "$ADDR" "$WORK/cluster" "$DAEMON_LOG" "$LUN_SIZE"
+    start_cluster_relaxed "$ADDR" "$WORK/cluster" "$DAEMON_LOG" "$LUN_SIZE"
     IQN="iqn.2026-11.org.raftsan:demo"
     ;;
 esac
@@ -162,7 +162,7 @@ if [[ $FAILED -gt 0 ]]; then
 fi
 echo "details: $OUTDIR (results.txt, iscsi-test-cu.out, CUnitAutomated-Results.xml, $SUBJECT.log)"
 
-for f in "$DAEMON_LOG" "$WORK"/cluster/node*/raftsan.log; do
+for f in "$DAEMON_LOG" "$WORK"/cluster/node*/raftsan.log "$WORK"/cluster/node*/serve.log; do
     [[ -f $f ]] || continue
     if grep -q -E 'panicked' "$f"; then
         echo "FAIL: $SUBJECT log has a panic: $f"

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use super::Node;
 use super::admin::propose_meta;
-use super::volume::nexus_from_pb;
+use super::volume::{FORWARDED_LU_RESET, nexus_from_pb};
 use crate::pb::cluster::cluster_server::Cluster;
 use crate::pb::cluster::meta_command::Cmd;
 use crate::pb::cluster::*;
@@ -147,6 +147,12 @@ impl Cluster for ClusterService {
             .as_ref()
             .and_then(nexus_from_pb)
             .ok_or_else(|| Status::invalid_argument("forwarded command without a valid nexus"))?;
+        if req.task_attr == FORWARDED_LU_RESET {
+            if !v.reset_as_leader(req.term, &nexus) {
+                return Ok(Response::new(not_leader));
+            }
+            return Ok(Response::new(ExecuteResponse::default()));
+        }
         let cmd = OwnedCommand {
             lun: req.lun,
             cdb: req.cdb.to_vec(),
