@@ -520,9 +520,9 @@ impl VolumeRuntime {
     /// The LU learns of `nexus` (UNIT ATTENTION 29/00) unless it already knows it.
     fn know_nexus(&self, nexus: &Nexus) {
         let mut known = lock(&self.known_nexuses);
-        if !known.contains_key(&nexus.id) {
+        if let std::collections::hash_map::Entry::Vacant(e) = known.entry(nexus.id) {
             self.lus.nexus_joined(nexus);
-            known.insert(nexus.id, nexus.clone());
+            e.insert(nexus.clone());
         }
     }
 
