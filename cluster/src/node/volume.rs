@@ -11,6 +11,13 @@
 //!     no leader known within TRANSITION_WAIT               ──▶ NOT READY 04/0A
 //! ```
 //!
+//! Nexus state (unit attentions, SPC-2 reservations, PR notifications) lives only in the
+//! leader's LU: it learns of a nexus (UA 29/00) at login when it is local, else with the
+//! nexus's first forwarded command; REQUEST SENSE and LOGICAL UNIT / target resets go to the
+//! leader too (a forwarded reset is an Execute with task_attr [`FORWARDED_LU_RESET`]); logouts
+//! are forwarded with ForgetNexus. A node that stops leading forgets every nexus, so the next
+//! leader gives each one 29/00 (mode pages and SPC-2 reservations are not replicated).
+//!
 //! Fencing (DESIGN.md invariant 3): a command is bound to the leader term seen when it arrived.
 //! If leadership changes before it completes (a proposal or read barrier fails, or the leader
 //! refuses the forwarded term), the command ends with UNIT ATTENTION 2A/06 and is never re-sent

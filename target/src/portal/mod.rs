@@ -18,8 +18,9 @@
 //! [`PortalServer::set_targets`]. A session holds the [`TargetRuntime`] it logged into, so the
 //! targets map is read at login and SendTargets only, never per command. A target built with a
 //! [`CommandRouter`] has every SCSI command of its sessions run by the router instead of its
-//! logical units; the portal keeps doing everything else (CmdSN window, R2T, Data-In, task
-//! management, metrics).
+//! logical units; the portal keeps doing everything else (CmdSN window, R2T, Data-In, aborting
+//! its own tasks, metrics). The LUs of a routed target hear of sessions and resets only through
+//! the router ([`CommandRouter::nexus_joined`], [`CommandRouter::reset`]).
 
 mod conn;
 #[cfg(test)]
