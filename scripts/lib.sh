@@ -122,6 +122,58 @@ start_cluster_demo() {
     die "raftsan demo not ready within 120 s; log: $logfile"
 }
 
+# start_cluster_relaxed FIRST_ADDR DIR LOG [SIZE]: the cluster of `raftsan demo` (three nodes on
+# FIRST_ADDR and the next two addresses, one replicated volume "demo" of SIZE, target
+# iqn.2026-11.org.raftsan:demo), set up with `raftsan demo --check-only`, then served by three
+# `raftsan serve` processes with test-friendly settings: NOP-In pings at the node defaults (the
+# demo's 1 s / 3 s drop the idle second path of iscsi-test-cu, which never reads it between tests)
+# and a slower Raft heartbeat and election timeout (no leader change on a loaded machine during a
+# conformance run). Logs: LOG (setup), DIR/node<i>/serve.log. Waits until every node sees a
+# volume leader. STARTED_PID is a shell that stops the three nodes on SIGTERM.
+start_cluster_relaxed() {
+    local first=$1 dir=$2 logfile=$3 size=${4:-256M} bin i base ip conf
+    require_loopback "$first"
+    bin="$(raftsan_bin)"
+    [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
+    mkdir -p "$dir"
+    RUST_LOG="${RUST_LOG:-info}" timeout 300 "$bin" demo --check-only --first-address "$first" --dir "$dir" \
+        --size "$size" >"$logfile" 2>&1 || die "raftsan demo --check-only failed; log: $logfile"
+    for i in 1 2 3; do
+        conf="$dir/node$i/node.toml"
+        [[ -f $conf ]] || die "raftsan demo wrote no $conf"
+        sed -i -e '/^nop_in_interval_ms *=/d' -e '/^nop_in_timeout_ms *=/d' \
+            -e 's/^heartbeat_ms *=.*/heartbeat_ms = 150/' \
+            -e 's/^election_timeout_ms *=.*/election_timeout_ms = [1500, 3000]/' "$conf"
+        : >"$dir/node$i/serve.log"
+    done
+    (
+        pids=()
+        for i in 1 2 3; do
+            RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$dir/node$i/node.toml" \
+                >>"$dir/node$i/serve.log" 2>&1 &
+            pids+=($!)
+        done
+        trap 'kill -TERM "${pids[@]}" 2>/dev/null; wait' TERM INT
+        wait
+    ) &
+    STARTED_PID=$!
+    base=${first##*.}
+    for i in 1 2 3; do
+        ip="${first%.*}.$((base + i - 1))"
+        wait_port "$ip" 3260 "$STARTED_PID" 60 || die "node $i portal $ip:3260 not up; log: $dir/node$i/serve.log"
+    done
+    for ((i = 0; i < 600; i++)); do
+        if grep -q 'volume leadership changed.*leader=Some' "$dir"/node1/serve.log 2>/dev/null &&
+            grep -q 'volume leadership changed.*leader=Some' "$dir"/node2/serve.log 2>/dev/null &&
+            grep -q 'volume leadership changed.*leader=Some' "$dir"/node3/serve.log 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$STARTED_PID" 2>/dev/null || die "cluster nodes exited; logs: $dir/node*/serve.log"
+        sleep 0.1
+    done
+    die "no volume leader within 60 s; logs: $dir/node*/serve.log"
+}
+
 # stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once
 # it has targets (and `tgtadm --op delete --mode system` refuses), so callers stop it with KILL.
 stop_pid() {

@@ -40,6 +40,8 @@ fi
 if [[ "${SKIP_CONFORMANCE:-0}" != 1 ]]; then
     step "conformance: iscsi-test-cu against raftsan"
     scripts/conformance.sh raftsan
+    step "conformance: iscsi-test-cu against a three-node raftsan cluster"
+    scripts/conformance.sh cluster
 fi
 
 log "all checks passed in $(($(date +%s) - T0))s"

@@ -120,7 +120,6 @@ fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path) -> String {
          rpc_listen = \"{ip}:{RPC_PORT}\"\n\
          metrics = \"{ip}:{METRICS_PORT}\"\n\
          admin_socket = \"{sock}\"\n\
-         \n[limits]\nnop_in_interval_ms = 1000\nnop_in_timeout_ms = 3000\n\
          \n[tls]\n\
          ca = \"{pki}/ca.crt\"\n\
          cert = \"{pki}/node-{id}.crt\"\n\

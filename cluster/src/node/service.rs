@@ -147,6 +147,12 @@ impl Cluster for ClusterService {
             .as_ref()
             .and_then(nexus_from_pb)
             .ok_or_else(|| Status::invalid_argument("forwarded command without a valid nexus"))?;
+        if req.lu_reset {
+            if !v.reset_as_leader(req.term, &nexus) {
+                return Ok(Response::new(not_leader));
+            }
+            return Ok(Response::new(ExecuteResponse::default()));
+        }
         let cmd = OwnedCommand {
             lun: req.lun,
             cdb: req.cdb.to_vec(),

@@ -11,6 +11,13 @@
 //!     no leader known within TRANSITION_WAIT               ──▶ NOT READY 04/0A
 //! ```
 //!
+//! Nexus state (unit attentions, SPC-2 reservations, PR notifications) lives only in the
+//! leader's LU: it learns of a nexus (UA 29/00) at login when it is local, else with the
+//! nexus's first forwarded command; REQUEST SENSE and LOGICAL UNIT / target resets go to the
+//! leader too (a forwarded reset is an Execute with `lu_reset` set); logouts
+//! are forwarded with ForgetNexus. A node that stops leading forgets every nexus, so the next
+//! leader gives each one 29/00 (mode pages and SPC-2 reservations are not replicated).
+//!
 //! Fencing (DESIGN.md invariant 3): a command is bound to the leader term seen when it arrived.
 //! If leadership changes before it completes (a proposal or read barrier fails, or the leader
 //! refuses the forwarded term), the command ends with UNIT ATTENTION 2A/06 and is never re-sent
@@ -34,7 +41,7 @@ use raftsan_proto::scsi::sense::{self, status};
 use raftsan_target::backing::BackingStore;
 use raftsan_target::catalog::{Backing, ChapAccount, Cidr, LunDef, TargetDef};
 use raftsan_target::lu::{AluaState, AluaView, Nexus, Outcome, PortGroupState, TargetLus, TargetPort};
-use raftsan_target::portal::{CommandRouter, OwnedCommand, TargetRuntime};
+use raftsan_target::portal::{CommandRouter, OwnedCommand, Reset, TargetRuntime};
 
 use super::{Node, RaftGroup};
 use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo};
@@ -196,8 +203,11 @@ pub struct VolumeRuntime {
     epoch: AtomicU64,
     /// ALUA epoch each I_T nexus of this node last saw.
     nexus_epochs: Mutex<HashMap<u64, u64>>,
-    /// Nexuses of other nodes this leader has executed commands for (so PR and UA state exist).
-    remote_nexuses: Mutex<HashMap<u64, u64>>,
+    /// The I_T nexuses (cluster-wide ids, any node's) this node's LU knows while it leads the
+    /// volume: each got UNIT ATTENTION 29/00 when first seen, and unit attentions, SPC-2
+    /// reservations and PR notifications for it live in this LU until it logs out or this node
+    /// stops leading.
+    known_nexuses: Mutex<HashMap<u64, Nexus>>,
     /// Term in which this node's LU last loaded the replicated PR state.
     pr_loaded_term: Mutex<u64>,
     leadership: tokio::sync::watch::Sender<Leadership>,
@@ -249,7 +259,7 @@ impl VolumeRuntime {
             lun: info.lun,
             epoch: AtomicU64::new(1),
             nexus_epochs: Mutex::new(HashMap::new()),
-            remote_nexuses: Mutex::new(HashMap::new()),
+            known_nexuses: Mutex::new(HashMap::new()),
             pr_loaded_term: Mutex::new(0),
             leadership: tokio::sync::watch::channel(Leadership { leader: None, term: 0 }).0,
         });
@@ -286,6 +296,11 @@ impl VolumeRuntime {
                     if before.leader != now.leader {
                         v.epoch.fetch_add(1, Ordering::AcqRel);
                         tracing::info!(volume = v.id, leader = ?now.leader, term, "volume leadership changed");
+                    }
+                    if before.leader == Some(v.node.id) && now.leader != Some(v.node.id) {
+                        // The nexus state of this LU is stale from now on: the next leader
+                        // starts afresh (29/00 for every nexus it sees, SPC-2 reservations gone).
+                        v.forget_all_nexuses();
                     }
                     v.leadership.send_replace(now);
                 }
@@ -359,12 +374,7 @@ impl VolumeRuntime {
                 *loaded = term;
             }
         }
-        if nexus.id >> NEXUS_NODE_SHIFT != self.node.id {
-            let mut remote = lock(&self.remote_nexuses);
-            if remote.insert(nexus.id, term).is_none() {
-                self.lus.nexus_attached(&nexus);
-            }
-        }
+        self.know_nexus(&nexus);
         let v = self.clone();
         let opcode = cmd.cdb.first().copied().unwrap_or(0);
         let joined = tokio::task::spawn_blocking(move || {
@@ -427,28 +437,21 @@ impl VolumeRuntime {
             }
         }
         // Identity and path state are the same on every node: answer locally, even without a
-        // leader (multipath needs them to classify paths).
-        let local = exempt || (opcode == op::MAINTENANCE_IN && cmd.cdb.get(1).map(|b| b & 0x1f) == Some(0x0a));
+        // leader (multipath needs them to classify paths). REQUEST SENSE goes to the leader,
+        // whose LU holds the nexus's unit attentions.
+        let local = matches!(opcode, op::INQUIRY | op::REPORT_LUNS)
+            || (opcode == op::MAINTENANCE_IN && cmd.cdb.get(1).map(|b| b & 0x1f) == Some(0x0a));
         if local {
-            let lus = self.lus.clone();
-            return tokio::task::spawn_blocking(move || {
-                let command = raftsan_target::lu::Command {
-                    lun: cmd.lun,
-                    cdb: &cmd.cdb,
-                    data_out: &cmd.data_out,
-                    expected_transfer_len: cmd.expected_transfer_len,
-                    task_attr: cmd.task_attr,
-                };
-                lus.execute_sync(&nexus, &command)
-            })
-            .await
-            .unwrap_or_else(|_| Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false));
+            return run_local(self.lus.clone(), nexus, cmd).await;
         }
         let Some(l) = self.wait_leader(TRANSITION_WAIT).await else {
+            if opcode == op::REQUEST_SENSE {
+                return run_local(self.lus.clone(), nexus, cmd).await;
+            }
             return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
         };
         // The leadership changed while this command waited: the initiator learns it first.
-        if self.epoch.load(Ordering::Acquire) != epoch {
+        if !exempt && self.epoch.load(Ordering::Acquire) != epoch {
             lock(&self.nexus_epochs).insert(nexus.id, self.epoch.load(Ordering::Acquire));
             return Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false);
         }
@@ -489,6 +492,20 @@ impl VolumeRuntime {
     }
 
     async fn forward(&self, leader: u64, term: u64, nexus: &Nexus, cmd: OwnedCommand) -> Result<ExecuteResponse> {
+        let attr = u32::from(cmd.task_attr);
+        self.forward_with(leader, term, nexus, cmd, attr).await
+    }
+
+    /// Sends `cmd` to the leader with `task_attr` (an iSCSI task attribute, or
+    /// [`FORWARDED_LU_RESET`]).
+    async fn forward_with(
+        &self,
+        leader: u64,
+        term: u64,
+        nexus: &Nexus,
+        cmd: OwnedCommand,
+        task_attr: u32,
+    ) -> Result<ExecuteResponse> {
         let addr = self
             .node
             .rpc_addr_of(leader)
@@ -502,7 +519,8 @@ impl VolumeRuntime {
             cdb: Bytes::from(cmd.cdb),
             data_out: cmd.data_out,
             expected_transfer_len: cmd.expected_transfer_len,
-            task_attr: u32::from(cmd.task_attr),
+            task_attr: if task_attr == FORWARDED_LU_RESET { 0 } else { task_attr },
+            lu_reset: task_attr == FORWARDED_LU_RESET,
         };
         let mut request = tonic::Request::new(req);
         request.set_timeout(FORWARD_TIMEOUT);
@@ -533,24 +551,80 @@ impl VolumeRuntime {
             .collect()
     }
 
+    /// The LU learns of `nexus` (UNIT ATTENTION 29/00) unless it already knows it.
+    fn know_nexus(&self, nexus: &Nexus) {
+        let mut known = lock(&self.known_nexuses);
+        if let std::collections::hash_map::Entry::Vacant(e) = known.entry(nexus.id) {
+            self.lus.nexus_joined(nexus);
+            e.insert(nexus.clone());
+        }
+    }
+
+    /// The nexus logged out (on any node): its unit attentions and SPC-2 reservation go.
     pub(super) fn forget_nexus(&self, nexus_id: u64) {
-        if lock(&self.remote_nexuses).remove(&nexus_id).is_some() {
-            let n = Nexus {
-                id: nexus_id,
-                initiator_name: String::new(),
-                initiator_port: String::new(),
-                isid: [0; 6],
-                target_port: TargetPort {
-                    target_name: self.target_name(),
-                    tpgt: 0,
-                    relative_port_id: 0,
-                    port_group: 0,
-                },
-            };
+        let mut known = lock(&self.known_nexuses);
+        if let Some(n) = known.remove(&nexus_id) {
             self.lus.nexus_left(&n);
         }
     }
+
+    fn forget_all_nexuses(&self) {
+        let mut known = lock(&self.known_nexuses);
+        for (_, n) in known.drain() {
+            self.lus.nexus_left(&n);
+        }
+    }
+
+    /// LOGICAL UNIT RESET of the volume, requested through `nexus`: done by the leader's LU
+    /// (UNIT ATTENTION 29/03 for every nexus it knows, SPC-2 reservation released). Without a
+    /// reachable leader there is nothing to reset: the next leader's LU starts without SPC-2
+    /// reservations and gives every nexus 29/00.
+    async fn reset(self: Arc<Self>, nexus: Nexus) {
+        let Some(l) = self.wait_leader(TRANSITION_WAIT).await else {
+            tracing::warn!(volume = self.id, "logical unit reset without a volume leader");
+            return;
+        };
+        let leader = l.leader.unwrap_or_default();
+        if leader == self.node.id {
+            if !self.reset_as_leader(l.term, &nexus) {
+                tracing::warn!(volume = self.id, "logical unit reset: leadership changed meanwhile");
+            }
+            return;
+        }
+        let cmd = OwnedCommand {
+            lun: self.lun,
+            cdb: Vec::new(),
+            data_out: Bytes::new(),
+            expected_transfer_len: 0,
+            task_attr: 0,
+        };
+        match self.forward_with(leader, l.term, &nexus, cmd, FORWARDED_LU_RESET).await {
+            Ok(r) if !r.not_leader => {}
+            Ok(_) => tracing::warn!(volume = self.id, leader, "logical unit reset: node no longer leads"),
+            Err(e) => tracing::warn!(
+                volume = self.id,
+                leader,
+                "forwarding a logical unit reset failed: {e:#}"
+            ),
+        }
+    }
+
+    /// The leader's part of [`VolumeRuntime::reset`] (also for resets other nodes forward).
+    /// False when this node does not lead the volume in `term`.
+    pub(super) fn reset_as_leader(&self, term: u64, nexus: &Nexus) -> bool {
+        let l = self.current();
+        if l.leader != Some(self.node.id) || l.term != term {
+            return false;
+        }
+        self.know_nexus(nexus);
+        self.lus.lu_reset(self.lun, nexus);
+        true
+    }
 }
+
+/// Marks a forwarded LOGICAL UNIT RESET inside this module (sent as `ExecuteRequest::lu_reset`;
+/// iSCSI task attributes are 3 bits, so no initiator's command carries it).
+const FORWARDED_LU_RESET: u32 = 0x100;
 
 /// Bits of a cluster-wide nexus id below the originating node's id.
 pub const NEXUS_NODE_SHIFT: u32 = 40;
@@ -599,6 +673,22 @@ impl AluaView for VolumeAlua {
     }
 }
 
+/// Runs a command on this node's LU, on a blocking thread.
+async fn run_local(lus: Arc<TargetLus>, nexus: Nexus, cmd: OwnedCommand) -> Outcome {
+    tokio::task::spawn_blocking(move || {
+        let command = raftsan_target::lu::Command {
+            lun: cmd.lun,
+            cdb: &cmd.cdb,
+            data_out: &cmd.data_out,
+            expected_transfer_len: cmd.expected_transfer_len,
+            task_attr: cmd.task_attr,
+        };
+        lus.execute_sync(&nexus, &command)
+    })
+    .await
+    .unwrap_or_else(|_| Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false))
+}
+
 /// Routes the commands of one target's sessions to the volumes (LUNs) behind it.
 struct ClusterRouter {
     node: Arc<Node>,
@@ -617,22 +707,17 @@ impl CommandRouter for ClusterRouter {
         let nexus = global_nexus(self.node.id, &nexus);
         match self.volumes.get(&cmd.lun) {
             Some(v) => Box::pin(v.clone().route(nexus, cmd)),
-            None => {
-                let lus = self.lus.clone();
-                Box::pin(async move {
-                    tokio::task::spawn_blocking(move || {
-                        let command = raftsan_target::lu::Command {
-                            lun: cmd.lun,
-                            cdb: &cmd.cdb,
-                            data_out: &cmd.data_out,
-                            expected_transfer_len: cmd.expected_transfer_len,
-                            task_attr: cmd.task_attr,
-                        };
-                        lus.execute_sync(&nexus, &command)
-                    })
-                    .await
-                    .unwrap_or_else(|_| Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false))
-                })
+            None => Box::pin(run_local(self.lus.clone(), nexus, cmd)),
+        }
+    }
+
+    /// A volume this node leads learns of the session now (29/00 on its first command, as a
+    /// standalone target); a remote leader's LU learns of it with its first forwarded command.
+    fn nexus_joined(&self, nexus: &Nexus) {
+        let global = global_nexus(self.node.id, nexus);
+        for v in self.volumes.values() {
+            if v.current().leader == Some(self.node.id) {
+                v.know_nexus(&global);
             }
         }
     }
@@ -641,15 +726,50 @@ impl CommandRouter for ClusterRouter {
         let global = global_nexus(self.node.id, nexus);
         for v in self.volumes.values() {
             lock(&v.nexus_epochs).remove(&global.id);
+            v.forget_nexus(global.id);
             let leader = v.current().leader;
             if let Some(leader) = leader.filter(|l| *l != self.node.id) {
                 let node = self.node.clone();
                 let volume = v.id;
                 tokio::spawn(async move { node.forget_remote_nexus(leader, volume, global.id).await });
-            } else {
-                v.forget_nexus(global.id);
             }
         }
+    }
+
+    /// LOGICAL UNIT RESET and target resets act on the volumes' leaders (where the nexuses'
+    /// unit attentions and SPC-2 reservations are); LUNs without a volume reset locally.
+    fn reset(
+        &self,
+        _target: Arc<TargetRuntime>,
+        nexus: Nexus,
+        reset: Reset,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        let nexus = global_nexus(self.node.id, &nexus);
+        let lus = self.lus.clone();
+        let volumes: Vec<Arc<VolumeRuntime>> = match reset {
+            Reset::Lun(lun) => self.volumes.get(&lun).cloned().into_iter().collect(),
+            Reset::Target => self.volumes.values().cloned().collect(),
+        };
+        let local: Vec<u64> = match reset {
+            Reset::Lun(lun) if !self.volumes.contains_key(&lun) => vec![lun],
+            Reset::Lun(_) => Vec::new(),
+            Reset::Target => lus
+                .luns()
+                .into_iter()
+                .map(|l| l.lun)
+                .filter(|l| !self.volumes.contains_key(l))
+                .collect(),
+        };
+        Box::pin(async move {
+            let mut found = !volumes.is_empty();
+            for lun in local {
+                found |= lus.lu_reset(lun, &nexus);
+            }
+            for v in volumes {
+                v.reset(nexus.clone()).await;
+            }
+            found || reset == Reset::Target
+        })
     }
 }
 

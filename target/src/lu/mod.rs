@@ -517,19 +517,6 @@ impl TargetLus {
         }
     }
 
-    /// Registers an I_T nexus that already exists elsewhere (a session of another cluster node
-    /// whose commands this node now executes as the new leader): PR unit attentions reach it,
-    /// and no POWER ON/RESET unit attention is raised, since the session did not reset (the
-    /// node it is on reports the access state change itself).
-    pub fn nexus_attached(&self, nexus: &Nexus) {
-        if let Ok(mut n) = self.nexuses.lock() {
-            n.insert(
-                nexus.id,
-                (nexus.initiator_port.clone(), nexus.target_port.relative_port_id),
-            );
-        }
-    }
-
     /// The I_T nexus is gone: its unit attentions go, and PR forgets SPC-2 reservations it held.
     pub fn nexus_left(&self, nexus: &Nexus) {
         if let Ok(mut n) = self.nexuses.lock() {

@@ -33,7 +33,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc, watch};
 
-use super::{OwnedCommand, PortalServer, SessionInfo, TargetRuntime, lock};
+use super::{OwnedCommand, PortalServer, Reset, SessionInfo, TargetRuntime, lock};
 use crate::lu::{Command, Nexus, TargetPort};
 use crate::metrics::Op;
 
@@ -427,9 +427,9 @@ impl Conn {
                     port_group: settings.port_group,
                 },
             };
-            t.lus.nexus_joined(&nexus);
-            if let Some(r) = &t.router {
-                r.nexus_joined(&nexus);
+            match &t.router {
+                Some(r) => r.nexus_joined(&nexus),
+                None => t.lus.nexus_joined(&nexus),
             }
             Arc::new(Session {
                 target: t.clone(),
@@ -509,9 +509,9 @@ impl Conn {
                 t.aborted.store(true, Ordering::Release);
                 wait_done(&t).await;
             }
-            s.target.lus.nexus_left(&s.nexus);
-            if let Some(r) = &s.target.router {
-                r.nexus_left(&s.nexus);
+            match &s.target.router {
+                Some(r) => r.nexus_left(&s.nexus),
+                None => s.target.lus.nexus_left(&s.nexus),
             }
         }
         let _ = ffp.out.try_send(Out::Close);
@@ -533,6 +533,15 @@ fn fail_status(r: &mut raftsan_proto::login::LoginResponse, class: u8, detail: u
     r.status_detail = detail;
     r.transit = false;
     r.data.clear();
+}
+
+/// The LU side of a reset: the router's when the target has one (the cluster resets the
+/// volume's leader), else the target's own LUs.
+async fn reset(s: &Session, what: Reset) -> bool {
+    match &s.target.router {
+        Some(r) => r.reset(s.target.clone(), s.nexus.clone(), what).await,
+        None => s.target.reset_local(&s.nexus, what),
+    }
 }
 
 async fn wait_done(t: &TaskCtl) {
@@ -1008,7 +1017,7 @@ impl FullFeature {
                 }
                 tmf::LOGICAL_UNIT_RESET => {
                     self.abort_where(&s, |lun| lun == t.lun).await;
-                    if s.target.lus.lu_reset(t.lun, &s.nexus) {
+                    if reset(&s, Reset::Lun(t.lun)).await {
                         tracing::info!(tsih = self.tsih, lun = t.lun, "logical unit reset");
                         tmf::FUNCTION_COMPLETE
                     } else {
@@ -1017,7 +1026,7 @@ impl FullFeature {
                 }
                 tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                     self.abort_where(&s, |_| true).await;
-                    s.target.lus.target_reset(&s.nexus);
+                    reset(&s, Reset::Target).await;
                     tracing::info!(tsih = self.tsih, function = t.function, "target reset");
                     tmf::FUNCTION_COMPLETE
                 }

@@ -18,8 +18,9 @@
 //! [`PortalServer::set_targets`]. A session holds the [`TargetRuntime`] it logged into, so the
 //! targets map is read at login and SendTargets only, never per command. A target built with a
 //! [`CommandRouter`] has every SCSI command of its sessions run by the router instead of its
-//! logical units; the portal keeps doing everything else (CmdSN window, R2T, Data-In, task
-//! management, metrics).
+//! logical units; the portal keeps doing everything else (CmdSN window, R2T, Data-In, aborting
+//! its own tasks, metrics). The LUs of a routed target hear of sessions and resets only through
+//! the router ([`CommandRouter::nexus_joined`], [`CommandRouter::reset`]).
 
 mod conn;
 #[cfg(test)]
@@ -116,10 +117,33 @@ pub trait CommandRouter: Send + Sync + 'static {
         nexus: Nexus,
         cmd: OwnedCommand,
     ) -> Pin<Box<dyn Future<Output = Outcome> + Send>>;
-    /// A session of this node started (after the target's LUs learnt of it).
+    /// A session of this node started. The portal does not tell the target's LUs of a routed
+    /// target's sessions: the router decides which LU keeps the nexus's state (unit attentions,
+    /// SPC-2 reservations).
     fn nexus_joined(&self, _nexus: &Nexus) {}
     /// A session of this node ended (logout, connection loss), after its last command finished.
+    /// As for [`CommandRouter::nexus_joined`], the LUs hear of it only through the router.
     fn nexus_left(&self, _nexus: &Nexus) {}
+    /// The LU side of LOGICAL UNIT RESET or a target reset requested on a session of this node,
+    /// after the portal aborted the session's own tasks. True: done (false: no such LUN). The
+    /// default resets the target's local LUs, as a target without a router does.
+    fn reset(
+        &self,
+        target: Arc<TargetRuntime>,
+        nexus: Nexus,
+        reset: Reset,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        Box::pin(std::future::ready(target.reset_local(&nexus, reset)))
+    }
+}
+
+/// What a task management function resets (the portal aborts the session's tasks itself).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reset {
+    /// LOGICAL UNIT RESET of this LUN.
+    Lun(u64),
+    /// TARGET WARM RESET or TARGET COLD RESET: every LU.
+    Target,
 }
 
 /// A target as the portal serves it: its definition, its logical units, an optional command
@@ -150,6 +174,17 @@ impl TargetRuntime {
 
     pub fn router(&self) -> Option<&Arc<dyn CommandRouter>> {
         self.router.as_ref()
+    }
+
+    /// `reset` on this target's own LUs. False when `reset` names a LUN it does not have.
+    pub fn reset_local(&self, nexus: &Nexus, reset: Reset) -> bool {
+        match reset {
+            Reset::Lun(lun) => self.lus.lu_reset(lun, nexus),
+            Reset::Target => {
+                self.lus.target_reset(nexus);
+                true
+            }
+        }
     }
 }
 

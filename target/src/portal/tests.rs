@@ -58,6 +58,7 @@ struct Seen {
     commands: Vec<(u64, Vec<u8>, usize, u32)>,
     joined: Vec<u64>,
     left: Vec<u64>,
+    resets: Vec<Reset>,
 }
 
 /// Answers every command with NOT READY, ASYMMETRIC ACCESS STATE TRANSITION.
@@ -87,6 +88,16 @@ impl CommandRouter for FakeRouter {
 
     fn nexus_left(&self, nexus: &Nexus) {
         lock(&self.seen).left.push(nexus.id);
+    }
+
+    fn reset(
+        &self,
+        _target: Arc<TargetRuntime>,
+        _nexus: Nexus,
+        reset: Reset,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send>> {
+        lock(&self.seen).resets.push(reset);
+        Box::pin(async move { reset != Reset::Lun(9) })
     }
 }
 
@@ -212,6 +223,29 @@ impl Client {
         }
     }
 
+    /// Sends a task management function and returns its response code.
+    async fn task_mgmt(&mut self, function: u8, lun: u64) -> u8 {
+        let t = pdu::TaskMgmtRequest {
+            immediate: true,
+            function,
+            lun,
+            itt: self.itt,
+            referenced_task_tag: pdu::RESERVED_TAG,
+            cmdsn: self.cmdsn,
+            exp_statsn: self.statsn,
+            ref_cmdsn: 0,
+            exp_datasn: 0,
+        };
+        self.itt += 1;
+        self.send(t.to_bhs(), &[]).await;
+        loop {
+            let p = self.recv().await.expect("a Task Management Response");
+            if p.bhs.opcode() == Opcode::TaskMgmtResponse {
+                return p.bhs.0[2];
+            }
+        }
+    }
+
     async fn logout(&mut self) {
         let l = LogoutRequest {
             immediate: true,
@@ -297,6 +331,59 @@ async fn router_runs_every_command() {
     );
     assert_eq!(seen.joined.len(), 1);
     assert_eq!(seen.left, seen.joined);
+    server.shutdown();
+}
+
+/// With a router, LOGICAL UNIT RESET and target resets reach the router (the cluster resets the
+/// volume's leader), not the local LUs, and the local LUs hear nothing of the session (no
+/// UNIT ATTENTION 29/00 raised here: the router decides where the nexus's state lives).
+#[tokio::test]
+async fn router_gets_the_resets() {
+    let server = PortalServer::empty(settings());
+    let router = Arc::new(FakeRouter::default());
+    let local = lus(TARGET);
+    server.set_targets(vec![TargetRuntime::new(
+        target_def(TARGET),
+        local.clone(),
+        Some(router.clone()),
+    )]);
+    let addr = start(&server).await;
+    let mut c = Client::connect(addr).await;
+    c.login(Some(TARGET)).await;
+    assert_eq!(c.task_mgmt(5, 1).await, 0, "LOGICAL UNIT RESET: function complete");
+    assert_eq!(
+        c.task_mgmt(5, 9).await,
+        2,
+        "LOGICAL UNIT RESET of a LUN the router lacks"
+    );
+    assert_eq!(c.task_mgmt(6, 0).await, 0, "TARGET WARM RESET");
+    c.logout().await;
+    assert_eq!(
+        lock(&router.seen).resets,
+        vec![Reset::Lun(1), Reset::Lun(9), Reset::Target]
+    );
+    // The local LU never learnt of the session: a local command of another nexus sees no UA
+    // and the session's id has no unit attention queued.
+    let nexus = Nexus {
+        id: lock(&router.seen).joined[0],
+        initiator_name: INITIATOR.into(),
+        initiator_port: format!("{INITIATOR},i,0x400000000001"),
+        isid: [0x40, 0, 0, 0, 0, 1],
+        target_port: crate::lu::TargetPort {
+            target_name: TARGET.into(),
+            tpgt: 1,
+            relative_port_id: 1,
+            port_group: 1,
+        },
+    };
+    let tur = crate::lu::Command {
+        lun: 1,
+        cdb: &[0; 6],
+        data_out: &[],
+        expected_transfer_len: 0,
+        task_attr: 0,
+    };
+    assert_eq!(local.execute_sync(&nexus, &tur).status, status::GOOD);
     server.shutdown();
 }
 
