@@ -109,7 +109,7 @@ fn write_one_portal_read_all_kill_leader_restart_converge() -> Result<()> {
     // kill -9 the volume leader while a client writes 32 MiB through another node's portal.
     let l = leader(&mut c, vol)?;
     let via = [1u64, 2, 3].into_iter().find(|n| *n != l).unwrap_or(1);
-    let data2 = pseudo_random(32 << 20, 2);
+    let data2 = pseudo_random(48 << 20, 2);
     let src2 = dir.join("data2.raw");
     fs::write(&src2, &data2)?;
     let writer_url = url(&c, via, &target, lun)?;
@@ -122,7 +122,12 @@ fn write_one_portal_read_all_kill_leader_restart_converge() -> Result<()> {
         .stderr(Stdio::piped())
         .spawn()
         .context("starting qemu-img")?;
-    std::thread::sleep(Duration::from_millis(700));
+    let mut writer = writer;
+    std::thread::sleep(Duration::from_millis(300));
+    ensure!(
+        writer.try_wait()?.is_none(),
+        "the writer finished before the kill; write more"
+    );
     let killed_at = Instant::now();
     c.signal(l, libc::SIGKILL)?;
     let out = writer.wait_with_output()?;
@@ -131,8 +136,10 @@ fn write_one_portal_read_all_kill_leader_restart_converge() -> Result<()> {
         "the client's writes failed after kill -9 of leader node {l}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let new_leader = leader(&mut c, vol)?;
-    ensure!(new_leader != l, "leader did not move away from the killed node");
+    let s = c.wait_for("a leader other than the killed node", Duration::from_secs(15), |s| {
+        group_leader(s, vol).is_some_and(|x| x != l)
+    })?;
+    let new_leader = group_leader(&s, vol).context("no leader")?;
     println!(
         "leader {l} killed; writes completed {:.2} s later; new leader {new_leader}",
         killed_at.elapsed().as_secs_f64()
