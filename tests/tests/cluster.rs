@@ -431,6 +431,18 @@ fn graceful_stop_hands_over_leadership_resize_grows_every_path_delete_removes() 
     );
     c.spawn(l)?;
 
+    // Every portal reports the same identity, the one docs/linux-clients.md's multipath stanza
+    // matches.
+    for n in [1u64, 2, 3] {
+        let inq = run(Command::new("iscsi-inq").arg(url(&c, n, &target, lun)?), CLIENT)?;
+        ensure!(inq.success(), "{}", inq.combined());
+        ensure!(
+            inq.stdout.contains("RAFTSAN") && inq.stdout.contains("VIRTUAL-DISK"),
+            "node {n} INQUIRY:\n{}",
+            inq.stdout
+        );
+    }
+
     // Resize: every portal reports the new capacity.
     let out = c.admin(&["volume", "resize", "v5", "--size", "64M"])?;
     ensure!(out.success(), "{}", out.combined());

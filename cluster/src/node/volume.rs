@@ -59,9 +59,10 @@ pub const PROPOSE_RETRY: Duration = Duration::from_millis(10);
 /// Upper bound on a forwarded command.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Default INQUIRY identity of cluster volumes.
+/// INQUIRY identity of cluster volumes: the standalone defaults, so one dm-multipath `device`
+/// stanza (docs/linux-clients.md) matches both.
 pub const VENDOR: &str = "RAFTSAN";
-pub const PRODUCT: &str = "VOLUME";
+pub const PRODUCT: &str = "VIRTUAL-DISK";
 
 thread_local! {
     /// Set by [`ReplicatedStore`] when a proposal or read barrier failed because this node is no
