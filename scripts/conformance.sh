@@ -5,8 +5,9 @@
 #
 # cluster: a three-node raftsan cluster (set up by `raftsan demo --check-only` on 127.0.0.44-46,
 # then served with relaxed NOP-In and Raft timings, see lib.sh start_cluster_relaxed) with one
-# replicated volume; iscsi-test-cu talks to node 1's portal (the volume leader may be any node)
-# and gets node 2's portal as the second path. Its floor is the "<N> cluster" line.
+# replicated volume; once its leadership settled (leaders move to the volume's preferred node),
+# iscsi-test-cu talks to the leader's portal and gets another node's portal as the second path
+# (forwarded to the leader). Its floor is the "<N> cluster" line.
 # Starts SUBJECT on a loopback portal (tgtd 127.0.0.41:3260, raftsan 127.0.0.42:3260) with one
 # 1 GiB sparse file-backed LUN (LUN 1, as tgt numbers them) and open ACLs, runs iscsi-test-cu in
 # XML mode with two initiator names (the persistent-reservation tests need two I_T nexuses),
@@ -75,6 +76,10 @@ raftsan) start_raftsan "$ADDR" "$PORT" "$CONF" "$WORK/data" "$DAEMON_LOG" "$ADDR
 cluster)
     start_cluster_relaxed "$ADDR" "$WORK/cluster" "$DAEMON_LOG" "$LUN_SIZE"
     IQN="iqn.2026-11.org.raftsan:demo"
+    # The first path on the volume leader (executed there), the second on another node
+    # (forwarded to it).
+    ADDR=$CLUSTER_LEADER_IP
+    ADDR2=$CLUSTER_OTHER_IP
     ;;
 esac
 PID=$STARTED_PID

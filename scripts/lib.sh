@@ -162,16 +162,30 @@ start_cluster_relaxed() {
         ip="${first%.*}.$((base + i - 1))"
         wait_port "$ip" 3260 "$STARTED_PID" 60 || die "node $i portal $ip:3260 not up; log: $dir/node$i/serve.log"
     done
-    for ((i = 0; i < 600; i++)); do
-        if grep -q 'volume leadership changed.*leader=Some' "$dir"/node1/serve.log 2>/dev/null &&
-            grep -q 'volume leadership changed.*leader=Some' "$dir"/node2/serve.log 2>/dev/null &&
-            grep -q 'volume leadership changed.*leader=Some' "$dir"/node3/serve.log 2>/dev/null; then
-            return 0
-        fi
+    # The volume's leader settles: leadership moves to the volume's preferred replica 5 s after
+    # an election (leader spreading), so wait until the same node has led for 8 s in a row.
+    # CLUSTER_LEADER_IP is its portal address, CLUSTER_OTHER_IP another node's.
+    local leader="" last="" since=0 now status
+    for ((i = 0; i < 240; i++)); do
         kill -0 "$STARTED_PID" 2>/dev/null || die "cluster nodes exited; logs: $dir/node*/serve.log"
-        sleep 0.1
+        status=$("$bin" status --json --config "$dir/node1/node.toml" 2>/dev/null || true)
+        leader=$(jq -r '[.nodes[].groups[] | select(.name == "demo" and .leader != 0)] | max_by(.term) | .leader // empty' \
+            <<<"$status" 2>/dev/null || true)
+        now=$(date +%s)
+        if [[ -n "$leader" && "$leader" == "$last" ]]; then
+            if ((now - since >= 8)); then
+                CLUSTER_LEADER_IP="${first%.*}.$((base + leader - 1))"
+                CLUSTER_OTHER_IP="${first%.*}.$((base + (leader % 3)))"
+                log "cluster volume leader: node $leader ($CLUSTER_LEADER_IP), second path $CLUSTER_OTHER_IP"
+                return 0
+            fi
+        else
+            last=$leader
+            since=$now
+        fi
+        sleep 0.5
     done
-    die "no volume leader within 60 s; logs: $dir/node*/serve.log"
+    die "the volume's leader did not settle within 120 s; logs: $dir/node*/serve.log"
 }
 
 # stop_pid PID [SIGNAL]: SIGNAL (default TERM), then SIGKILL after 5 s. tgtd ignores SIGTERM once

@@ -20,7 +20,7 @@ use prost::Message;
 use super::{Node, RaftGroup};
 use crate::pb::cluster::cluster_client::ClusterClient;
 use crate::pb::cluster::{Catalogue, MetaCommand, meta_command::Cmd};
-use crate::raft::{META_GROUP, Request, Response};
+use crate::raft::{Request, Response};
 use crate::rpc::{Channels, TlsFiles};
 
 /// How long a membership step may take before the leader retries it on its next round.
@@ -83,20 +83,7 @@ async fn duty_round(node: &Arc<Node>) -> Result<()> {
         let Some(info) = cat.volumes.iter().find(|x| x.id == g.id) else {
             continue;
         };
-        let want: BTreeMap<u64, BasicNode> = info
-            .replicas
-            .iter()
-            .filter_map(|r| {
-                cat.nodes.iter().find(|n| n.id == *r).map(|n| {
-                    (
-                        *r,
-                        BasicNode {
-                            addr: n.rpc_addr.clone(),
-                        },
-                    )
-                })
-            })
-            .collect();
+        let want = super::replica_members(&cat, info);
         if !want.is_empty() {
             align_voters(&g.raft, &want, &info.name).await?;
         }
@@ -263,9 +250,4 @@ impl AdminClient {
             .map_err(|s| anyhow!("{}: {}", self.addr, s.message()))?;
         Ok(s.into_inner().catalogue.unwrap_or_default())
     }
-}
-
-/// True when `group` is the metadata group.
-pub(crate) fn is_meta(group: u64) -> bool {
-    group == META_GROUP
 }

@@ -34,15 +34,7 @@ fn sample(node: &Node, last_leader: &mut HashMap<u64, Option<u64>>) {
     let cat = node.catalogue();
     let groups: Vec<_> = node.read_groups().values().cloned().collect();
     for g in groups {
-        let name = if g.id == crate::raft::META_GROUP {
-            "metadata".to_string()
-        } else {
-            cat.volumes
-                .iter()
-                .find(|v| v.id == g.id)
-                .map(|v| v.name.clone())
-                .unwrap_or_else(|| format!("volume-{}", g.id))
-        };
+        let name = super::group_name(&cat, g.id);
         let m = g.raft.metrics().borrow_watched().clone();
         let labels = [("group", name.clone())];
         metrics::gauge!("raftsan_raft_term", &labels).set(m.current_term as f64);

@@ -443,21 +443,7 @@ impl Node {
             n => Some(n),
         };
         if first == Some(self.id) && !raft.is_initialized().await.map_err(|e| anyhow!("{e}"))? {
-            let cat = self.catalogue();
-            let members: BTreeMap<u64, BasicNode> = info
-                .replicas
-                .iter()
-                .filter_map(|r| {
-                    cat.nodes.iter().find(|n| n.id == *r).map(|n| {
-                        (
-                            *r,
-                            BasicNode {
-                                addr: n.rpc_addr.clone(),
-                            },
-                        )
-                    })
-                })
-                .collect();
+            let members = replica_members(&self.catalogue(), info);
             if let Err(e) = raft.initialize(members).await {
                 tracing::debug!(volume = %info.name, "initialize: {e}");
             }
@@ -526,6 +512,35 @@ impl Node {
             let _ = g.raft.shutdown().await;
         }
     }
+}
+
+/// The Raft members of volume `info`: its replicas with their RPC addresses from the catalogue.
+pub(crate) fn replica_members(cat: &Catalogue, info: &VolumeInfo) -> BTreeMap<u64, BasicNode> {
+    info.replicas
+        .iter()
+        .filter_map(|r| {
+            cat.nodes.iter().find(|n| n.id == *r).map(|n| {
+                (
+                    *r,
+                    BasicNode {
+                        addr: n.rpc_addr.clone(),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// How status and metrics name group `id`: "metadata" or the volume's name.
+pub(crate) fn group_name(cat: &Catalogue, id: GroupId) -> String {
+    if id == META_GROUP {
+        return "metadata".to_string();
+    }
+    cat.volumes
+        .iter()
+        .find(|v| v.id == id)
+        .map(|v| v.name.clone())
+        .unwrap_or_else(|| format!("volume-{id}"))
 }
 
 impl GroupRegistry<GroupStateMachine> for Node {

@@ -70,15 +70,7 @@ impl ClusterService {
         let all: Vec<_> = self.node.read_groups().values().cloned().collect();
         for g in all {
             let m = g.raft.metrics().borrow_watched().clone();
-            let name = if super::admin::is_meta(g.id) {
-                "metadata".to_string()
-            } else {
-                cat.volumes
-                    .iter()
-                    .find(|v| v.id == g.id)
-                    .map(|v| v.name.clone())
-                    .unwrap_or_else(|| format!("volume-{}", g.id))
-            };
+            let name = super::group_name(&cat, g.id);
             let last = m.last_log_index.unwrap_or(0);
             let followers = m
                 .replication
