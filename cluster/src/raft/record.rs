@@ -355,28 +355,12 @@ pub fn entry_to_record(entry: &Entry) -> EntryRecord {
                 membership: None,
             }
         }
-        EntryPayload::Membership(m) => {
-            let configs = m
-                .get_joint_config()
-                .iter()
-                .map(|set| NodeSetRecord {
-                    ids: set.iter().copied().collect(),
-                })
-                .collect();
-            let nodes = m
-                .nodes()
-                .map(|(id, n)| NodeRecord {
-                    id: *id,
-                    addr: n.addr.clone(),
-                })
-                .collect();
-            EntryRecord {
-                log_id,
-                kind: KIND_MEMBERSHIP,
-                app: None,
-                membership: Some(MembershipRecord { configs, nodes }),
-            }
-        }
+        EntryPayload::Membership(m) => EntryRecord {
+            log_id,
+            kind: KIND_MEMBERSHIP,
+            app: None,
+            membership: Some(membership_to_record(m)),
+        },
     }
 }
 
@@ -421,19 +405,41 @@ pub fn record_to_entry(rec: &EntryRecord) -> io::Result<Entry> {
                 .membership
                 .as_ref()
                 .ok_or_else(|| invalid(format!("membership entry {} without membership", log_id.index)))?;
-            let configs: Vec<BTreeSet<u64>> = m.configs.iter().map(|c| c.ids.iter().copied().collect()).collect();
-            let nodes: BTreeMap<u64, BasicNode> = m
-                .nodes
-                .iter()
-                .map(|n| (n.id, BasicNode { addr: n.addr.clone() }))
-                .collect();
-            let membership = Membership::new(configs, nodes)
-                .map_err(|e| invalid(format!("entry {}: bad membership: {e}", log_id.index)))?;
-            EntryPayload::Membership(membership)
+            EntryPayload::Membership(membership_from_record(m, &format!("entry {}", log_id.index))?)
         }
         kind => return Err(invalid(format!("entry {}: unknown kind {kind}", log_id.index))),
     };
     Ok(Entry { log_id, payload })
+}
+
+/// A membership config in its persisted form (log entries, state-machine state, the wire).
+pub fn membership_to_record(m: &Membership<u64, BasicNode>) -> MembershipRecord {
+    let configs = m
+        .get_joint_config()
+        .iter()
+        .map(|set| NodeSetRecord {
+            ids: set.iter().copied().collect(),
+        })
+        .collect();
+    let nodes = m
+        .nodes()
+        .map(|(id, n)| NodeRecord {
+            id: *id,
+            addr: n.addr.clone(),
+        })
+        .collect();
+    MembershipRecord { configs, nodes }
+}
+
+/// The inverse of [`membership_to_record`]; `what` names the record in the error.
+pub fn membership_from_record(m: &MembershipRecord, what: &str) -> io::Result<Membership<u64, BasicNode>> {
+    let configs: Vec<BTreeSet<u64>> = m.configs.iter().map(|c| c.ids.iter().copied().collect()).collect();
+    let nodes: BTreeMap<u64, BasicNode> = m
+        .nodes
+        .iter()
+        .map(|n| (n.id, BasicNode { addr: n.addr.clone() }))
+        .collect();
+    Membership::new(configs, nodes).map_err(|e| invalid(format!("{what}: bad membership: {e}")))
 }
 
 /// Encode `entry` as a framed record appended to `out`.

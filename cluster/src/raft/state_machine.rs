@@ -68,13 +68,13 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
-use openraft::{BasicNode, EntryPayload, Membership, OptionalSend};
+use openraft::{EntryPayload, Membership, OptionalSend};
 use prost::Message;
 use raftsan_target::backing::{BackingStore, FileStore};
 use tokio::sync::watch;
 
 use super::journal::{JournalReader, JournalWriter, MAX_CHUNK};
-use super::record::{self, LogIdRecord, MembershipRecord, NodeRecord, NodeSetRecord};
+use super::record::{self, LogIdRecord, MembershipRecord};
 use super::types::{Request, Response, SnapshotBase, SnapshotData, TypeConfig};
 use crate::pb::cluster::{Catalogue, MetaCommand};
 
@@ -197,23 +197,9 @@ fn index_of(id: Option<&LogIdRecord>) -> Option<u64> {
 }
 
 fn membership_to_record(m: &StoredMembership) -> StoredMembershipRecord {
-    let configs = m
-        .get_joint_config()
-        .iter()
-        .map(|set| NodeSetRecord {
-            ids: set.iter().copied().collect(),
-        })
-        .collect();
-    let nodes = m
-        .nodes()
-        .map(|(id, n)| NodeRecord {
-            id: *id,
-            addr: n.addr.clone(),
-        })
-        .collect();
     StoredMembershipRecord {
         log_id: m.log_id().as_ref().map(LogIdRecord::from),
-        membership: Some(MembershipRecord { configs, nodes }),
+        membership: Some(record::membership_to_record(m.membership())),
     }
 }
 
@@ -223,15 +209,7 @@ fn membership_from_record(r: Option<&StoredMembershipRecord>, what: &str) -> io:
     };
     let membership = match &r.membership {
         None => Membership::default(),
-        Some(m) => {
-            let configs = m.configs.iter().map(|c| c.ids.iter().copied().collect()).collect();
-            let nodes: BTreeMap<u64, BasicNode> = m
-                .nodes
-                .iter()
-                .map(|n| (n.id, BasicNode { addr: n.addr.clone() }))
-                .collect();
-            Membership::new(configs, nodes).map_err(|e| invalid(format!("{what}: bad membership: {e}")))?
-        }
+        Some(m) => record::membership_from_record(m, what)?,
     };
     Ok(StoredMembership::new(r.log_id.as_ref().map(LogId::from), membership))
 }

@@ -1,10 +1,10 @@
 use std::sync::mpsc;
 
-use openraft::StorageError;
 use openraft::entry::RaftEntry;
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::type_config::TypeConfigExt;
 use openraft::vote::RaftLeaderId;
+use openraft::{BasicNode, StorageError};
 use tempfile::TempDir;
 
 use super::*;
