@@ -2,3 +2,5 @@
 //! `raftsan_proto`'s initiator-side machines.
 pub mod multipath;
 pub mod scsi;
+pub mod settings;
+pub mod volume;
