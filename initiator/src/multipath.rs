@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
@@ -168,7 +168,7 @@ pub enum MultipathError {
 }
 
 /// Where a path is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathStatus {
     Connecting,
@@ -190,7 +190,7 @@ impl fmt::Display for PathStatus {
 }
 
 /// A path as `session` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PathView {
     pub portal: String,
     pub tpgt: Option<u16>,
@@ -208,7 +208,7 @@ pub struct PathView {
 }
 
 /// The whole device as `session` shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MultipathView {
     pub target: String,
     pub lun: u64,

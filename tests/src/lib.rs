@@ -11,6 +11,7 @@
 //! * A missing `raftsan` binary is a test failure with instructions, never a skip.
 
 pub mod cluster;
+pub mod initiator;
 pub mod raw;
 
 use std::fs::{self, File, OpenOptions};
