@@ -1689,6 +1689,8 @@ impl Driver {
                 } else {
                     SessionError::Closed
                 };
+                // Dead before the caller hears back, so `is_alive` is false once logout returns.
+                self.dead.send_replace(Some(reason.clone()));
                 if let Some(reply) = reply {
                     let _ = reply.send(if r.response == 0 {
                         Ok(())

@@ -97,6 +97,20 @@ fn read16(lba: u64, blocks: u32) -> Command {
     }
 }
 
+/// Runs `cmd`, retrying on UNIT ATTENTION (SPC-4 §5.14: the first command of a new I_T nexus
+/// reports power on/reset 29/00), as a SCSI layer above the session would.
+async fn exec(s: &Session, cmd: Command) -> Result<CommandResult, SessionError> {
+    let mut tries = 0;
+    loop {
+        let r = s.execute(cmd.clone()).await?;
+        let unit_attention = r.status == 2 && r.sense.as_ref().is_some_and(|d| d.len() > 2 && d[2] & 0x0f == 6);
+        tries += 1;
+        if !unit_attention || tries == 4 {
+            return Ok(r);
+        }
+    }
+}
+
 fn good(r: &CommandResult, what: &str) -> Result<()> {
     ensure!(
         r.status == 0,
@@ -126,7 +140,7 @@ async fn write_read_back(s: &Session, lba: u64, data: &Bytes, piece: usize, use1
         } else {
             write10(at as u32, chunk)
         };
-        good(&s.execute(cmd).await?, "write")?;
+        good(&exec(&s, cmd).await?, "write")?;
         off += len;
     }
     let mut back = BytesMut::new();
@@ -134,9 +148,7 @@ async fn write_read_back(s: &Session, lba: u64, data: &Bytes, piece: usize, use1
     let mut off = 0;
     while off < data.len() {
         let len = step.min(data.len() - off);
-        let r = s
-            .execute(read16(lba + (off / BLOCK) as u64, (len / BLOCK) as u32))
-            .await?;
+        let r = exec(&s, read16(lba + (off / BLOCK) as u64, (len / BLOCK) as u32)).await?;
         good(&r, "read")?;
         ensure!(
             r.data.len() == len,
@@ -176,7 +188,7 @@ fn io_suite(kind: Kind) -> Result<()> {
         let s = Session::login(p, config(iqn)).await?;
         let n = s.negotiated().clone();
         ensure!(n.tsih != 0 && n.tpgt.is_some(), "{n:?}");
-        let cap = s.execute(read_capacity16()).await?;
+        let cap = exec(&s, read_capacity16()).await?;
         good(&cap, "READ CAPACITY(16)")?;
         ensure!(cap.data.len() >= 12, "short READ CAPACITY data");
         let last_lba = u64::from_be_bytes(cap.data[..8].try_into()?);
@@ -196,8 +208,8 @@ fn io_suite(kind: Kind) -> Result<()> {
             jobs.push(tokio::spawn(async move {
                 let data = random(16 * 1024, 100 + i);
                 let lba = 8192 + i * 32;
-                good(&s.execute(write16(lba, data.clone())).await?, "concurrent write")?;
-                let r = s.execute(read16(lba, 32)).await?;
+                good(&exec(&s, write16(lba, data.clone())).await?, "concurrent write")?;
+                let r = exec(&s, read16(lba, 32)).await?;
                 good(&r, "concurrent read")?;
                 ensure!(r.data == data, "concurrent extent {i} differs");
                 Ok::<_, anyhow::Error>(())
@@ -212,18 +224,27 @@ fn io_suite(kind: Kind) -> Result<()> {
             matches!(s.closed().await, SessionError::Closed),
             "closed() after logout"
         );
-        match s.execute(read_capacity16()).await {
+        match exec(&s, read_capacity16()).await {
             Err(SessionError::Closed) => {}
             other => bail!("execute after logout: {other:?}"),
         }
 
-        // Digests, InitialR2T=Yes, ImmediateData=No: every byte goes by R2T; WRITE(16).
+        // Digests, InitialR2T=Yes, ImmediateData=No: every byte goes by R2T; WRITE(16). tgtd
+        // negotiates digests only once its target asks for them (tgtadm(8)).
+        if kind == Kind::Tgtd {
+            for key in ["HeaderDigest", "DataDigest"] {
+                daemon.tgtadm(&[
+                    "--lld", "iscsi", "--op", "update", "--mode", "target", "--tid", "1", "-n", key, "-v", "CRC32C",
+                ])?;
+            }
+        }
         let cfg = SessionConfig {
             header_digest: true,
             data_digest: true,
             initial_r2t: true,
             immediate_data: false,
             max_burst_length: 128 * 1024,
+            first_burst_length: 64 * 1024,
             ..config(iqn)
         };
         let s = Session::login(p, cfg).await?;
@@ -237,6 +258,8 @@ fn io_suite(kind: Kind) -> Result<()> {
         let cfg = SessionConfig {
             initial_r2t: true,
             immediate_data: true,
+            header_digest: true,
+            data_digest: true,
             ..config(iqn)
         };
         let s2 = Session::login(p, cfg).await?;
@@ -246,8 +269,8 @@ fn io_suite(kind: Kind) -> Result<()> {
         s2.logout().await?;
         Ok::<_, anyhow::Error>(())
     })?;
-    drop(daemon);
     let stored = std::fs::read(&backing)?;
+    daemon.stop()?;
     ensure!(
         stored[..MIB as usize] == random(MIB as usize, 1)[..],
         "backing file differs from the first MiB written"
@@ -300,7 +323,7 @@ fn chap_suite(kind: Kind) -> Result<()> {
         // RFC 7143 §12.1.3: the right secret logs in.
         let s = Session::login(p, with(IN_SECRET, None)).await?;
         ensure!(s.negotiated().chap_algorithm.is_some() && !s.negotiated().target_authenticated);
-        good(&s.execute(read_capacity16()).await?, "READ CAPACITY after CHAP")?;
+        good(&exec(&s, read_capacity16()).await?, "READ CAPACITY after CHAP")?;
         s.logout().await?;
         // A wrong secret: 0201.
         match Session::login(p, with("wrong-secret", None)).await {
@@ -416,7 +439,7 @@ fn stall_suite(kind: Kind) -> Result<()> {
             },
         )
         .await?;
-        good(&commands.execute(read16(0, 8)).await?, "read before the stall")?;
+        good(&exec(&commands, read16(0, 8)).await?, "read before the stall")?;
         // Let a few pings pass while the target is healthy.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         ensure!(keepalive.is_alive(), "keepalive session died on a healthy target");
@@ -424,7 +447,7 @@ fn stall_suite(kind: Kind) -> Result<()> {
         signal(pid, libc::SIGSTOP);
         let resume = Resume(pid);
         let started = Instant::now();
-        let (timed_out, dead) = tokio::join!(commands.execute(read16(0, 8)), keepalive.closed());
+        let (timed_out, dead) = tokio::join!(exec(&commands, read16(0, 8)), keepalive.closed());
         let elapsed = started.elapsed();
         match timed_out {
             Err(SessionError::Timeout(_)) | Err(SessionError::ConnectionLost(_)) => {}
@@ -442,7 +465,7 @@ fn stall_suite(kind: Kind) -> Result<()> {
 
         // After the target resumes, a new session works.
         let s = Session::login(p, config(iqn)).await?;
-        good(&s.execute(read_capacity16()).await?, "READ CAPACITY after resume")?;
+        good(&exec(&s, read_capacity16()).await?, "READ CAPACITY after resume")?;
         s.logout().await?;
         Ok::<_, anyhow::Error>(())
     })?;
@@ -660,7 +683,7 @@ async fn against_fake(answer: Misbehave) -> Result<FakeRun> {
         ..config(FAKE_IQN)
     };
     let s = Session::login(addr, cfg).await?;
-    let result = tokio::time::timeout(Duration::from_secs(10), s.execute(read16(0, 8)))
+    let result = tokio::time::timeout(Duration::from_secs(10), exec(&s, read16(0, 8)))
         .await
         .context("execute hung against the fake target")?;
     Ok((result, s, target))
