@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::{Bytes, BytesMut};
 use raftsan_initiator::session::{ChapCredentials, Command, CommandResult, Session, SessionConfig, SessionError};
+use raftsan_proto::chap::ChapAlgorithm;
 use raftsan_proto::login::{self, LoginAuthority, LoginStep, Lookup, TargetAuth, TargetLogin};
 use raftsan_proto::pdu::{
     self, Bhs, DataIn, Digests, Framing, LoginResponse, Opcode, RESERVED_TAG, ReadyToTransfer, Residual, ScsiCommand,
@@ -315,9 +316,16 @@ fn chap_suite(kind: Kind) -> Result<()> {
     daemon.expect_error("authentication");
     let p = portal(&daemon);
     runtime()?.block_on(async {
+        // tgt (like IET) uses CHAP_A 7 for SHA-1 where IANA and RFC 9266 say SHA-256, so it
+        // would pick 7 from our default offer and expect a SHA-1 response: offer MD5 only there.
+        let algorithms = match kind {
+            Kind::Tgtd => vec![ChapAlgorithm::Md5],
+            Kind::Raftsan => SessionConfig::default().chap_algorithms,
+        };
         let with = |secret: &str, mutual: Option<&str>| SessionConfig {
             chap: Some(ChapCredentials::new(IN_USER, secret)),
             mutual_chap: mutual.map(|m| ChapCredentials::new(OUT_USER, m)),
+            chap_algorithms: algorithms.clone(),
             ..config(CHAP_IQN)
         };
         // RFC 7143 §12.1.3: the right secret logs in.
