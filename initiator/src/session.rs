@@ -974,7 +974,7 @@ impl Driver {
         mut writer: JoinHandle<String>,
     ) {
         let reason = loop {
-            if let Err(e) = self.dispatch() {
+            if let Err(e) = self.dispatch().and_then(|()| self.maybe_target_logout(Instant::now())) {
                 break e;
             }
             let deadline = self.next_deadline();
@@ -1116,8 +1116,7 @@ impl Driver {
     fn on_request(&mut self, req: Request) -> Flow {
         match req {
             Request::Scsi { cmd, deadline, reply } => {
-                if let Some(at) = self.logout_requested_by_target {
-                    let _ = at;
+                if self.logout_requested_by_target.is_some() {
                     let _ = reply.send(Err(SessionError::TargetLogout));
                     return Ok(());
                 }
@@ -1399,10 +1398,17 @@ impl Driver {
                 self.cfg.logout_timeout
             )));
         }
+        self.maybe_target_logout(now)
+    }
+
+    /// The logout the target asked for (Async event 1): once no command is in flight, or when
+    /// the target's deadline has come.
+    fn maybe_target_logout(&mut self, now: Instant) -> Flow {
         if let Some(at) = self.logout_requested_by_target
             && (at <= now || self.scsi.is_empty())
             && self.logout.is_none()
         {
+            // The logout's own timeout bounds what follows.
             self.logout_requested_by_target = Some(now + Duration::from_secs(3600));
             self.send_logout(None)?;
         }

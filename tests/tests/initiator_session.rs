@@ -141,7 +141,7 @@ async fn write_read_back(s: &Session, lba: u64, data: &Bytes, piece: usize, use1
         } else {
             write10(at as u32, chunk)
         };
-        good(&exec(&s, cmd).await?, "write")?;
+        good(&exec(s, cmd).await?, "write")?;
         off += len;
     }
     let mut back = BytesMut::new();
@@ -149,7 +149,7 @@ async fn write_read_back(s: &Session, lba: u64, data: &Bytes, piece: usize, use1
     let mut off = 0;
     while off < data.len() {
         let len = step.min(data.len() - off);
-        let r = exec(&s, read16(lba + (off / BLOCK) as u64, (len / BLOCK) as u32)).await?;
+        let r = exec(s, read16(lba + (off / BLOCK) as u64, (len / BLOCK) as u32)).await?;
         good(&r, "read")?;
         ensure!(
             r.data.len() == len,
@@ -516,21 +516,32 @@ fn frame(bhs: Bhs, data: &[u8]) -> Vec<u8> {
     out.to_vec()
 }
 
-/// Accepts one connection, logs it in with proto's target login machine, then answers the first
-/// SCSI command with `answer` and keeps the connection open until the initiator closes it.
-async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave) -> Result<()> {
+/// What the fake target saw.
+#[derive(Debug, Default)]
+struct FakeLog {
+    commands: u32,
+    logouts: u32,
+}
+
+/// Accepts one connection, logs it in with proto's target login machine, then answers every SCSI
+/// command with `answer`, with a CmdSN window of `window` commands (RFC 7143 §4.2.2.1; a command
+/// beyond the window is an error of the initiator), and answers a Logout Request. Runs until the
+/// initiator closes the connection.
+async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave, window: u32) -> Result<FakeLog> {
     let (mut sock, _) = listener.accept().await?;
     let mut buf = BytesMut::new();
     let mut login = TargetLogin::new(TargetLimits::default(), 1, vec![9; 16]);
     let mut statsn = 1u32;
     let mut logged_in = false;
+    let mut exp_cmdsn = 0u32;
+    let mut log = FakeLog::default();
     loop {
         let len = loop {
             if let Framing::Complete { len } = pdu::check(&buf, Digests::default(), 1 << 20)? {
                 break len;
             }
             if sock.read_buf(&mut buf).await? == 0 {
-                return Ok(());
+                return Ok(log);
             }
         };
         let p = pdu::decode(buf.split_to(len).freeze(), Digests::default())?;
@@ -542,6 +553,7 @@ async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave) -> Re
                 LoginStep::FullFeature(r, _) => (r, true),
                 LoginStep::Failed(r, f) => bail!("fake target: login failed: {f:?} {r:?}"),
             };
+            exp_cmdsn = header.cmdsn;
             let bhs = LoginResponse {
                 transit: r.transit,
                 cont: r.cont,
@@ -554,8 +566,8 @@ async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave) -> Re
                 itt: header.itt,
                 seq: Sequence {
                     statsn,
-                    exp_cmdsn: header.cmdsn,
-                    max_cmdsn: header.cmdsn.wrapping_add(31),
+                    exp_cmdsn,
+                    max_cmdsn: exp_cmdsn.wrapping_add(window - 1),
                 },
                 status_class: 0,
                 status_detail: 0,
@@ -566,15 +578,54 @@ async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave) -> Re
             logged_in = done;
             continue;
         }
-        if p.bhs.opcode() == Opcode::ScsiCommand {
-            let cmd = ScsiCommand::parse(&p.bhs);
-            let seq = Sequence {
-                statsn,
-                exp_cmdsn: cmd.cmdsn.wrapping_add(1),
-                max_cmdsn: cmd.cmdsn.wrapping_add(32),
-            };
-            statsn += 1;
-            sock.write_all(&answer(&cmd, seq)).await?;
+        match p.bhs.opcode() {
+            Opcode::ScsiCommand => {
+                let cmd = ScsiCommand::parse(&p.bhs);
+                // Answered in order, so the window is [exp_cmdsn, exp_cmdsn + window - 1].
+                ensure!(
+                    cmd.cmdsn == exp_cmdsn,
+                    "fake target: CmdSN {} outside the window starting at {exp_cmdsn}",
+                    cmd.cmdsn
+                );
+                if window == 1 {
+                    // Give the initiator time to (wrongly) send the next command before we
+                    // open the window with our answer.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let _ = tokio::time::timeout(Duration::from_millis(5), sock.read_buf(&mut buf)).await;
+                    ensure!(
+                        buf.is_empty(),
+                        "fake target: the initiator sent a PDU while the CmdSN window was closed"
+                    );
+                }
+                exp_cmdsn = exp_cmdsn.wrapping_add(1);
+                log.commands += 1;
+                let seq = Sequence {
+                    statsn,
+                    exp_cmdsn,
+                    max_cmdsn: exp_cmdsn.wrapping_add(window - 1),
+                };
+                statsn += 1;
+                sock.write_all(&answer(&cmd, seq)).await?;
+            }
+            Opcode::LogoutRequest => {
+                let r = pdu::LogoutRequest::parse(&p.bhs);
+                log.logouts += 1;
+                let bhs = pdu::LogoutResponse {
+                    response: 0,
+                    itt: r.itt,
+                    seq: Sequence {
+                        statsn,
+                        exp_cmdsn,
+                        max_cmdsn: exp_cmdsn.wrapping_add(window - 1),
+                    },
+                    time2wait: 0,
+                    time2retain: 0,
+                }
+                .to_bhs();
+                statsn += 1;
+                sock.write_all(&frame(bhs, &[])).await?;
+            }
+            _ => {}
         }
     }
 }
@@ -677,24 +728,105 @@ fn bad_sense_length(cmd: &ScsiCommand, seq: Sequence) -> Vec<u8> {
 type FakeRun = (
     Result<CommandResult, SessionError>,
     Session,
-    tokio::task::JoinHandle<Result<()>>,
+    tokio::task::JoinHandle<Result<FakeLog>>,
 );
+
+fn fake_config() -> SessionConfig {
+    SessionConfig {
+        nop_interval: Duration::ZERO,
+        command_timeout: Duration::from_secs(10),
+        ..config(FAKE_IQN)
+    }
+}
 
 /// Logs in to a fresh fake target and runs one READ(16) of 8 blocks against it.
 async fn against_fake(answer: Misbehave) -> Result<FakeRun> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let target = tokio::spawn(fake_target(listener, answer));
-    let cfg = SessionConfig {
-        nop_interval: Duration::ZERO,
-        command_timeout: Duration::from_secs(10),
-        ..config(FAKE_IQN)
-    };
-    let s = Session::login(addr, cfg).await?;
-    let result = tokio::time::timeout(Duration::from_secs(10), exec(&s, read16(0, 8)))
+    let target = tokio::spawn(fake_target(listener, answer, 32));
+    let s = Session::login(addr, fake_config()).await?;
+    let result = tokio::time::timeout(Duration::from_secs(10), s.execute(read16(0, 8)))
         .await
         .context("execute hung against the fake target")?;
     Ok((result, s, target))
+}
+
+fn async_logout_request(cmd: &ScsiCommand, seq: Sequence) -> Vec<u8> {
+    let mut out = well_behaved(cmd, seq);
+    let bhs = pdu::AsyncMessage {
+        lun: 0,
+        seq,
+        event: 1,
+        vcode: 0,
+        param1: 0,
+        param2: 0,
+        param3: 5,
+    }
+    .to_bhs();
+    out.extend(frame(bhs, &[]));
+    out
+}
+
+fn reject_command(cmd: &ScsiCommand, seq: Sequence) -> Vec<u8> {
+    let bhs = pdu::Reject {
+        reason: pdu::reject_reason::INVALID_PDU_FIELD,
+        seq,
+        datasn_r2tsn: 0,
+    }
+    .to_bhs();
+    frame(bhs, &cmd.to_bhs().0)
+}
+
+/// RFC 7143 §4.2.2.1: with a window of one command, 16 concurrent commands are queued and sent
+/// one at a time as MaxCmdSN advances; none is sent outside the window.
+#[test]
+fn fake_target_cmdsn_window_is_respected() -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let target = tokio::spawn(fake_target(listener, well_behaved, 1));
+        let s = Session::login(addr, fake_config()).await?;
+        let mut jobs = Vec::new();
+        for _ in 0..16 {
+            let s = s.clone();
+            jobs.push(tokio::spawn(async move { s.execute(read16(0, 8)).await }));
+        }
+        for j in jobs {
+            let r = j.await??;
+            ensure!(r.status == 0 && r.data.len() == 4096, "{r:?}");
+        }
+        s.close_hard();
+        let log = target.await??;
+        ensure!(log.commands == 16, "{log:?}");
+        Ok(())
+    })
+}
+
+/// §11.9.1 event 1: the target asks for a logout; the session logs out once the command in
+/// flight is done and reports TargetLogout; a Reject (§11.17) fails only its command.
+#[test]
+fn fake_target_async_logout_and_reject() -> Result<()> {
+    runtime()?.block_on(async {
+        let (ok, s, target) = against_fake(async_logout_request).await?;
+        ensure!(ok?.status == 0);
+        let why = tokio::time::timeout(Duration::from_secs(3), s.closed())
+            .await
+            .context("no logout after the target asked for one")?;
+        ensure!(why == SessionError::TargetLogout, "{why:?}");
+        ensure!(why.is_path_failure());
+        let log = target.await??;
+        ensure!(log.logouts == 1, "{log:?}");
+
+        let (rejected, s, target) = against_fake(reject_command).await?;
+        match rejected {
+            Err(SessionError::Rejected { reason: 9, .. }) => {}
+            other => bail!("rejected command: {other:?}"),
+        }
+        ensure!(s.is_alive(), "a Reject must not end the session");
+        s.logout().await?;
+        target.await??;
+        Ok(())
+    })
 }
 
 #[test]
@@ -737,4 +869,34 @@ fn hostile_target_malformed_pdus_fail_cleanly() -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// RFC 7143 §11.19: the target's NOP-In pings are answered, so a session with our own keepalive
+/// off survives a target that drops initiators silent for 800 ms.
+#[test]
+fn target_pings_answered_raftsan() -> Result<()> {
+    let iqn = "iqn.2026-11.org.raftsan.test:session-pings";
+    let config_text = format!(
+        "[limits]\nnop_in_interval_ms = 200\nnop_in_timeout_ms = 800\n\n[[target]]\nname = \"{iqn}\"\n\n\
+         [[target.lun]]\nlun = 1\nmemory_size = \"4M\"\n"
+    );
+    let daemon = Daemon::raftsan(&config_text, vec![raftsan_tests::Loopback::reserve()?])?;
+    let p = portal(&daemon);
+    runtime()?.block_on(async {
+        let s = Session::login(
+            p,
+            SessionConfig {
+                nop_interval: Duration::ZERO,
+                ..config(iqn)
+            },
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        ensure!(s.is_alive(), "session dropped: {:?}", s.closed().await);
+        good(&exec(&s, read_capacity16()).await?, "READ CAPACITY after idling")?;
+        s.logout().await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    daemon.stop()?;
+    Ok(())
 }
