@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::{Bytes, BytesMut};
-use raftsan_initiator::session::{ChapCredentials, Command, CommandResult, Session, SessionConfig, SessionError};
+use raftsan_initiator::session::{
+    ChapCredentials, Command, CommandResult, Session, SessionConfig, SessionError, TmfResponse,
+};
 use raftsan_proto::chap::ChapAlgorithm;
 use raftsan_proto::login::{self, LoginAuthority, LoginStep, Lookup, TargetAuth, TargetLogin};
 use raftsan_proto::pdu::{
@@ -219,6 +221,15 @@ fn io_suite(kind: Kind) -> Result<()> {
         for j in jobs {
             j.await??;
         }
+        // RFC 7143 §11.5: task management on an idle LU.
+        let r = s.lun_reset(LUN).await?;
+        ensure!(r == TmfResponse::FunctionComplete, "LUN reset: {r:?}");
+        let r = s.abort_task(LUN, 0x7777).await?;
+        ensure!(
+            matches!(r, TmfResponse::TaskDoesNotExist | TmfResponse::FunctionComplete),
+            "abort of an unknown task: {r:?}"
+        );
+        good(&exec(&s, read_capacity16()).await?, "READ CAPACITY after LUN reset")?;
         s.logout().await?;
         ensure!(!s.is_alive(), "session alive after logout");
         ensure!(
