@@ -1644,4 +1644,35 @@ TargetName=iqn.b\0TargetAddress=host.example\0TargetAddress=[::1],3\0TargetName=
         assert_eq!((r.itt, r.ttt, r.cmdsn, r.exp_statsn), (5, RESERVED_TAG, 9, 3));
         assert_eq!(data, b"SendTargets=All\0");
     }
+
+    proptest::proptest! {
+        /// Invariant 5: no Login Response bytes or SendTargets text panic the initiator side.
+        #[test]
+        fn initiator_never_panics(
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 48),
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            chap: bool,
+        ) {
+            let mut s = settings();
+            if chap {
+                s.chap = Some(account("user", "secretsecret"));
+                s.mutual_chap = Some(account("target", "mutualsecret"));
+                s.mutual_chap_challenge = vec![1; 16];
+            }
+            let mut ini = InitiatorLogin::new(s).unwrap();
+            ini.start();
+            let mut b = [0u8; 48];
+            b.copy_from_slice(&raw);
+            // Mostly a plausible Login Response header, so the checks past the first run too.
+            if raw[0] & 1 == 0 {
+                b[0] = 0x23;
+                b[8..14].copy_from_slice(&ISID);
+                b[16..20].fill(0);
+                b[36] = raw[1] & 1;
+            }
+            let _ = ini.on_response(&Bhs(b), &data);
+            let _ = parse_send_targets(&data);
+            let _ = parse_target_address(&String::from_utf8_lossy(&data));
+        }
+    }
 }

@@ -531,6 +531,7 @@ fn frame(bhs: Bhs, data: &[u8]) -> Vec<u8> {
 #[derive(Debug, Default)]
 struct FakeLog {
     commands: u32,
+    tmfs: u32,
     logouts: u32,
 }
 
@@ -617,6 +618,22 @@ async fn fake_target(listener: tokio::net::TcpListener, answer: Misbehave, windo
                 };
                 statsn += 1;
                 sock.write_all(&answer(&cmd, seq)).await?;
+            }
+            Opcode::TaskMgmtRequest => {
+                let r = pdu::TaskMgmtRequest::parse(&p.bhs);
+                log.tmfs += 1;
+                let bhs = pdu::TaskMgmtResponse {
+                    response: pdu::tmf::FUNCTION_COMPLETE,
+                    itt: r.itt,
+                    seq: Sequence {
+                        statsn,
+                        exp_cmdsn,
+                        max_cmdsn: exp_cmdsn.wrapping_add(window - 1),
+                    },
+                }
+                .to_bhs();
+                statsn += 1;
+                sock.write_all(&frame(bhs, &[])).await?;
             }
             Opcode::LogoutRequest => {
                 let r = pdu::LogoutRequest::parse(&p.bhs);
@@ -910,4 +927,43 @@ fn target_pings_answered_raftsan() -> Result<()> {
     })?;
     daemon.stop()?;
     Ok(())
+}
+
+fn silent(_: &ScsiCommand, _: Sequence) -> Vec<u8> {
+    Vec::new()
+}
+
+/// A command the target never answers is aborted after `command_timeout` (RFC 7143 §11.5.1
+/// ABORT TASK); the target confirms the abort, so the caller gets Timeout and the session lives.
+#[test]
+fn fake_target_command_timeout_aborts_task() -> Result<()> {
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let target = tokio::spawn(fake_target(listener, silent, 32));
+        let s = Session::login(
+            addr,
+            SessionConfig {
+                command_timeout: Duration::from_millis(500),
+                abort_timeout: Duration::from_secs(2),
+                ..fake_config()
+            },
+        )
+        .await?;
+        let started = Instant::now();
+        match s.execute(read16(0, 8)).await {
+            Err(SessionError::Timeout(m)) => ensure!(m.contains("aborted"), "{m}"),
+            other => bail!("unanswered command: {other:?}"),
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        ensure!(s.is_alive(), "a confirmed abort must not end the session");
+        s.logout().await?;
+        let log = target.await??;
+        ensure!(log.tmfs == 1 && log.commands == 1, "{log:?}");
+        Ok(())
+    })
 }
