@@ -304,7 +304,8 @@ pub enum LoginError {
     /// The settings are unusable (caused by the caller; see [`InitiatorSettings::validate`]).
     #[error("invalid login settings: {0}")]
     Settings(String),
-    /// Status class 1 (§11.13.5): the target is elsewhere. `temporary` for 0101.
+    /// Status class 1 (§11.13.5): the target is elsewhere, at `host:port` (IPv6 in brackets).
+    /// `temporary` for 0101.
     #[error("redirected to {address} ({})", if *temporary { "temporarily" } else { "permanently" })]
     Redirect { address: String, temporary: bool },
     /// 0201: our CHAP response was wrong or CHAP was required and not offered.
@@ -984,8 +985,9 @@ fn status_error(class: u8, detail: u8, data: &[u8]) -> LoginError {
                 .ok()
                 .and_then(|pairs| value_of(&pairs, "TargetAddress").map(str::to_owned));
             match address {
-                Some(address) => LoginError::Redirect {
-                    address,
+                // `host:port` without the portal group tag (§13.8), as the caller connects to it.
+                Some(value) => LoginError::Redirect {
+                    address: parse_target_address(&value).map_or(value, |p| p.address),
                     temporary: detail == 1,
                 },
                 None => protocol("redirect without TargetAddress"),
@@ -1522,7 +1524,7 @@ mod tests {
         assert_eq!(
             e,
             LoginError::Redirect {
-                address: "10.0.0.2:3260,1".into(),
+                address: "10.0.0.2:3260".into(),
                 temporary: true
             }
         );
