@@ -1495,6 +1495,29 @@ mod tests {
         assert!(!second.data.is_empty());
     }
 
+    /// §11.12.2: a response with C=1 is answered with an empty request; its text is used once
+    /// complete (here split inside a value).
+    #[test]
+    fn initiator_continued_response_is_reassembled() {
+        let mut ini = InitiatorLogin::new(settings()).unwrap();
+        ini.start();
+        let mut part = pdu::LoginResponse::parse(&response(0, 0));
+        part.cont = true;
+        let LoginEvent::Send(empty) = ini.on_response(&part.to_bhs(), b"AuthMethod=No").unwrap() else {
+            panic!("expected an empty request");
+        };
+        assert!(empty.data.is_empty() && !empty.header.transit && !empty.header.cont);
+        assert_eq!(empty.header.csg, STAGE_SECURITY);
+        let mut last = pdu::LoginResponse::parse(&response(0, 0));
+        last.transit = true;
+        last.nsg = STAGE_OPERATIONAL;
+        let LoginEvent::Send(op) = ini.on_response(&last.to_bhs(), b"ne\0").unwrap() else {
+            panic!("expected the operational offer");
+        };
+        assert_eq!((op.header.csg, op.header.nsg, op.header.transit), (1, 3, true));
+        assert!(op.data.starts_with(b"HeaderDigest=None\0"));
+    }
+
     fn response(class: u8, detail: u8) -> Bhs {
         pdu::LoginResponse {
             transit: false,
