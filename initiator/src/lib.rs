@@ -1,7 +1,12 @@
-//! raftsan-initiator: a multipath iSCSI initiator. Skeleton until its issue; it will drive
-//! `raftsan_proto`'s initiator-side machines.
+//! raftsan-initiator: a multipath iSCSI initiator that exports a volume over NBD.
+//!
+//! Layers, bottom up: [`session`] (one iSCSI session over one TCP connection, driving
+//! `raftsan_proto::initiator`'s login machine), [`multipath`] (one session per portal, ALUA-aware
+//! path selection, failover and retries), [`volume`] (a block device over the multipath LU) and
+//! the NBD export; [`settings`] is the config file, [`control`] the socket of a running attach.
 pub mod control;
 pub mod multipath;
 pub mod scsi;
+pub mod session;
 pub mod settings;
 pub mod volume;

@@ -6,11 +6,13 @@
 //! * [`text`]: `key=value` text encoding and negotiation (RFC 7143 §6, §13).
 //! * [`chap`]: CHAP with MD5, SHA-1, SHA-256 and SHA3-256 (RFC 1994, RFC 7143 §12.1.3).
 //! * [`login`]: the sans-io target-side login state machine (RFC 7143 §6.3).
+//! * [`initiator`]: the sans-io initiator-side login machine and SendTargets helpers.
 //! * [`scsi`]: SCSI CDB decoding, sense data, VPD and mode pages (SPC-4, SBC-3).
 #![forbid(unsafe_code)]
 
 pub mod chap;
 pub mod digest;
+pub mod initiator;
 pub mod login;
 pub mod pdu;
 pub mod scsi;
