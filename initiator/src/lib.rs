@@ -4,6 +4,7 @@
 //! `raftsan_proto::initiator`'s login machine), [`multipath`] (one session per portal, ALUA-aware
 //! path selection, failover and retries), [`volume`] (a block device over the multipath LU) and
 //! the NBD export; [`settings`] is the config file, [`control`] the socket of a running attach.
+pub mod connector;
 pub mod control;
 pub mod multipath;
 pub mod scsi;

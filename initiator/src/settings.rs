@@ -28,36 +28,34 @@
 //! listen = "127.0.0.1:9700"       # Prometheus /metrics (off when absent)
 //! ```
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use raftsan_proto::chap::ChapAlgorithm;
 use serde::Deserialize;
+
+use crate::session::{ChapCredentials, Secret, SessionConfig};
 
 /// Where the CLI looks when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = "/etc/raftsan/initiator.toml";
 pub const DEFAULT_RUN_DIR: &str = "/run/raftsan-initiator";
 
-/// A secret that never appears in output.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
-        Secret(s.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
     }
 }
 
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
+/// A CHAP algorithm by name.
+fn chap_algorithm(name: &str) -> Result<ChapAlgorithm, String> {
+    match name.to_ascii_lowercase().as_str() {
+        "md5" => Ok(ChapAlgorithm::Md5),
+        "sha1" | "sha-1" => Ok(ChapAlgorithm::Sha1),
+        "sha256" | "sha-256" => Ok(ChapAlgorithm::Sha256),
+        "sha3-256" => Ok(ChapAlgorithm::Sha3_256),
+        _ => Err(format!("unknown CHAP algorithm {name:?} (md5, sha1, sha256, sha3-256)")),
     }
 }
 
@@ -68,6 +66,9 @@ pub struct Auth {
     pub password: Option<Secret>,
     pub username_in: Option<String>,
     pub password_in: Option<Secret>,
+    /// CHAP_A offer, most preferred first. tgt reads code 7 as SHA-1 rather than SHA-256
+    /// (RFC 9266), so against tgt use `["md5"]` or `["sha1"]`.
+    pub chap_algorithms: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -222,7 +223,7 @@ impl InitiatorConfig {
         let a = &self.auth;
         match (&a.username, &a.password) {
             (Some(_), None) | (None, Some(_)) => bail!("[auth] needs both username and password"),
-            (Some(_), Some(p)) if !(12..=255).contains(&p.0.len()) => {
+            (Some(_), Some(p)) if !(12..=255).contains(&p.expose().len()) => {
                 bail!("[auth] password must be 12 to 255 bytes (RFC 7143 §12.1.3 recommends at least 12)")
             }
             _ => {}
@@ -232,10 +233,16 @@ impl InitiatorConfig {
             (Some(_), Some(_)) if a.username.is_none() => {
                 bail!("[auth] mutual CHAP (username_in) needs one-way CHAP (username) too")
             }
-            (Some(_), Some(p)) if !(12..=255).contains(&p.0.len()) => {
+            (Some(_), Some(p)) if !(12..=255).contains(&p.expose().len()) => {
                 bail!("[auth] password_in must be 12 to 255 bytes")
             }
             _ => {}
+        }
+        for name in a.chap_algorithms.iter().flatten() {
+            chap_algorithm(name).map_err(|e| anyhow::anyhow!("[auth] chap_algorithms: {e}"))?;
+        }
+        if a.chap_algorithms.as_ref().is_some_and(Vec::is_empty) {
+            bail!("[auth] chap_algorithms must name at least one algorithm");
         }
         if !(1..=1024).contains(&self.session.queue_depth) {
             bail!("[session] queue_depth must be 1 to 1024");
@@ -255,6 +262,41 @@ impl InitiatorConfig {
             bail!("[timeouts] noop_interval must be at least 100ms");
         }
         Ok(())
+    }
+
+    /// Session settings for `target` (None: a discovery session, which never asks the target
+    /// to authenticate itself).
+    pub fn session_config(&self, target: Option<&str>) -> SessionConfig {
+        let a = &self.auth;
+        let account = |u: &Option<String>, p: &Option<Secret>| match (u, p) {
+            (Some(user), Some(secret)) => Some(ChapCredentials {
+                user: user.clone(),
+                secret: secret.clone(),
+            }),
+            _ => None,
+        };
+        let t = &self.timeouts;
+        let mut cfg = SessionConfig {
+            initiator_name: self.initiator_name.clone(),
+            target_name: target.map(str::to_string),
+            chap: account(&a.username, &a.password),
+            mutual_chap: target.and_then(|_| account(&a.username_in, &a.password_in)),
+            header_digest: self.session.header_digest,
+            data_digest: self.session.data_digest,
+            queue_depth: self.session.queue_depth,
+            connect_timeout: t.connect.0,
+            login_timeout: t.login.0,
+            nop_interval: t.noop_interval.0,
+            nop_timeout: t.noop_timeout.0,
+            command_timeout: t.command.0,
+            abort_timeout: t.noop_timeout.0.max(Duration::from_secs(1)),
+            logout_timeout: Duration::from_secs(3),
+            ..SessionConfig::default()
+        };
+        if let Some(names) = &a.chap_algorithms {
+            cfg.chap_algorithms = names.iter().filter_map(|n| chap_algorithm(n).ok()).collect();
+        }
+        cfg
     }
 }
 
@@ -289,6 +331,18 @@ command = "2m"
             "{shown}"
         );
         assert_eq!(cfg.session.queue_depth, 64);
+        let s = cfg.session_config(Some("iqn.t:x"));
+        assert_eq!(s.chap.as_ref().map(|c| c.user.as_str()), Some("u"));
+        assert_eq!(
+            s.mutual_chap.as_ref().map(|c| c.secret.expose()),
+            Some("other-secret-1")
+        );
+        assert_eq!(
+            (s.nop_interval, s.command_timeout),
+            (Duration::from_millis(500), Duration::from_secs(120))
+        );
+        // Discovery sessions do not ask the target to authenticate itself.
+        assert!(cfg.session_config(None).mutual_chap.is_none());
     }
 
     #[test]
@@ -304,6 +358,7 @@ command = "2m"
             "{unknown}"
         );
         assert!(err("[session]\nqueue_depth = 0").contains("queue_depth"));
+        assert!(err("[auth]\nchap_algorithms = [\"md4\"]").contains("unknown CHAP algorithm"));
     }
 
     #[test]
