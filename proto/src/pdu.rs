@@ -559,8 +559,8 @@ impl ScsiCommand {
         for entry in ahs_entries(ahs) {
             let (ty, specific) = entry?;
             if ty == ahs_type::EXTENDED_CDB {
-                // The first specific byte is reserved.
-                let ext = specific.get(1..).unwrap_or(&[]);
+                // `ahs_entries` already stepped over the reserved byte after the type.
+                let ext = specific;
                 if cdb.len() + ext.len() > MAX_CDB_LEN {
                     return Err(PduError::CdbTooLong);
                 }
@@ -1483,8 +1483,8 @@ mod tests {
         // AHSLength 5 = reserved byte + 4 CDB bytes; type 1; padded to 8 bytes.
         let ahs = [0, 5, 1, 0, 0xa1, 0xa2, 0xa3, 0xa4];
         let cdb = c.full_cdb(&ahs).unwrap();
-        assert_eq!(cdb.len(), 19);
-        assert_eq!(&cdb[16..], &[0xa2, 0xa3, 0xa4]);
+        assert_eq!(cdb.len(), 20);
+        assert_eq!(&cdb[16..], &[0xa1, 0xa2, 0xa3, 0xa4]);
         assert_eq!(c.full_cdb(&[0, 9, 1]), Err(PduError::BadAhs));
     }
 
