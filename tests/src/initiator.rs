@@ -60,7 +60,14 @@ pub struct Attach {
 impl Attach {
     /// Attaches `target` through `portals` and exports it on a Unix socket in `dir`; waits until
     /// the export is up (at most `within`).
-    pub fn start(dir: &Path, config: &Path, target: &str, portals: &[String], within: Duration) -> Result<Attach> {
+    pub fn start(
+        dir: &Path,
+        config: &Path,
+        target: &str,
+        portals: &[String],
+        extra_args: &[&str],
+        within: Duration,
+    ) -> Result<Attach> {
         let socket = dir.join("nbd.sock");
         let log = dir.join("initiator.log");
         let _ = fs::remove_file(&socket);
@@ -74,6 +81,7 @@ impl Attach {
         for p in portals {
             cmd.arg("--portal").arg(p);
         }
+        cmd.args(extra_args);
         cmd.process_group(0)
             .env(
                 "RAFTSAN_LOG",
