@@ -212,9 +212,15 @@ mod tests {
     #[test]
     fn listen_parse() {
         assert_eq!("unix:/run/x.sock".parse(), Ok(NbdListen::Unix("/run/x.sock".into())));
-        assert_eq!("127.0.0.1:10809".parse(), Ok(NbdListen::Tcp("127.0.0.1:10809".parse().unwrap())));
+        assert_eq!(
+            "127.0.0.1:10809".parse(),
+            Ok(NbdListen::Tcp("127.0.0.1:10809".parse().unwrap()))
+        );
         assert_eq!("[::1]:1".parse(), Ok(NbdListen::Tcp("[::1]:1".parse().unwrap())));
-        assert_eq!("localhost:7".parse(), Ok(NbdListen::Tcp("127.0.0.1:7".parse().unwrap())));
+        assert_eq!(
+            "localhost:7".parse(),
+            Ok(NbdListen::Tcp("127.0.0.1:7".parse().unwrap()))
+        );
         for bad in ["unix:", "/tmp/x", "host", "127.0.0.1", "localhost:x"] {
             let err = bad.parse::<NbdListen>().unwrap_err();
             assert!(err.to_string().contains("unix:/path/to/socket or HOST:PORT"), "{err}");
@@ -226,11 +232,26 @@ mod tests {
     fn config_validate() {
         let cfg = NbdConfig::default();
         assert_eq!(cfg.validate(1 << 20, 512), Ok(()));
-        assert_eq!(cfg.validate(1000, 512), Err(ConfigError::DeviceSize { size: 1000, block_size: 512 }));
+        assert_eq!(
+            cfg.validate(1000, 512),
+            Err(ConfigError::DeviceSize {
+                size: 1000,
+                block_size: 512
+            })
+        );
         assert_eq!(cfg.validate(1 << 20, 520), Err(ConfigError::BlockSize(520)));
-        let small = NbdConfig { max_request_bytes: 256, ..NbdConfig::default() };
-        assert!(matches!(small.validate(1 << 20, 512), Err(ConfigError::MaxRequest { .. })));
-        let long = NbdConfig { export_name: "x".repeat(4097), ..NbdConfig::default() };
+        let small = NbdConfig {
+            max_request_bytes: 256,
+            ..NbdConfig::default()
+        };
+        assert!(matches!(
+            small.validate(1 << 20, 512),
+            Err(ConfigError::MaxRequest { .. })
+        ));
+        let long = NbdConfig {
+            export_name: "x".repeat(4097),
+            ..NbdConfig::default()
+        };
         assert_eq!(long.validate(1 << 20, 512), Err(ConfigError::NameTooLong(4097)));
     }
 

@@ -91,7 +91,11 @@ impl NbdServer {
                     .await
                     .with_context(|| format!("binding the NBD export to TCP {addr}"))?;
                 let local = NbdListen::Tcp(l.local_addr().context("reading the NBD listener's address")?);
-                Ok(NbdServer { listener: Listener::Tcp(l), local, socket_file: None })
+                Ok(NbdServer {
+                    listener: Listener::Tcp(l),
+                    local,
+                    socket_file: None,
+                })
             }
             NbdListen::Unix(path) => {
                 remove_stale_socket(path).await?;
@@ -319,8 +323,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     D: BlockDevice,
 {
-    s.write_all(&wire::encode_greeting(wire::NBD_FLAG_FIXED_NEWSTYLE | wire::NBD_FLAG_NO_ZEROES))
-        .await?;
+    s.write_all(&wire::encode_greeting(
+        wire::NBD_FLAG_FIXED_NEWSTYLE | wire::NBD_FLAG_NO_ZEROES,
+    ))
+    .await?;
     let mut flags = [0u8; wire::CLIENT_FLAGS_LEN];
     s.read_exact(&mut flags).await?;
     let client = wire::parse_client_flags(&flags)?;
@@ -340,8 +346,12 @@ where
             Err(e) => {
                 debug!("NBD option refused: {e}");
                 let msg = e.to_string();
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ERR_INVALID, msg.as_bytes()))
-                    .await?;
+                s.write_all(&wire::encode_option_reply(
+                    opt,
+                    wire::NBD_REP_ERR_INVALID,
+                    msg.as_bytes(),
+                ))
+                .await?;
                 continue;
             }
         };
@@ -349,7 +359,9 @@ where
             NbdOption::ExportName(name) => {
                 if !shared.name_matches(&name) {
                     // No way to report an error to NBD_OPT_EXPORT_NAME: close (proto.md).
-                    return Err(HandshakeError::UnknownExport(String::from_utf8_lossy(&name).into_owned()));
+                    return Err(HandshakeError::UnknownExport(
+                        String::from_utf8_lossy(&name).into_owned(),
+                    ));
                 }
                 s.write_all(&wire::encode_export_name_reply(
                     shared.size,
@@ -361,30 +373,41 @@ where
             }
             NbdOption::Abort => {
                 // The client may already have closed; a failed ACK is not an error.
-                let _ = s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b"")).await;
+                let _ = s
+                    .write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b""))
+                    .await;
                 return Ok(false);
             }
             NbdOption::List => {
                 let data = wire::rep_server_data(shared.cfg.export_name.as_bytes(), shared.cfg.description.as_bytes());
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_SERVER, &data)).await?;
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b"")).await?;
+                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_SERVER, &data))
+                    .await?;
+                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b""))
+                    .await?;
             }
             NbdOption::Info { go, name, requests } => {
                 if !shared.name_matches(&name) {
                     let msg = format!("unknown export {:?}", String::from_utf8_lossy(&name));
-                    s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ERR_UNKNOWN, msg.as_bytes()))
-                        .await?;
+                    s.write_all(&wire::encode_option_reply(
+                        opt,
+                        wire::NBD_REP_ERR_UNKNOWN,
+                        msg.as_bytes(),
+                    ))
+                    .await?;
                     continue;
                 }
                 let info = wire::info_export_data(shared.size, shared.transmission_flags);
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &info)).await?;
+                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &info))
+                    .await?;
                 if requests.contains(&wire::NBD_INFO_NAME) {
                     let d = wire::info_string_data(wire::NBD_INFO_NAME, shared.cfg.export_name.as_bytes());
-                    s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &d)).await?;
+                    s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &d))
+                        .await?;
                 }
                 if requests.contains(&wire::NBD_INFO_DESCRIPTION) && !shared.cfg.description.is_empty() {
                     let d = wire::info_string_data(wire::NBD_INFO_DESCRIPTION, shared.cfg.description.as_bytes());
-                    s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &d)).await?;
+                    s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &d))
+                        .await?;
                 }
                 // Always sent: unaligned requests are still served (read-modify-write) for clients
                 // that did not ask.
@@ -393,15 +416,18 @@ where
                     shared.preferred_block_size(),
                     shared.cfg.max_request_bytes,
                 );
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &bs)).await?;
-                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b"")).await?;
+                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_INFO, &bs))
+                    .await?;
+                s.write_all(&wire::encode_option_reply(opt, wire::NBD_REP_ACK, b""))
+                    .await?;
                 if go {
                     return Ok(true);
                 }
             }
             NbdOption::Unknown(other) => {
                 debug!(option = other, "NBD option not supported");
-                s.write_all(&wire::encode_option_reply(other, wire::NBD_REP_ERR_UNSUP, b"")).await?;
+                s.write_all(&wire::encode_option_reply(other, wire::NBD_REP_ERR_UNSUP, b""))
+                    .await?;
             }
         }
     }
@@ -424,11 +450,7 @@ enum Stop<T> {
     WriterGone,
 }
 
-async fn until_stop<F: Future>(
-    f: F,
-    stop: &mut watch::Receiver<bool>,
-    tx: &mpsc::Sender<Reply>,
-) -> Stop<F::Output> {
+async fn until_stop<F: Future>(f: F, stop: &mut watch::Receiver<bool>, tx: &mpsc::Sender<Reply>) -> Stop<F::Output> {
     tokio::select! {
         biased;
         _ = stop.wait_for(|s| *s) => Stop::Shutdown,
@@ -523,7 +545,13 @@ where
                 Ok(op) => op,
                 Err(errno) => {
                     debug!(conn, ?req, errno, "NBD request refused");
-                    let reply = Reply { cookie: req.cookie, error: errno, data: None, _slot: slot, _bytes: None };
+                    let reply = Reply {
+                        cookie: req.cookie,
+                        error: errno,
+                        data: None,
+                        _slot: slot,
+                        _bytes: None,
+                    };
                     if tx.send(reply).await.is_err() {
                         break "reply writer failed".to_owned();
                     }
@@ -549,7 +577,13 @@ where
                         (e.nbd_error(), None)
                     }
                 };
-                let reply = Reply { cookie: req.cookie, error, data, _slot: slot, _bytes: byte_permit };
+                let reply = Reply {
+                    cookie: req.cookie,
+                    error,
+                    data,
+                    _slot: slot,
+                    _bytes: byte_permit,
+                };
                 // A closed channel means the writer failed; the connection is closing anyway.
                 let _ = tx.send(reply).await;
             });
@@ -572,7 +606,8 @@ where
 async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::Receiver<Reply>) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
     while let Some(reply) = rx.recv().await {
-        w.write_all(&wire::encode_simple_reply(reply.error, reply.cookie)).await?;
+        w.write_all(&wire::encode_simple_reply(reply.error, reply.cookie))
+            .await?;
         if let Some(data) = &reply.data {
             w.write_all(data).await?;
         }
@@ -630,10 +665,17 @@ fn check_request<D: BlockDevice>(req: &Request, shared: &Shared<D>) -> Result<Op
     if matches!(op, Op::Read | Op::Write) && req.len > shared.cfg.max_request_bytes {
         return Err(wire::NBD_EINVAL);
     }
-    let in_range = req.offset.checked_add(u64::from(req.len)).is_some_and(|end| end <= shared.size);
+    let in_range = req
+        .offset
+        .checked_add(u64::from(req.len))
+        .is_some_and(|end| end <= shared.size);
     if !in_range {
         // proto.md: ENOSPC for writes past the end, EINVAL for other out-of-range requests.
-        return Err(if matches!(op, Op::Write | Op::WriteZeroes) { wire::NBD_ENOSPC } else { wire::NBD_EINVAL });
+        return Err(if matches!(op, Op::Write | Op::WriteZeroes) {
+            wire::NBD_ENOSPC
+        } else {
+            wire::NBD_EINVAL
+        });
     }
     Ok(op)
 }
@@ -658,8 +700,16 @@ async fn execute<D: BlockDevice>(
             let span = u32_len(end - start)?;
             let data = dev.read(start, span).await?;
             if data.len() != span as usize {
-                error!(offset = start, len = span, got = data.len(), "device returned a short read");
-                return Err(DeviceError::Io(format!("device returned {} bytes for a {span}-byte read", data.len())));
+                error!(
+                    offset = start,
+                    len = span,
+                    got = data.len(),
+                    "device returned a short read"
+                );
+                return Err(DeviceError::Io(format!(
+                    "device returned {} bytes for a {span}-byte read",
+                    data.len()
+                )));
             }
             let from = (offset - start) as usize;
             Ok(Some(data.slice(from..from + len as usize)))
@@ -690,7 +740,8 @@ async fn execute<D: BlockDevice>(
                     let zeros = vec![0u8; (inner_start - offset) as usize];
                     rmw_write(dev, bs, offset, &zeros, req.fua()).await?;
                 }
-                dev.write_zeroes(inner_start, u32_len(inner_end - inner_start)?, req.fua()).await?;
+                dev.write_zeroes(inner_start, u32_len(inner_end - inner_start)?, req.fua())
+                    .await?;
                 if end > inner_end {
                     let zeros = vec![0u8; (end - inner_end) as usize];
                     rmw_write(dev, bs, inner_end, &zeros, req.fua()).await?;
@@ -738,7 +789,10 @@ async fn read_exact_block<D: BlockDevice>(dev: &D, offset: u64, len: u32) -> Res
     let data = dev.read(offset, len).await?;
     if data.len() != len as usize {
         error!(offset, len, got = data.len(), "device returned a short read");
-        return Err(DeviceError::Io(format!("device returned {} bytes for a {len}-byte read", data.len())));
+        return Err(DeviceError::Io(format!(
+            "device returned {} bytes for a {len}-byte read",
+            data.len()
+        )));
     }
     Ok(data)
 }

@@ -181,7 +181,11 @@ pub enum NbdOption {
     /// NBD_OPT_LIST.
     List,
     /// NBD_OPT_INFO (`go == false`) or NBD_OPT_GO.
-    Info { go: bool, name: Vec<u8>, requests: Vec<u16> },
+    Info {
+        go: bool,
+        name: Vec<u8>,
+        requests: Vec<u16>,
+    },
     /// Any other option (including STARTTLS and STRUCTURED_REPLY, which this server refuses).
     Unknown(u32),
 }
@@ -441,11 +445,17 @@ mod tests {
     fn client_flags() {
         assert_eq!(
             parse_client_flags(&[0, 0, 0, 3]),
-            Ok(ClientFlags { fixed_newstyle: true, no_zeroes: true })
+            Ok(ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true
+            })
         );
         assert_eq!(
             parse_client_flags(&[0, 0, 0, 1]),
-            Ok(ClientFlags { fixed_newstyle: true, no_zeroes: false })
+            Ok(ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: false
+            })
         );
         assert_eq!(parse_client_flags(&[0, 0, 0, 4]), Err(WireError::UnknownClientFlags(4)));
     }
@@ -462,7 +472,10 @@ mod tests {
     fn option_header_parse() {
         assert_eq!(
             parse_option_header(&option_header(IHAVEOPT, NBD_OPT_GO, 10)),
-            Ok(OptionHeader { option: NBD_OPT_GO, len: 10 })
+            Ok(OptionHeader {
+                option: NBD_OPT_GO,
+                len: 10
+            })
         );
         assert_eq!(
             parse_option_header(&option_header(NBDMAGIC, NBD_OPT_GO, 10)),
@@ -470,7 +483,10 @@ mod tests {
         );
         assert_eq!(
             parse_option_header(&option_header(IHAVEOPT, 99, MAX_OPTION_LEN + 1)),
-            Err(WireError::OptionTooLong { option: 99, len: MAX_OPTION_LEN + 1 })
+            Err(WireError::OptionTooLong {
+                option: 99,
+                len: MAX_OPTION_LEN + 1
+            })
         );
     }
 
@@ -480,11 +496,19 @@ mod tests {
         let data = [0, 0, 0, 3, b'a', b'b', b'c', 0, 2, 0, 3, 0, 1];
         assert_eq!(
             parse_option(NBD_OPT_GO, &data),
-            Ok(NbdOption::Info { go: true, name: b"abc".to_vec(), requests: vec![3, 1] })
+            Ok(NbdOption::Info {
+                go: true,
+                name: b"abc".to_vec(),
+                requests: vec![3, 1]
+            })
         );
         assert_eq!(
             parse_option(NBD_OPT_INFO, &[0, 0, 0, 0, 0, 0]),
-            Ok(NbdOption::Info { go: false, name: vec![], requests: vec![] })
+            Ok(NbdOption::Info {
+                go: false,
+                name: vec![],
+                requests: vec![]
+            })
         );
         // Name runs past the data, count mismatch, too short.
         assert!(parse_option(NBD_OPT_GO, &[0, 0, 0, 9, b'a']).is_err());
@@ -495,7 +519,10 @@ mod tests {
 
     #[test]
     fn other_options_parse() {
-        assert_eq!(parse_option(NBD_OPT_EXPORT_NAME, b"vol"), Ok(NbdOption::ExportName(b"vol".to_vec())));
+        assert_eq!(
+            parse_option(NBD_OPT_EXPORT_NAME, b"vol"),
+            Ok(NbdOption::ExportName(b"vol".to_vec()))
+        );
         assert_eq!(parse_option(NBD_OPT_LIST, b""), Ok(NbdOption::List));
         assert!(parse_option(NBD_OPT_LIST, b"x").is_err());
         assert_eq!(parse_option(NBD_OPT_ABORT, b""), Ok(NbdOption::Abort));
@@ -511,7 +538,9 @@ mod tests {
         let r = encode_option_reply(NBD_OPT_GO, NBD_REP_ACK, b"");
         assert_eq!(
             &r[..],
-            &[0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0]
+            &[
+                0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 7, 0, 0, 0, 1, 0, 0, 0, 0
+            ]
         );
         let r = encode_option_reply(NBD_OPT_INFO, NBD_REP_ERR_UNKNOWN, b"x");
         assert_eq!(&r[12..16], &[0x80, 0, 0, 6]);
