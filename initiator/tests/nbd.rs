@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +39,8 @@ struct MemDevice {
     data: Mutex<Vec<u8>>,
     block_size: u32,
     stats: Mutex<Stats>,
+    /// When set, reads and writes fail as a multipath device with no usable path would.
+    unavailable: AtomicBool,
 }
 
 impl MemDevice {
@@ -46,6 +49,7 @@ impl MemDevice {
             data: Mutex::new(vec![0; size]),
             block_size,
             stats: Mutex::default(),
+            unavailable: AtomicBool::new(false),
         })
     }
 
@@ -83,6 +87,9 @@ impl BlockDevice for MemDevice {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
         self.check("read", offset, len.into())?;
+        if self.unavailable.load(Ordering::Relaxed) {
+            return Err(DeviceError::Unavailable("no usable path".into()));
+        }
         // Yield so concurrent requests really interleave.
         tokio::task::yield_now().await;
         let d = self.data.lock().unwrap();
@@ -93,6 +100,9 @@ impl BlockDevice for MemDevice {
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         self.check("write", offset, data.len() as u64)?;
+        if self.unavailable.load(Ordering::Relaxed) {
+            return Err(DeviceError::Unavailable("no usable path".into()));
+        }
         tokio::task::yield_now().await;
         self.data.lock().unwrap()[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
         let mut s = self.stats.lock().unwrap();
@@ -920,4 +930,57 @@ async fn unix_socket_stale_file_replaced_live_one_refused() {
     tx.send(()).unwrap();
     task.await.unwrap().unwrap();
     assert!(!path.exists(), "socket file removed at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_errors_become_eio_without_data() {
+    let dev = MemDevice::new(1 << 20, 512);
+    let srv = start(dev.clone(), cfg(), true).await;
+    let mut c = RawClient::connect(srv.tcp_addr()).await;
+    assert_eq!(c.call(Command::Write, 0, 0, 1024, &[3; 1024]).await.0, 0);
+    dev.unavailable.store(true, Ordering::Relaxed);
+    // The failed read's reply carries no data: the next reply header parses (read_lens is
+    // only consulted for error 0).
+    assert_eq!(c.call(Command::Read, 0, 0, 1024, &[]).await, (wire::NBD_EIO, vec![]));
+    assert_eq!(c.call(Command::Write, 0, 0, 512, &[4; 512]).await.0, wire::NBD_EIO);
+    // An unaligned write fails in its read phase, before anything is written.
+    assert_eq!(c.call(Command::Write, 0, 10, 20, &[4; 20]).await.0, wire::NBD_EIO);
+    dev.unavailable.store(false, Ordering::Relaxed);
+    assert_eq!(c.read(0, 1024).await, vec![3; 1024]);
+    c.disconnect().await;
+    srv.stop().await;
+    assert_clean(&dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_over_tcp() {
+    let dev = MemDevice::new(8 << 20, 512);
+    let srv = start(dev.clone(), cfg(), true).await;
+    let uri = srv.uri("vol");
+    let out = run_ok("qemu-img", "qemu-utils", &["info", "--output=json", &uri]).await;
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img json {e}: {out}"));
+    assert_eq!(j["virtual-size"], 8 << 20, "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.raw");
+    let data = pattern(8 << 20, 77);
+    std::fs::write(&src, &data).unwrap();
+    run_ok(
+        "qemu-img",
+        "qemu-utils",
+        &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &uri],
+    )
+    .await;
+    assert!(
+        dev.snapshot() == data,
+        "qemu-img convert to nbd:// wrote different data"
+    );
+    let out = run_ok(
+        "qemu-img",
+        "qemu-utils",
+        &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &uri],
+    )
+    .await;
+    assert!(out.contains("identical"), "{out}");
+    srv.stop().await;
+    assert_clean(&dev);
 }

@@ -480,11 +480,10 @@ where
     let reader_fut = async {
         let mut tasks = JoinSet::new();
         let reason = loop {
-            while let Some(r) = tasks.try_join_next() {
-                if let Err(e) = r {
-                    error!(conn, "NBD request task failed: {e}");
-                    break;
-                }
+            // A request task that panicked never replies; the client would wait forever.
+            if let Some(Err(e)) = std::iter::from_fn(|| tasks.try_join_next()).find(|r| r.is_err()) {
+                error!(conn, "NBD request task failed, closing the connection: {e}");
+                break format!("request task failed: {e}");
             }
             let mut hdr = [0u8; wire::REQUEST_LEN];
             match until_stop(reader.read_exact(&mut hdr), &mut stop, &tx).await {
