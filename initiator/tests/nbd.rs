@@ -640,6 +640,10 @@ async fn unaligned_writes_are_read_modify_write_and_never_torn() {
     assert_eq!(&z[3100..], &got[3100..4096]);
     let (err, _) = c.call(Command::Trim, 0, 100, 1000, &[]).await;
     assert_eq!(err, 0);
+    let flushes = dev.stats().flushes;
+    let (err, _) = c.call(Command::Trim, wire::NBD_CMD_FLAG_FUA, 1024, 512, &[]).await;
+    assert_eq!(err, 0);
+    assert_eq!(dev.stats().flushes, flushes + 1, "a FUA trim is followed by a flush");
     let (err, _) = c.call(Command::Flush, 0, 0, 0, &[]).await;
     assert_eq!(err, 0);
     let (err, _) = c
@@ -649,7 +653,7 @@ async fn unaligned_writes_are_read_modify_write_and_never_torn() {
     let s = dev.stats();
     assert_eq!(
         s.trims,
-        vec![(512, 512)],
+        vec![(512, 512), (1024, 512)],
         "only whole blocks inside a trim reach the device"
     );
     assert!(s.flushes >= 1 && s.fua_writes >= 2, "{s:?}");
@@ -843,6 +847,8 @@ async fn hostile_bytes_close_only_their_connection() {
     assert_eq!(healthy.read(0, 512).await, vec![5; 512]);
     fresh.disconnect().await;
     healthy.disconnect().await;
+    let out = run_ok("nbdinfo", "libnbd-bin", &["--size", &srv.uri("vol")]).await;
+    assert_eq!(out.trim(), "1048576");
     srv.stop().await;
     assert_clean(&dev);
 }

@@ -754,6 +754,10 @@ async fn execute<D: BlockDevice>(
             let (start, end) = (align_up(offset, bs), align_down(offset + len, bs));
             if start < end {
                 dev.trim(start, u32_len(end - start)?).await?;
+                // The trim interface has no FUA; a flush makes a discard that changed data durable.
+                if req.fua() {
+                    dev.flush().await?;
+                }
             }
             Ok(None)
         }
