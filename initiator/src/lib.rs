@@ -7,6 +7,7 @@
 pub mod connector;
 pub mod control;
 pub mod multipath;
+pub mod nbd;
 pub mod scsi;
 pub mod session;
 pub mod settings;
