@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
 use crate::multipath::{Connector, Multipath, MultipathError, Reply, Request};
+use crate::nbd::{BlockDevice, DeviceError};
 use crate::scsi::{self, BlockLimits, Capacity, Provisioning, Sense, key, status};
 
 /// The largest single SCSI transfer this layer sends (smaller when the LU says so).
@@ -301,5 +302,50 @@ fn path_line(p: &crate::multipath::PathView) -> String {
     match &p.last_error {
         Some(e) => format!("{} {} ({e})", p.portal, p.status),
         None => format!("{} {}", p.portal, p.status),
+    }
+}
+
+impl From<VolumeError> for DeviceError {
+    fn from(e: VolumeError) -> DeviceError {
+        match e {
+            VolumeError::Path(p) => DeviceError::Unavailable(p.to_string()),
+            VolumeError::Invalid(m) => DeviceError::Invalid(m),
+            VolumeError::Scsi {
+                sense_key: Some(key::ILLEGAL_REQUEST),
+                ..
+            } => DeviceError::Invalid(e.to_string()),
+            VolumeError::Scsi { .. } => DeviceError::Io(e.to_string()),
+        }
+    }
+}
+
+/// The NBD export's view of the volume.
+impl<C: Connector> BlockDevice for Volume<C> {
+    fn size(&self) -> u64 {
+        Volume::size(self)
+    }
+
+    fn block_size(&self) -> u32 {
+        Volume::block_size(self)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DeviceError> {
+        Ok(Volume::read(self, offset, u64::from(len)).await?)
+    }
+
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        Ok(Volume::write(self, offset, data, fua).await?)
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        Ok(Volume::flush(self).await?)
+    }
+
+    async fn trim(&self, offset: u64, len: u32) -> Result<(), DeviceError> {
+        Ok(Volume::trim(self, offset, u64::from(len)).await?)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), DeviceError> {
+        Ok(Volume::write_zeroes(self, offset, u64::from(len), fua).await?)
     }
 }
