@@ -21,6 +21,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 /// A logical unit's storage. See the module documentation for the contract.
+/// The error a store returns when it lost the right to serve the command (a replicated volume
+/// whose leadership moved while the command ran). It is not a medium error: the caller turns
+/// the command into UNIT ATTENTION, and it is logged as an ordinary event.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Fenced(pub String);
+
+impl Fenced {
+    pub fn into_io(self) -> io::Error {
+        io::Error::other(self)
+    }
+
+    /// Whether `e` is a [`Fenced`] error.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Fenced>())
+    }
+}
+
 pub trait BackingStore: Send + Sync {
     fn size_bytes(&self) -> u64;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;

@@ -86,7 +86,7 @@ fn settled_leader(c: &mut Cluster, group: u64, quiet: Duration) -> Result<u64> {
 
 fn failover(fault: Fault) -> Result<()> {
     let mut c = Cluster::start(3)?;
-    let (group, target, _lun) = c.create_volume("failover", "128M")?;
+    let (group, target, lun) = c.create_volume("failover", "128M")?;
     let leader = settled_leader(&mut c, group, Duration::from_secs(7))?;
     let portals: Vec<String> = (1..=3)
         .map(|id| Ok(c.node(id)?.portal().to_string()))
@@ -99,7 +99,15 @@ fn failover(fault: Fault) -> Result<()> {
         INITIATOR,
         "[timeouts]\nnoop_interval = \"500ms\"\nnoop_timeout = \"1s\"\ncommand = \"5s\"\nno_path_retry = \"30s\"",
     )?;
-    let attach = Attach::start(dir, &cfg, &target, &portals[..1], &[], Duration::from_secs(30))?;
+    let lun = lun.to_string();
+    let attach = Attach::start(
+        dir,
+        &cfg,
+        &target,
+        &portals[..1],
+        &["--lun", &lun],
+        Duration::from_secs(30),
+    )?;
     // SendTargets through the first portal adds the other two.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

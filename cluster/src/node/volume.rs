@@ -84,7 +84,7 @@ pub struct ReplicatedStore {
 impl ReplicatedStore {
     fn fenced(&self, what: &str, e: impl std::fmt::Display) -> io::Error {
         FENCED.with(|f| f.set(true));
-        io::Error::other(format!("volume {}: {what}: {e}", self.name))
+        raftsan_target::backing::Fenced(format!("volume {}: {what}: {e}", self.name)).into_io()
     }
 
     fn propose(&self, req: Request) -> io::Result<()> {

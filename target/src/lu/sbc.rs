@@ -160,12 +160,20 @@ fn byte_offset(d: &Disk, lba: u64) -> u64 {
 }
 
 fn read_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
-    tracing::error!(lun = d.def.lun, offset, error = %e, "backing store read failed");
+    if crate::backing::Fenced::is(&e) {
+        tracing::info!(lun = d.def.lun, offset, reason = %e, "read fenced");
+    } else {
+        tracing::error!(lun = d.def.lun, offset, error = %e, "backing store read failed");
+    }
     sense::UNRECOVERED_READ_ERROR.into()
 }
 
 fn write_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
-    tracing::error!(lun = d.def.lun, offset, error = %e, "backing store write failed");
+    if crate::backing::Fenced::is(&e) {
+        tracing::info!(lun = d.def.lun, offset, reason = %e, "write fenced");
+    } else {
+        tracing::error!(lun = d.def.lun, offset, error = %e, "backing store write failed");
+    }
     sense::WRITE_ERROR.into()
 }
 
