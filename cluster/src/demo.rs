@@ -6,8 +6,11 @@
 //! (`cluster init`), nodes 2 and 3 are added (`cluster add-node`), and a 256 MiB volume is
 //! created. The check writes 16 MiB of pseudo-random data with `qemu-img` through node 1's
 //! portal and reads it back through nodes 2 and 3 (which forward to the leader), comparing
-//! bytes. Then it keeps running and reports leadership changes, so `kill -9` of a node shows the
-//! others carrying on.
+//! bytes. Then a client attaches: `raftsan-initiator` (from the same build directory) logs into
+//! all three portals and exports the volume over NBD on a Unix socket; 16 MiB written through the
+//! NBD export with qemu-img are read back through node 3's portal. Then the demo keeps running
+//! and reports leadership changes and the client's paths, so `kill -9` of the leader's node shows
+//! the others carrying on and the client failing over.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -330,25 +333,220 @@ async fn drive(
         volume.target,
         volume.lun
     );
-    let checked = check(nodes, &volume, dir).await;
+    let mut checked = check(nodes, &volume, dir).await;
     match &checked {
         Ok(()) => println!("client check: OK"),
         Err(e) => println!("client check: FAILED: {e:#}"),
     }
-    if check_only {
+    let mut client = None;
+    if checked.is_ok() {
+        match Client::start(nodes, &volume, dir).await {
+            Ok(Some(c)) => {
+                let nbd = c.check(nodes, &volume, dir).await;
+                match &nbd {
+                    Ok(()) => println!("NBD check: OK"),
+                    Err(e) => println!("NBD check: FAILED: {e:#}"),
+                }
+                checked = nbd;
+                client = Some(c);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                println!("client: FAILED: {e:#}");
+                checked = Err(e);
+            }
+        }
+    }
+    if check_only || checked.is_err() {
+        if let Some(c) = client.as_mut() {
+            c.stop().await;
+        }
         return checked;
     }
     println!(
-        "running until Ctrl-C. Try `kill -9 {}` (the volume leader's node) and watch the others carry on.",
-        nodes.iter().find(|n| n.id == leader).map(|n| n.pid()).unwrap_or(0)
+        "running until Ctrl-C. Try `kill -9 {}` (the volume leader's node) and watch the others carry on{}.",
+        nodes.iter().find(|n| n.id == leader).map(|n| n.pid()).unwrap_or(0),
+        if client.is_some() {
+            " and the client fail over"
+        } else {
+            ""
+        }
     );
-    watch(nodes, pki, volume.id).await;
+    watch(nodes, pki, volume.id, client.as_ref()).await;
+    if let Some(c) = client.as_mut() {
+        c.stop().await;
+    }
     checked
 }
 
-/// Prints leadership and reachability changes until Ctrl-C.
-async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64) {
+/// `raftsan-initiator attach` of the demo volume, exported over NBD.
+struct Client {
+    exe: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    child: tokio::process::Child,
+}
+
+impl Client {
+    /// Starts the client when `raftsan-initiator` was built next to this binary.
+    async fn start(nodes: &[DemoNode], volume: &VolumeInfo, dir: &Path) -> Result<Option<Client>> {
+        let exe = std::env::current_exe()?.with_file_name("raftsan-initiator");
+        if !exe.is_file() {
+            println!(
+                "client: {} not built; `cargo build --release --bins` builds it (the demo then attaches it)",
+                exe.display()
+            );
+            return Ok(None);
+        }
+        let cdir = dir.join("client");
+        std::fs::create_dir_all(&cdir)?;
+        let config = cdir.join("initiator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "# raftsan demo client\ninitiator_name = \"iqn.2026-11.org.raftsan:demo-client\"\n\
+                 run_dir = \"{}\"\n\n[timeouts]\nnoop_interval = \"500ms\"\nnoop_timeout = \"1s\"\n\
+                 command = \"5s\"\nno_path_retry = \"30s\"\n",
+                cdir.join("run").display()
+            ),
+        )?;
+        let socket = cdir.join("nbd.sock");
+        let _ = std::fs::remove_file(&socket);
+        let log = cdir.join("initiator.log");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("attach")
+            .arg(&volume.target)
+            .arg("--lun")
+            .arg(volume.lun.to_string())
+            .arg("--portal")
+            .arg(nodes[0].portal().to_string())
+            .arg("--nbd")
+            .arg(format!("unix:{}", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .kill_on_drop(true);
+        // SAFETY: as in spawn_node.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().context("starting raftsan-initiator attach")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(st) = child.try_wait()? {
+                bail!("raftsan-initiator exited ({st}); see {}", log.display());
+            }
+            if Instant::now() > deadline {
+                bail!("the NBD export did not come up in 30 s; see {}", log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let c = Client {
+            exe,
+            config,
+            socket,
+            log,
+            child,
+        };
+        println!(
+            "  client         : raftsan-initiator pid {}, log {}",
+            c.child.id().unwrap_or(0),
+            c.log.display()
+        );
+        println!("  NBD export     : {}", c.uri());
+        println!(
+            "  try            : nbdinfo '{}'   |   {} --config {} session -P 1",
+            c.uri(),
+            c.exe.display(),
+            c.config.display()
+        );
+        Ok(Some(c))
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    /// 16 MiB through the NBD export (multipath), read back directly through node 3's portal.
+    async fn check(&self, nodes: &[DemoNode], volume: &VolumeInfo, dir: &Path) -> Result<()> {
+        let src = dir.join("check-nbd.raw");
+        let data = pseudo_random(CHECK_BYTES, 0xb10c);
+        std::fs::write(&src, &data)?;
+        let t = Instant::now();
+        qemu_img(&["convert", "-n", "-f", "raw", "-O", "raw", path(&src), &self.uri()]).await?;
+        println!(
+            "$ qemu-img convert: wrote {} MiB through the NBD export in {:.0} ms",
+            CHECK_BYTES >> 20,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        let _ = std::fs::remove_file(&src);
+        let n = &nodes[2];
+        let back = dir.join("check-nbd-out.raw");
+        let url = format!("iscsi://{}/{}/{}", n.portal(), volume.target, volume.lun);
+        qemu_img(&["convert", "-f", "raw", "-O", "raw", &url, path(&back)]).await?;
+        let got = std::fs::read(&back)?;
+        let _ = std::fs::remove_file(&back);
+        if got.len() < data.len() || got[..data.len()] != data[..] {
+            bail!(
+                "node {} returned different data than the client wrote through NBD",
+                n.id
+            );
+        }
+        println!("$ qemu-img convert: read it back through node {}: identical", n.id);
+        Ok(())
+    }
+
+    /// One line per path: "127.0.0.11:3260 up active/optimized".
+    async fn paths(&self) -> Option<(Vec<String>, u64)> {
+        let o = tokio::process::Command::new(&self.exe)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["session", "--json"])
+            .output()
+            .await
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        let d = &v.as_array()?.first()?["device"];
+        let paths = d["paths"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {} {}",
+                    p["portal"].as_str().unwrap_or("?"),
+                    p["status"].as_str().unwrap_or("?"),
+                    p["alua"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        Some((paths, d["failovers"].as_u64().unwrap_or(0)))
+    }
+
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: sending SIGTERM to our own child process.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// Prints leadership, reachability and client path changes until Ctrl-C.
+async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64, client: Option<&Client>) {
     let mut last: Option<(Option<u64>, Vec<bool>)> = None;
+    let mut last_paths: Option<(Vec<String>, u64)> = None;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let start = Instant::now();
@@ -356,6 +554,18 @@ async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64) {
         tokio::select! {
             _ = &mut ctrl_c => { println!("stopping the nodes"); return; }
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if let Some(c) = client
+            && let Some(now) = c.paths().await
+            && last_paths.as_ref() != Some(&now)
+        {
+            println!(
+                "[{:>7.2} s] client paths: {} (failovers so far: {})",
+                start.elapsed().as_secs_f64(),
+                now.0.join(", "),
+                now.1
+            );
+            last_paths = Some(now);
         }
         // Ask any node that answers.
         let mut seen = None;
