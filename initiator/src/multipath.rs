@@ -951,10 +951,10 @@ async fn rtpg_state<P: PathConn>(conn: &P, lun: u64, id: &DeviceId) -> Option<Al
 }
 
 /// Polls futures concurrently (no extra crate for one join).
-async fn futures_join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output>
 where
+    F: Future + Send + 'static,
     F::Output: Send,
-    F: Send + 'static,
 {
     let mut set = tokio::task::JoinSet::new();
     for f in futs {

@@ -52,7 +52,7 @@ fn attach_and_use(kind: Kind) -> Result<()> {
         dir,
         &cfg,
         &iqn,
-        &[portal.clone()],
+        std::slice::from_ref(&portal),
         &["--lun", "1"],
         Duration::from_secs(30),
     )?;
