@@ -143,11 +143,18 @@ impl Attach {
 
     /// SIGTERM, then waits for a clean exit (flush and logout).
     pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = &self.child {
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        }
+        self.wait_exit()
+    }
+
+    /// Waits (20 s at most) for the attachment to end on its own, cleanly.
+    pub fn wait_exit(&mut self) -> Result<()> {
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
-        // SAFETY: kill(2) on a child we spawned and have not reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait()? {

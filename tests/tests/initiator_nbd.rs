@@ -140,7 +140,24 @@ fn attach_and_use(kind: Kind) -> Result<()> {
         attach.log_text()
     );
 
-    attach.stop()?;
+    if kind == Kind::Raftsan {
+        // Logging out of the target ends the attachment (flush, logout of every path).
+        let out = initiator::run(&cfg, &["logout", "--target", &iqn])?;
+        ensure!(
+            out.success() && out.stdout.contains("successful"),
+            "logout --target:\n{}",
+            out.combined()
+        );
+        attach.wait_exit()?;
+        let out = initiator::run(&cfg, &["session"])?;
+        ensure!(
+            out.stdout.contains("No active sessions"),
+            "after logout --target:\n{}",
+            out.combined()
+        );
+    } else {
+        attach.stop()?;
+    }
     daemon.stop()?;
     Ok(())
 }
