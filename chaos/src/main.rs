@@ -1,5 +1,4 @@
-//! raftsan-chaos: fault injection against real processes. Skeleton until its issue.
 fn main() {
-    eprintln!("raftsan-chaos: not built yet (see the chaos issue)");
+    eprintln!("raftsan-chaos: the runner is not built yet");
     std::process::exit(2);
 }
