@@ -83,8 +83,7 @@ impl NbdClient {
         let pending: Pending = Arc::default();
         let p = pending.clone();
         tokio::spawn(async move {
-            loop {
-                let Ok(magic) = r.read_u32().await else { break };
+            while let Ok(magic) = r.read_u32().await {
                 if magic != SIMPLE_REPLY_MAGIC {
                     break;
                 }

@@ -1,0 +1,163 @@
+//! Faults against real processes, each with its model:
+//!
+//! | fault | what happens | what must hold |
+//! | --- | --- | --- |
+//! | `kill-leader` | SIGKILL of the node leading the volume, restarted after the hold | a new leader within the failover budget; the client carries on |
+//! | `kill-follower` | SIGKILL of a node not leading it, restarted after the hold | no leader change needed; the client carries on |
+//! | `kill-two-in-turn` | a follower is killed and restarted, then the leader | as above, twice |
+//! | `pause-leader` | SIGSTOP of the leader, SIGCONT after the hold: it wakes up believing it leads | its stale leadership is fenced (no stale read, no lost write) |
+//! | `partition-leader` | iptables drops the leader's cluster RPC both ways; its portal stays reachable | the majority elects a new leader; the old one stops serving |
+//! | `client-cut-from-leader` | iptables drops the client's packets to the leader's portal | the client fails over to the other portals |
+//!
+//! Every fault is healed (node restarted or resumed, rules removed) before the next.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use raftsan_tests::cluster::{Cluster, RPC_PORT};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    KillLeader,
+    KillFollower,
+    KillTwoInTurn,
+    PauseLeader,
+    PartitionLeader,
+    ClientCutFromLeader,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 6] = [
+        FaultKind::KillLeader,
+        FaultKind::KillFollower,
+        FaultKind::KillTwoInTurn,
+        FaultKind::PauseLeader,
+        FaultKind::PartitionLeader,
+        FaultKind::ClientCutFromLeader,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillLeader => "kill-leader",
+            FaultKind::KillFollower => "kill-follower",
+            FaultKind::KillTwoInTurn => "kill-two-in-turn",
+            FaultKind::PauseLeader => "pause-leader",
+            FaultKind::PartitionLeader => "partition-leader",
+            FaultKind::ClientCutFromLeader => "client-cut-from-leader",
+        }
+    }
+
+    /// Whether the fault takes the volume's leader away (a new leader is expected).
+    pub fn hits_leader(self) -> bool {
+        !matches!(self, FaultKind::KillFollower | FaultKind::ClientCutFromLeader)
+    }
+}
+
+/// iptables rules on loopback addresses, removed when dropped.
+pub struct Rules {
+    rules: Vec<Vec<String>>,
+}
+
+impl Rules {
+    pub fn insert(rules: Vec<Vec<String>>) -> Result<Rules> {
+        let mut done = Rules { rules: Vec::new() };
+        for r in rules {
+            let mut args = vec!["-w".to_string(), "-I".to_string()];
+            args.extend(r.iter().cloned());
+            let out = Command::new("iptables").args(&args).output()?;
+            ensure!(
+                out.status.success(),
+                "iptables {} failed (install iptables; needs root): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            done.rules.push(r);
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        for r in self.rules.drain(..) {
+            let mut args = vec!["-w".to_string(), "-D".to_string()];
+            args.extend(r);
+            let _ = Command::new("iptables").args(&args).output();
+        }
+    }
+}
+
+fn rule(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+/// Drops cluster RPC to and from `ip` (nodes connect from their advertised address).
+pub fn isolate_rpc(ip: &str) -> Result<Rules> {
+    let port = RPC_PORT.to_string();
+    Rules::insert(vec![
+        rule(&["INPUT", "-d", ip, "-p", "tcp", "--dport", &port, "-j", "DROP"]),
+        rule(&["INPUT", "-s", ip, "-p", "tcp", "--dport", &port, "-j", "DROP"]),
+    ])
+}
+
+/// Drops the packets to `ip`'s iSCSI portal.
+pub fn block_portal(ip: &str) -> Result<Rules> {
+    Rules::insert(vec![rule(&[
+        "INPUT", "-d", ip, "-p", "tcp", "--dport", "3260", "-j", "DROP",
+    ])])
+}
+
+/// A fault in progress, healed by [`Injected::heal`].
+pub enum Injected {
+    Killed(Vec<u64>),
+    Paused(u64),
+    Rules(Rules),
+}
+
+impl Injected {
+    pub fn heal(self, c: &mut Cluster) -> Result<()> {
+        match self {
+            Injected::Killed(ids) => {
+                for id in ids {
+                    c.spawn(id)?;
+                }
+            }
+            Injected::Paused(id) => c.signal(id, libc::SIGCONT)?,
+            Injected::Rules(r) => drop(r),
+        }
+        Ok(())
+    }
+}
+
+/// Injects `kind` with `leader` leading the volume and `follower` another node. For
+/// kill-two-in-turn the caller has already killed and healed the follower half.
+pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> Result<Injected> {
+    let ip = |c: &Cluster, id: u64| -> Result<String> { Ok(c.node(id)?.ip.to_string()) };
+    Ok(match kind {
+        FaultKind::KillLeader | FaultKind::KillTwoInTurn => {
+            c.signal(leader, libc::SIGKILL)?;
+            Injected::Killed(vec![leader])
+        }
+        FaultKind::KillFollower => {
+            c.signal(follower, libc::SIGKILL)?;
+            Injected::Killed(vec![follower])
+        }
+        FaultKind::PauseLeader => {
+            c.signal(leader, libc::SIGSTOP)?;
+            Injected::Paused(leader)
+        }
+        FaultKind::PartitionLeader => Injected::Rules(isolate_rpc(&ip(c, leader)?)?),
+        FaultKind::ClientCutFromLeader => Injected::Rules(block_portal(&ip(c, leader)?)?),
+    })
+}
+
+/// How long a fault is held, from the seeded schedule.
+pub fn hold(kind: FaultKind, r: f64) -> Duration {
+    let base = match kind {
+        FaultKind::PauseLeader | FaultKind::PartitionLeader => 4.0,
+        _ => 2.0,
+    };
+    Duration::from_secs_f64(base + 3.0 * r)
+}

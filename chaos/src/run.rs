@@ -1,0 +1,390 @@
+//! One chaos run: a three-node cluster, a volume, `raftsan-initiator attach` with its NBD export,
+//! the workload through it, and a seeded schedule of faults and heals. At the end everything is
+//! healed, the workload stops, every written block is read back and judged, the replicas are
+//! compared, and the node logs are checked.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use raftsan_tests::cluster::{Cluster, applied_index, group_leader};
+use raftsan_tests::initiator::{Attach, write_config};
+use raftsan_tests::{Kind, Scratch, check_log};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::faults::{self, FaultKind};
+use crate::nbd::NbdClient;
+use crate::workload::{self, Shared, WorkloadConfig, max_latency_in};
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub seed: u64,
+    /// Faults keep coming until this much time has passed (at least one of each kind first when
+    /// `every_fault`).
+    pub duration: Duration,
+    pub every_fault: bool,
+    pub workload: WorkloadConfig,
+    /// JSON report.
+    pub out: Option<PathBuf>,
+}
+
+/// One injection and what it cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct Injection {
+    pub kind: FaultKind,
+    pub victim: u64,
+    pub at_s: f64,
+    pub hold_s: f64,
+    /// Longest client operation overlapping the fault (and 2 s after its heal).
+    pub stall_ms: f64,
+    /// From injection to a new leader reported by a surviving node (leader faults).
+    pub new_leader_ms: Option<f64>,
+    /// From heal until every node applied everything the leader committed.
+    pub resync_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KindFigures {
+    pub injections: usize,
+    pub stall_p50_ms: f64,
+    pub stall_p99_ms: f64,
+    pub stall_max_ms: f64,
+    pub new_leader_max_ms: Option<f64>,
+    pub resync_max_ms: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub seed: u64,
+    pub duration_s: f64,
+    pub writes_acked: u64,
+    pub writes_failed: u64,
+    pub reads_checked: u64,
+    pub client_errors: Vec<String>,
+    pub violations: Vec<String>,
+    pub replicas_identical: bool,
+    pub log_problems: Vec<String>,
+    pub injections: Vec<Injection>,
+    pub by_kind: BTreeMap<String, KindFigures>,
+}
+
+impl Report {
+    /// Invariants 1-4 of DESIGN.md, as verdicts.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+            && self.client_errors.is_empty()
+            && self.replicas_identical
+            && self.log_problems.is_empty()
+    }
+
+    pub fn print(&self) {
+        println!("chaos run: seed {} ({:.0} s)", self.seed, self.duration_s);
+        println!(
+            "  workload: {} writes acknowledged, {} failed, {} reads checked",
+            self.writes_acked, self.writes_failed, self.reads_checked
+        );
+        println!(
+            "  {:<24} {:>5} {:>10} {:>10} {:>10} {:>12} {:>10}",
+            "fault", "n", "stall p50", "p99", "max", "new leader", "resync"
+        );
+        for (k, f) in &self.by_kind {
+            let opt = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
+            println!(
+                "  {:<24} {:>5} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>12} {:>10}",
+                k,
+                f.injections,
+                f.stall_p50_ms,
+                f.stall_p99_ms,
+                f.stall_max_ms,
+                opt(f.new_leader_max_ms),
+                opt(f.resync_max_ms)
+            );
+        }
+        let verdict = |ok: bool| if ok { "ok" } else { "VIOLATED" };
+        let lost = self.violations.iter().filter(|v| !v.contains(": stale:")).count();
+        let stale = self.violations.len() - lost;
+        println!(
+            "  invariant: no acknowledged write lost ........ {} ({lost})",
+            verdict(lost == 0)
+        );
+        println!(
+            "  invariant: no stale read ....................... {} ({stale})",
+            verdict(stale == 0)
+        );
+        println!(
+            "  invariant: replicas identical .................. {}",
+            verdict(self.replicas_identical)
+        );
+        println!(
+            "  invariant: no panic or unexpected ERROR ......... {}",
+            verdict(self.log_problems.is_empty())
+        );
+        println!(
+            "  client: I/O errors returned to the client ...... {} ({})",
+            verdict(self.client_errors.is_empty()),
+            self.client_errors.len()
+        );
+        for v in self.violations.iter().take(20) {
+            println!("    violation: {v}");
+        }
+        for e in self.client_errors.iter().take(10) {
+            println!("    client error: {e}");
+        }
+        for p in &self.log_problems {
+            println!("    log: {p}");
+        }
+        println!(
+            "  replay: raftsan-chaos run --seed {} --duration {}s",
+            self.seed,
+            self.duration_s.round()
+        );
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `raftsan status --json` through the first node in `order` that answers.
+fn status(c: &Cluster, order: &[u64]) -> Option<Value> {
+    for &id in order {
+        if let Ok(out) = c.raftsan_on(id, &["status", "--json"])
+            && out.success()
+            && let Ok(v) = serde_json::from_str(&out.stdout)
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
+/// Waits until a leader exists, every node is a reachable voter and has applied everything.
+fn wait_healthy(c: &Cluster, group: u64, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = status(c, &[1, 2, 3])
+            && let Some(leader) = group_leader(&s, group)
+        {
+            let applied: Vec<Option<u64>> = (1..=3).map(|n| applied_index(&s, n, group)).collect();
+            let reachable = s["nodes"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|n| n["reachable"] != false));
+            let lead = applied_index(&s, leader, group);
+            if reachable && applied.iter().all(|a| a.is_some() && *a == lead) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not become healthy within {within:?}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn run(cfg: RunConfig) -> Result<Report> {
+    let t0 = Instant::now();
+    println!(
+        "chaos: seed {} (replay with --seed {}), starting a three-node cluster",
+        cfg.seed, cfg.seed
+    );
+    let mut c = Cluster::start(3)?;
+    let (group, target, lun) = c.create_volume("chaos", "64M")?;
+    wait_healthy(&c, group, Duration::from_secs(60))?;
+    let scratch = Scratch::new()?;
+    let dir = scratch.path().to_path_buf();
+    let icfg = write_config(
+        &dir,
+        "iqn.2026-11.org.raftsan.chaos:client",
+        "[timeouts]\nnoop_interval = \"500ms\"\nnoop_timeout = \"1s\"\ncommand = \"5s\"\nno_path_retry = \"60s\"",
+    )?;
+    let portal = c.node(1)?.portal().to_string();
+    let lun_s = lun.to_string();
+    let mut attach = Attach::start(
+        &dir,
+        &icfg,
+        &target,
+        &[portal],
+        &["--lun", &lun_s],
+        Duration::from_secs(30),
+    )?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = Arc::new(rt.block_on(NbdClient::connect(&attach.socket))?);
+    let shared = Shared::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let workload = rt.spawn(workload::run(
+        client.clone(),
+        shared.clone(),
+        cfg.workload.clone(),
+        cfg.seed,
+        stop_rx,
+    ));
+
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let mut queue: Vec<FaultKind> = Vec::new();
+    if cfg.every_fault {
+        queue = FaultKind::ALL.to_vec();
+        queue.shuffle(&mut rng);
+    }
+    let mut injections = Vec::new();
+    thread::sleep(Duration::from_secs(2));
+    while !queue.is_empty() || t0.elapsed() < cfg.duration {
+        let kind = if queue.is_empty() {
+            FaultKind::ALL[rng.random_range(0..FaultKind::ALL.len())]
+        } else {
+            queue.remove(0)
+        };
+        let hold = faults::hold(kind, rng.random::<f64>());
+        let s = status(&c, &[1, 2, 3]).context("no node answers status")?;
+        let leader = group_leader(&s, group).context("no leader before the fault")?;
+        let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+        let follower = others[rng.random_range(0..others.len())];
+        if kind == FaultKind::KillTwoInTurn {
+            // First the follower, healed, then the leader below.
+            let first = faults::inject(&mut c, FaultKind::KillFollower, leader, follower)?;
+            thread::sleep(hold / 2);
+            first.heal(&mut c)?;
+            wait_healthy(&c, group, Duration::from_secs(60))?;
+        }
+        let victim = if kind == FaultKind::KillFollower {
+            follower
+        } else {
+            leader
+        };
+        println!(
+            "[{:>6.1} s] {} on node {victim} for {:.1} s",
+            t0.elapsed().as_secs_f64(),
+            kind.name(),
+            hold.as_secs_f64()
+        );
+        let at_ns = shared.now_ns();
+        let injected = faults::inject(&mut c, kind, leader, follower)?;
+        let t_inj = Instant::now();
+        let mut new_leader_ms = None;
+        let survivors: Vec<u64> = (1..=3).filter(|&n| n != victim).collect();
+        while t_inj.elapsed() < hold {
+            if kind.hits_leader()
+                && new_leader_ms.is_none()
+                && let Some(s) = status(&c, &survivors)
+                && group_leader(&s, group).is_some_and(|l| l != victim)
+            {
+                new_leader_ms = Some(t_inj.elapsed().as_secs_f64() * 1e3);
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        injected.heal(&mut c)?;
+        let healed_ns = shared.now_ns();
+        let t_heal = Instant::now();
+        let resync_ms = wait_healthy(&c, group, Duration::from_secs(90))
+            .ok()
+            .map(|()| t_heal.elapsed().as_secs_f64() * 1e3);
+        // Let operations caught by the fault finish before measuring their stall.
+        thread::sleep(Duration::from_secs(2));
+        let stall_ns = {
+            let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+            max_latency_in(&r.ops, at_ns, healed_ns + 2_000_000_000)
+        };
+        injections.push(Injection {
+            kind,
+            victim,
+            at_s: at_ns as f64 / 1e9,
+            hold_s: hold.as_secs_f64(),
+            stall_ms: stall_ns as f64 / 1e6,
+            new_leader_ms,
+            resync_ms,
+        });
+        println!(
+            "          stall {:.0} ms, new leader {}, resync {}",
+            stall_ns as f64 / 1e6,
+            new_leader_ms
+                .map(|v| format!("{v:.0} ms"))
+                .unwrap_or_else(|| "-".into()),
+            resync_ms
+                .map(|v| format!("{v:.0} ms"))
+                .unwrap_or_else(|| "NOT REACHED".into())
+        );
+    }
+
+    // Heal is done; stop the workload, read everything back, compare replicas, check logs.
+    stop_tx.send_replace(true);
+    rt.block_on(async {
+        let _ = workload.await;
+    });
+    wait_healthy(&c, group, Duration::from_secs(90))?;
+    let verified = rt.block_on(workload::verify_all(&client, &shared));
+    println!("chaos: read back {verified} written blocks");
+    rt.block_on(client.disconnect());
+    attach.stop()?;
+    thread::sleep(Duration::from_secs(1));
+    wait_healthy(&c, group, Duration::from_secs(60))?;
+    let shas: Vec<String> = (1..=3).map(|n| c.image_sha(n, group)).collect::<Result<_>>()?;
+    let replicas_identical = shas.windows(2).all(|w| w[0] == w[1]);
+    let mut log_problems = Vec::new();
+    for n in &mut c.nodes {
+        if let Err(e) = check_log(Kind::Raftsan, &n.log_text(), &n.expected_errors) {
+            log_problems.push(format!("node {}: {e:#}", n.id));
+        }
+        // Judged here; the harness must not judge again when it drops the cluster.
+        n.expected_errors.push(String::new());
+    }
+    if let Err(e) = check_log(Kind::Raftsan, &attach.log_text(), &[]) {
+        log_problems.push(format!("initiator: {e:#}"));
+    }
+
+    let o = shared.oracle();
+    let record = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+    let mut by_kind = BTreeMap::new();
+    for kind in FaultKind::ALL {
+        let of: Vec<&Injection> = injections.iter().filter(|i| i.kind == kind).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let mut stalls: Vec<f64> = of.iter().map(|i| i.stall_ms).collect();
+        stalls.sort_by(f64::total_cmp);
+        let max_of = |f: &dyn Fn(&Injection) -> Option<f64>| of.iter().filter_map(|i| f(i)).reduce(f64::max);
+        by_kind.insert(
+            kind.name().to_string(),
+            KindFigures {
+                injections: of.len(),
+                stall_p50_ms: percentile(&stalls, 0.5),
+                stall_p99_ms: percentile(&stalls, 0.99),
+                stall_max_ms: stalls.last().copied().unwrap_or(0.0),
+                new_leader_max_ms: max_of(&|i| i.new_leader_ms),
+                resync_max_ms: max_of(&|i| i.resync_ms),
+            },
+        );
+    }
+    let report = Report {
+        seed: cfg.seed,
+        duration_s: t0.elapsed().as_secs_f64(),
+        writes_acked: o.writes_acked,
+        writes_failed: o.writes_failed,
+        reads_checked: o.reads_checked,
+        client_errors: record.errors.clone(),
+        violations: o.violations.iter().map(|v| v.to_string()).collect(),
+        replicas_identical,
+        log_problems,
+        injections,
+        by_kind,
+    };
+    if let Some(out) = &cfg.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(report)
+}
