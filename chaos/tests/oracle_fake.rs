@@ -25,11 +25,14 @@ enum Misbehaviour {
     StaleFailover,
 }
 
+/// The replica's image and the writes it has not applied yet (offset, data), oldest first.
+type Replica = (Vec<u8>, Vec<(u64, Bytes)>);
+
 struct Fake {
     how: Misbehaviour,
     primary: Mutex<Vec<u8>>,
     /// Writes not yet applied to the replica (offset, data), oldest first.
-    lag: Mutex<(Vec<u8>, Vec<(u64, Bytes)>)>,
+    lag: Mutex<Replica>,
     writes: AtomicU64,
     failed_over: AtomicU64,
     /// The block whose writes are dropped (DropOneAckedWrite), +1; 0 before.
