@@ -4,6 +4,7 @@
 #   scripts/test.sh              everything, as CI runs it
 #   SKIP_CONFORMANCE=1 scripts/test.sh    without the libiscsi conformance run
 #   SKIP_FUZZ=1 scripts/test.sh           without the fuzzing step (FUZZ_SECONDS per target, default 20)
+#   SKIP_CHAOS=1 scripts/test.sh          without the short chaos run (CHAOS_SEED, CHAOS_DURATION=60s)
 #
 # Sized for 2 cores (nextest profile `ci` in .config/nextest.toml). Binaries are found through
 # cargo's target directory (build/ in this workspace, or CARGO_TARGET_DIR), never target/release.
@@ -35,6 +36,13 @@ cargo nextest run --workspace --release --locked --profile ci
 if [[ "${SKIP_FUZZ:-0}" != 1 ]]; then
     step "fuzz: every target for ${FUZZ_SECONDS:-20}s (scripts/fuzz.sh)"
     scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
+fi
+
+if [[ "${SKIP_CHAOS:-0}" != 1 ]]; then
+    step "chaos: every fault kind at least once under verified I/O (raftsan-chaos run)"
+    CHAOS_ARGS=(run --duration "${CHAOS_DURATION:-60s}" --out "$(dirname "$RAFTSAN_BIN")/chaos-ci.json")
+    [[ -n "${CHAOS_SEED:-}" ]] && CHAOS_ARGS+=(--seed "$CHAOS_SEED")
+    "$(dirname "$RAFTSAN_BIN")/raftsan-chaos" "${CHAOS_ARGS[@]}"
 fi
 
 if [[ "${SKIP_CONFORMANCE:-0}" != 1 ]]; then
