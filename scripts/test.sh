@@ -41,7 +41,7 @@ fi
 if [[ "${SKIP_CHAOS:-0}" != 1 ]]; then
     step "chaos: every fault kind at least once under verified I/O (raftsan-chaos run)"
     CHAOS_ARGS=(run --duration "${CHAOS_DURATION:-60s}" --out "$(dirname "$RAFTSAN_BIN")/chaos-ci.json")
-    [[ -n "${CHAOS_SEED:-}" ]] && CHAOS_ARGS+=(--seed "$CHAOS_SEED")
+    if [[ -n "${CHAOS_SEED:-}" ]]; then CHAOS_ARGS+=(--seed "$CHAOS_SEED"); fi
     "$(dirname "$RAFTSAN_BIN")/raftsan-chaos" "${CHAOS_ARGS[@]}"
 fi
 
