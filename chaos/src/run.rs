@@ -170,6 +170,14 @@ fn status(c: &Cluster, order: &[u64]) -> Option<Value> {
     None
 }
 
+/// The volume's leader as node `id` itself sees it (`raftsan status --local`: no fan-out, so a
+/// hung node does not slow the answer).
+fn local_leader(c: &Cluster, id: u64, group: u64) -> Option<u64> {
+    let out = c.raftsan_on(id, &["status", "--json", "--local"]).ok()?;
+    let v: Value = serde_json::from_str(&out.stdout).ok()?;
+    group_leader(&v, group)
+}
+
 /// Waits until a leader exists, every node is a reachable voter and has applied everything.
 fn wait_healthy(c: &Cluster, group: u64, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
@@ -280,12 +288,13 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         while t_inj.elapsed() < hold {
             if kind.hits_leader()
                 && new_leader_ms.is_none()
-                && let Some(s) = status(&c, &survivors)
-                && group_leader(&s, group).is_some_and(|l| l != victim)
+                && survivors
+                    .iter()
+                    .any(|&n| local_leader(&c, n, group).is_some_and(|l| l != victim))
             {
                 new_leader_ms = Some(t_inj.elapsed().as_secs_f64() * 1e3);
             }
-            thread::sleep(Duration::from_millis(100));
+            thread::sleep(Duration::from_millis(50));
         }
         injected.heal(&mut c)?;
         let healed_ns = shared.now_ns();

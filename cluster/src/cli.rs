@@ -565,15 +565,30 @@ pub async fn volume(cmd: VolumeCmd) -> Result<()> {
     }
 }
 
-pub async fn status(conn: Conn, json: bool) -> Result<()> {
+pub async fn status(conn: Conn, json: bool, local: bool) -> Result<()> {
     let mut c = conn.connect()?;
     let addr = c.addr.clone();
-    let s = c
-        .inner()
-        .status(StatusRequest {})
-        .await
-        .map_err(|s| status_err(&addr, s))?
-        .into_inner();
+    let s = if local {
+        let node = c
+            .inner()
+            .local_status(StatusRequest {})
+            .await
+            .map_err(|s| status_err(&addr, s))?
+            .into_inner()
+            .node
+            .ok_or_else(|| anyhow!("{addr}: empty answer"))?;
+        StatusResponse {
+            answered_by: node.id,
+            nodes: vec![node],
+            ..Default::default()
+        }
+    } else {
+        c.inner()
+            .status(StatusRequest {})
+            .await
+            .map_err(|s| status_err(&addr, s))?
+            .into_inner()
+    };
     if json {
         println!("{}", status_json(&s));
     } else {

@@ -72,6 +72,10 @@ enum Cmd {
         conn: cli::Conn,
         #[arg(long)]
         json: bool,
+        /// Only the answering node's own view (no calls to the other nodes): quick even while a
+        /// node hangs.
+        #[arg(long)]
+        local: bool,
     },
     /// Start a three-node cluster on loopback (real `raftsan serve` processes on 127.0.0.11-13,
     /// portals on port 3260), create a replicated 256 MiB volume, check it with real iSCSI
@@ -149,9 +153,9 @@ fn run() -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(cli::volume(c))
         }
-        Cmd::Status { conn, json } => {
+        Cmd::Status { conn, json, local } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(cli::status(conn, json))
+            rt.block_on(cli::status(conn, json, local))
         }
         Cmd::Show { admin_socket, json } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
