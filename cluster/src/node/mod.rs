@@ -124,7 +124,11 @@ impl Node {
                 ));
             }
         }
-        let channels = Channels::new(Some(tls)).context("loading the node's certificates")?;
+        // A node whose RPC listens on one address also connects from it.
+        let source = Some(s.rpc_listen.ip()).filter(|ip| !ip.is_unspecified());
+        let channels = Channels::new(Some(tls))
+            .context("loading the node's certificates")?
+            .with_local_address(source);
         let raft_config = raft_config(&s)?;
         let self_info = NodeInfo {
             id: s.node_id,

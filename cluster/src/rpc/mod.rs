@@ -77,6 +77,8 @@ where
 pub struct Channels {
     tls: Option<ClientTlsConfig>,
     pool: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Source address of outgoing connections (None: the kernel picks).
+    local: Option<std::net::IpAddr>,
 }
 
 impl Channels {
@@ -86,7 +88,15 @@ impl Channels {
         Ok(Self {
             tls,
             pool: Arc::default(),
+            local: None,
         })
+    }
+
+    /// Connects from `ip` (a node connects from the address it listens on, so its peers and
+    /// firewall rules see one address per node).
+    pub fn with_local_address(mut self, ip: Option<std::net::IpAddr>) -> Self {
+        self.local = ip;
+        self
     }
 
     fn pool(&self) -> MutexGuard<'_, HashMap<String, Channel>> {
@@ -110,7 +120,8 @@ impl Channels {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            .local_address(self.local);
         if let Some(tls) = &self.tls {
             ep = ep.tls_config(tls.clone()).map_err(|e| bad(&e))?;
         }
