@@ -293,13 +293,13 @@ impl Prometheus {
         })
     }
 
-    /// The first value of an instant query's series that match, summed (0 when none).
+    /// The values of an instant query's series, summed (0 when there is none).
     pub fn query_sum(&self, expr: &str) -> Result<f64> {
         Ok(self
             .query(expr)?
             .iter()
             .filter_map(|s| s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()))
-            .sum())
+            .fold(0.0, |sum, v| sum + v))
     }
 
     /// The active alerts (`/api/v1/alerts`).

@@ -566,7 +566,7 @@ fn live_config(nodes: &[String], client: &str) -> Result<String> {
     Ok(text)
 }
 
-/// Writes `blocks` of random data through the NBD export and reads the export back (commands
+/// Writes 8 MiB of random data through the NBD export and reads the whole export back (commands
 /// read, write and flush).
 fn drive_io(uri: &str, dir: &Path) -> Result<()> {
     let src = dir.join("io.img");
@@ -640,9 +640,11 @@ fn prometheus_scrapes_a_live_cluster_and_answers_every_dashboard_and_alert_query
                 exported.extend(exported_names(&text));
                 let check = promtool(&["check", "metrics"], Some(&text))?;
                 if !check.success() {
+                    let lint: Vec<&str> = check.stdout.lines().chain(check.stderr.lines()).collect();
                     problems.push(format!(
-                        "promtool check metrics on {who} ({url}):\n{}",
-                        check.combined()
+                        "promtool check metrics on {who} ({url}) exited {}: {}",
+                        check.status,
+                        lint.join("; ")
                     ));
                 }
             }
