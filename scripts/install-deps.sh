@@ -6,7 +6,7 @@
 #   tgt            tgtd, the reference target the tests and benchmarks compare against
 #   qemu-utils + qemu-block-extra   qemu-img/qemu-io with the iscsi:// block driver (block-iscsi.so)
 #   fio sg3-utils libnbd-bin iproute2 iptables jq
-#   prometheus     prometheus and promtool (tests/tests/observability.rs: scrape config, alert rules)
+#   prometheus     promtool (`promtool check metrics` in tests/tests/metrics_names.rs)
 #
 # qemu-block-extra must be the exact version of qemu-utils (the module is refused otherwise). When
 # qemu-utils came from <codename>-backports (as on the reference image: 10.0.2 from
