@@ -10,7 +10,8 @@
 //!   `/metrics` (which must pass `promtool check metrics`); a real Prometheus, configured from
 //!   the shipped prometheus.yml and alerts.yml, scrapes them and must return series for every
 //!   dashboard expression and every alert's signal; then the volume's leader is killed and the
-//!   node-down (`up == 0`, RaftsanNodeDown) and failover signals must appear.
+//!   node-down (`up == 0`, RaftsanNodeDown firing, its `for:` cut to 3 s) and failover signals
+//!   must appear.
 //!
 //! How PromQL is extracted, without a YAML parser:
 //! * dashboards: every panel target's `expr` (rows recursed) and every query variable
@@ -52,6 +53,8 @@ const REQUIRED_ALERTS: &[&str] = &[
 ];
 /// Grafana's built-in interval variables and what the test queries them with.
 const BUILTINS: &[(&str, &str)] = &[("__rate_interval", "15s"), ("__interval", "5s"), ("__range", "10m")];
+/// RaftsanNodeDown's expression and `for:` as alerts.yml has them (the live test shortens `for:`).
+const NODE_DOWN_RULE: &str = "expr: up{job=\"raftsan\"} == 0\n        for: 1m\n";
 /// The client's metrics port on its reserved loopback address.
 const CLIENT_METRICS_PORT: u16 = 9700;
 
@@ -667,8 +670,18 @@ fn prometheus_scrapes_a_live_cluster_and_answers_every_dashboard_and_alert_query
     // 2. A real Prometheus on the shipped config and rules answers every expression.
     let node_addrs: Vec<String> = c.nodes.iter().map(|n| format!("{}:9520", n.ip)).collect();
     let config = live_config(&node_addrs, &client_metrics)?;
+    // RaftsanNodeDown waits 1 m before firing: the test shortens that to 3 s to see it fire.
     let alerts = read(&grafana_dir().join("prometheus").join("alerts.yml"))?;
+    ensure!(
+        alerts.contains(NODE_DOWN_RULE),
+        "alerts.yml no longer contains {NODE_DOWN_RULE:?}; update the test"
+    );
+    let alerts = alerts.replace(NODE_DOWN_RULE, &NODE_DOWN_RULE.replace("for: 1m", "for: 3s"));
     let prom = Prometheus::start(&config, &[("alerts.yml", &alerts)])?;
+    let live_config = prom.dir().join("prometheus.yml").display().to_string();
+    if let Err(e) = promtool_ok(&["check", "config", &live_config]) {
+        problems.push(format!("the test's Prometheus config: {e:#}"));
+    }
     let targets_up = poll("every scrape target up", Duration::from_secs(30), || {
         let targets = prom.targets()?;
         Ok((targets.len() == 4 && targets.iter().all(|t| t.2 == "up")).then_some(()))
@@ -740,13 +753,23 @@ fn prometheus_scrapes_a_live_cluster_and_answers_every_dashboard_and_alert_query
     if let Err(e) = down {
         problems.push(format!("node down: {e:#}"));
     }
-    let alert = poll("RaftsanNodeDown for the killed leader", Duration::from_secs(30), || {
-        let alerts = prom.alerts()?;
-        Ok(alerts
-            .iter()
-            .find(|a| a["labels"]["alertname"] == "RaftsanNodeDown" && a["labels"]["instance"] == leader_instance)
-            .and_then(|a| a["state"].as_str().map(str::to_string)))
-    });
+    let alert = poll(
+        "RaftsanNodeDown firing for the killed leader",
+        Duration::from_secs(30),
+        || {
+            let alerts = prom.alerts()?;
+            let state = alerts
+                .iter()
+                .find(|a| a["labels"]["alertname"] == "RaftsanNodeDown" && a["labels"]["instance"] == leader_instance)
+                .and_then(|a| a["state"].as_str())
+                .unwrap_or("inactive")
+                .to_string();
+            if state == "firing" {
+                return Ok(Some(state));
+            }
+            bail!("(last state {state})")
+        },
+    );
     match alert {
         Ok(state) => println!(
             "RaftsanNodeDown {state} {:.1} s after the kill",
