@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod initiator;
+pub mod prometheus;
 pub mod raw;
 
 use std::fs::{self, File, OpenOptions};
