@@ -7,7 +7,8 @@
 #
 #   -r ROUNDS      rounds; each round runs every workload direct, then through the initiator  [3]
 #   -s SECONDS     run time of each iscsi-perf and fio run                                     [3]
-#   -c QEMU_COUNT  4 KiB requests per qemu-img bench run (the 128 KiB runs do a tenth)        [20000]
+#   -c QEMU_COUNT  4 KiB reads per qemu-img bench read run; write runs do a tenth (writes
+#                  are replicated with fsync), 128 KiB read runs a sixth                       [60000]
 #   -z SIZE        size of the demo volume, pre-filled with random bytes                      [256M]
 #   -a FIRST_ADDR  node 1's loopback address; nodes 2 and 3 take the next two                 [127.0.0.57]
 #   -o FILE        JSON results                                                                [bench/initiator.json]
@@ -32,7 +33,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 
 ROUNDS=3
 SECS=3
-QEMU_COUNT=20000
+QEMU_COUNT=60000
 SIZE=256M
 FIRST=127.0.0.57
 OUT="$REPO/bench/initiator.json"
@@ -44,7 +45,7 @@ while getopts "r:s:c:z:a:o:h" opt; do
     z) SIZE=$OPTARG ;;
     a) FIRST=$OPTARG ;;
     o) OUT=$OPTARG ;;
-    *) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 require_loopback "$FIRST"
@@ -218,13 +219,13 @@ run_one() { # run_one TEST direct|via ADDR
     case $test.$side in
     randread-4k-qd32.direct) iscsi_perf "$url" -r -b 8 -m 32 ;;
     seqread-128k-qd32.direct) iscsi_perf "$url" -b 256 -m 32 ;;
-    randwrite-4k-qd32.direct) qemu_bench "$url" 4096 "$qc" -w ;;
+    randwrite-4k-qd32.direct) qemu_bench "$url" 4096 $((qc / 10)) -w ;;
     randread-4k-qd32.via) fio_nbd randread 4k ;;
     randwrite-4k-qd32.via) fio_nbd randwrite 4k ;;
     seqread-128k-qd32.via) fio_nbd read 128k ;;
     qemu-read-4k-qd32.*) qemu_bench "$url" 4096 "$qc" ;;
-    qemu-write-4k-qd32.*) qemu_bench "$url" 4096 "$qc" -w ;;
-    qemu-read-128k-qd32.*) qemu_bench "$url" 131072 $((qc / 10)) ;;
+    qemu-write-4k-qd32.*) qemu_bench "$url" 4096 $((qc / 10)) -w ;;
+    qemu-read-128k-qd32.*) qemu_bench "$url" 131072 $((qc / 6)) ;;
     esac
 }
 
@@ -270,7 +271,7 @@ json_num() { if [[ $1 == n/a ]]; then echo null; else echo "$1"; fi; }
 printf '\n%-20s %12s %12s %12s %12s %6s\n' workload "direct IOPS" "direct MB/s" "via IOPS" "via MB/s" ratio
 {
     printf '{\n  "what": "raftsan demo cluster (3 nodes, fsync = always): direct on the volume leader portal vs through raftsan-initiator attach + NBD Unix socket",\n'
-    printf '  "rounds": %d, "seconds_per_run": %d, "qemu_count_4k": %d, "volume_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n' \
+    printf '  "rounds": %d, "seconds_per_run": %d, "qemu_count_4k_read": %d, "volume_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n' \
         "$ROUNDS" "$SECS" "$QEMU_COUNT" "$BYTES" "$ELAPSED" "$(nproc)"
     printf '  "initiator_counters": %s,\n  "results": [\n' "$SESSION"
 } >"$OUT"
