@@ -22,7 +22,9 @@
 #      (verify_backlog 64, verify_fatal, do_verify) for RUNTIME_S seconds; KILL_AFTER_S in,
 #      SIGKILL to L's `raftsan serve`;
 #   3. fio must end without error; its longest write latency (jobs[0].write.lat_ns.max) is the
-#      client-visible stall;
+#      client-visible stall; fio's per-I/O latency log (--write_lat_log, Unix-epoch timestamps)
+#      tells when the slowest write was issued and completed relative to the kill, and the script
+#      records when the killed process had actually exited;
 #   4. restarts L as the demo started it (`raftsan serve --config D/nodeL/node.toml`, log appended
 #      to D/nodeL/raftsan.log).
 # Prints every trial and p50/p90/max, writes OUT. RAFTSAN_LOG=debug gives a detailed initiator log
@@ -45,7 +47,7 @@ while getopts "n:t:k:z:a:o:h" opt; do
     z) SIZE=$OPTARG ;;
     a) FIRST=$OPTARG ;;
     o) OUT=$OPTARG ;;
-    *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 require_loopback "$FIRST"
@@ -187,12 +189,17 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
     rm -f "$WORK/fio.json" "$WORK/fio.err"
     fio --name=failover --ioengine=nbd "--uri=$NBD_URI" --rw=randwrite --bs=4k --iodepth=8 --size=64M \
         --verify=crc32c --verify_backlog=64 --verify_fatal=1 --do_verify=1 --time_based=1 "--runtime=$RUNTIME" \
-        --randrepeat=0 --output-format=json "--output=$WORK/fio.json" </dev/null >/dev/null 2>"$WORK/fio.err" &
+        --randrepeat=0 --output-format=json "--output=$WORK/fio.json" \
+        "--write_lat_log=$WORK/lat-trial$trial" --log_avg_msec=0 --log_unix_epoch=1 </dev/null >/dev/null 2>"$WORK/fio.err" &
     FIO_PID=$!
+    fio_at=$(date +%s.%N)
     sleep "$KILL_AFTER"
-    kill_at=$(date +%s.%N)
     kill -KILL "$pid"
-    for ((i = 0; i < 100; i++)); do gone "$pid" && break; sleep 0.05; done
+    kill_at=$(date +%s.%N)
+    # A process blocked in the kernel (fsync on a busy disk) dies only when that call returns:
+    # until then its connections stay open and no reset reaches the initiator.
+    for ((i = 0; i < 500; i++)); do gone "$pid" && break; sleep 0.01; done
+    died_ms=$(awk -v a="$kill_at" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", (b - a) * 1000 }')
     fio_rc=0
     wait "$FIO_PID" || fio_rc=$?
     FIO_PID=""
@@ -201,6 +208,15 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
     after=$(counters)
     start_node "$leader"
     cp "$WORK/fio.json" "$WORK/fio-trial$trial.json" 2>/dev/null || true
+    # When the slowest write was issued and completed, in ms after the kill (fio's per-I/O log
+    # with Unix-epoch timestamps in ms at completion, latency in ns).
+    slowest=$(awk -F', *' -v k="$kill_at" '
+        $3 == 1 && $2 + 0 > max { max = $2 + 0; t = $1 + 0 }
+        END { if (max > 0) printf "{\"slowest_issued_after_kill_ms\": %d, \"slowest_done_after_kill_ms\": %d}", t - max / 1e6 - k * 1000, t - k * 1000 }' \
+        "$WORK"/lat-trial"$trial"_lat.*.log 2>/dev/null) || slowest=""
+    slow_n=$(awk -F', *' '$3 == 1 && $2 + 0 > 1e8' "$WORK"/lat-trial"$trial"_lat.*.log 2>/dev/null | wc -l) || slow_n=0
+    [[ -n "$slowest" ]] || slowest='{}'
+    slowest=$(jq -c --argjson n "$slow_n" '. + {writes_over_100ms: $n}' <<<"$slowest" 2>/dev/null || echo '{}')
     res=$(sed -n '/^{/,$p' "$WORK/fio.json" 2>/dev/null | jq -c --argjson rc "$fio_rc" '.jobs[0]
         | {fio_exit: $rc, fio_error: .error, stall_ms: (.write.lat_ns.max / 1e6 * 10 | round / 10),
            write_lat_p50_ms: ((.write.clat_ns.percentile["50.000000"] // 0) / 1e6 * 100 | round / 100),
@@ -209,13 +225,14 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
     err=$(grep -v '^$' "$WORK/fio.err" 2>/dev/null | tail -2 | tr '\n' ' ' || true)
     jq -c --argjson t "$trial" --argjson ol "$leader" --argjson ot "${old_term:-0}" \
         --argjson nl "${new_leader:-0}" --argjson nt "${new_term:-0}" --argjson r "$ready_s" \
-        --arg k "$(date -u -d "@$kill_at" +%H:%M:%S.%3N)" --argjson b "$before" --argjson a "$after" --arg e "$err" \
+        --arg k "$(date -u -d "@$kill_at" +%H:%M:%S.%3N)" --arg f "$(date -u -d "@$fio_at" +%H:%M:%S.%3N)" --argjson sl "$slowest" --argjson dm "$died_ms" --argjson b "$before" --argjson a "$after" --arg e "$err" \
         '{trial: $t, killed_leader: $ol, old_term: $ot, new_leader: $nl, new_term: $nt, kill_utc: $k,
           ready_before_s: $r,
+          fio_start_utc: $f, killed_process_gone_after_ms: $dm,
           initiator_failovers: (($a.failovers // 0) - ($b.failovers // 0)),
           retried_commands: (($a.retried_commands // 0) - ($b.retried_commands // 0))} + .
-          + (if $e == "" then {} else {fio_stderr: $e} end)' <<<"$res" >>"$TRIALS_FILE"
-    jq -r '"trial \(.trial): leader node \(.killed_leader) killed at \(.kill_utc) UTC; new leader node \(.new_leader) (term \(.new_term)); fio exit \(.fio_exit) error \(.fio_error); longest write \(.stall_ms) ms; \(.writes) writes, \(.verify_reads) verify reads; initiator failovers \(.initiator_failovers), retried commands \(.retried_commands)"' \
+          + $sl + (if $e == "" then {} else {fio_stderr: $e} end)' <<<"$res" >>"$TRIALS_FILE"
+    jq -r '"trial \(.trial): leader node \(.killed_leader) killed at \(.kill_utc) UTC; new leader node \(.new_leader) (term \(.new_term)); fio exit \(.fio_exit) error \(.fio_error); longest write \(.stall_ms) ms (done \(.slowest_done_after_kill_ms) ms after the kill); \(.writes) writes, \(.verify_reads) verify reads; initiator failovers \(.initiator_failovers), retried commands \(.retried_commands)"' \
         <<<"$(tail -1 "$TRIALS_FILE")" >&2
 done
 ELAPSED=$(($(date +%s) - T0))
@@ -251,11 +268,16 @@ with open(sys.argv[2], "w") as f:
     json.dump(summary, f, indent=2)
     f.write("\n")
 print()
-print("%-6s %-7s %-7s %-13s %6s %10s %8s %8s %9s" % ("trial", "killed", "new", "kill (UTC)", "fio", "stall ms", "writes", "verify", "failovers"))
+print("%-6s %-7s %-7s %-13s %5s %9s %11s %11s %8s %6s %7s %7s" % (
+    "trial", "killed", "new", "kill (UTC)", "fio", "stall ms", "issued(ms)", "done(ms)", "gone ms", ">100ms", "writes", "verify"))
 for t in trials:
-    print("%-6d node %-2d node %-2d %-13s %6s %10s %8s %8s %9s" % (
+    print("%-6d node %-2d node %-2d %-13s %5s %9s %11s %11s %8s %6s %7s %7s" % (
         t["trial"], t["killed_leader"], t["new_leader"], t["kill_utc"],
-        "ok" if t in ok else "FAIL", t["stall_ms"], t.get("writes"), t.get("verify_reads"), t["initiator_failovers"]))
+        "ok" if t in ok else "FAIL", t["stall_ms"], t.get("slowest_issued_after_kill_ms"),
+        t.get("slowest_done_after_kill_ms"), t.get("killed_process_gone_after_ms"), t.get("writes_over_100ms"),
+        t.get("writes"), t.get("verify_reads")))
+print("issued/done: when the slowest write was issued and completed, in ms after the kill (fio's per-I/O log);")
+print("gone: when the killed node's process had exited; >100ms: writes slower than 100 ms")
 print()
 print("client-visible stall (fio max write latency) over %d/%d clean trials: p50 %s ms, p90 %s ms, max %s ms, min %s ms; %d trial(s) over 1 s (goal: max < 1000 ms)" % (
     len(ok), len(trials), summary["stall_p50_ms"], summary["stall_p90_ms"], summary["stall_max_ms"],
