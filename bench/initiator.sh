@@ -77,11 +77,21 @@ cleanup() {
     [[ -n "$ATTACH_PID" ]] && stop_pid "$ATTACH_PID"
     # SIGINT makes the demo stop its three nodes before it exits.
     [[ -n "$DEMO_PID" ]] && stop_pid "$DEMO_PID" INT
+    # The demo's nodes stop on SIGTERM when the demo exits (stop_pid may have had to KILL it):
+    # wait for them (this cluster's processes only, by pid) before removing their data.
+    local pids i
+    for ((i = 0; i < 100; i++)); do
+        pids=$(pgrep -f "serve --config $DIR/node[123]/node.toml\$" || true)
+        [[ -z "$pids" ]] && break
+        ((i == 80)) && kill -KILL $pids 2>/dev/null
+        sleep 0.1
+    done
     for n in 1 2 3; do cp "$DIR/node$n/raftsan.log" "$WORK/node$n.log" 2>/dev/null || true; done
     rm -rf "$DIR" "$WORK/fill.img" "$WORK/run" # replicas and Raft logs; logs stay in $WORK
     return 0
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # run the EXIT trap on Ctrl-C and kill too
 
 status_json() {
     local n

@@ -86,11 +86,21 @@ cleanup() {
     [[ -n "$ATTACH_PID" ]] && stop_pid "$ATTACH_PID"
     for n in "${!OURS[@]}"; do stop_pid "${OURS[$n]}"; done
     [[ -n "$DEMO_PID" ]] && stop_pid "$DEMO_PID" INT
+    # The demo's nodes stop on SIGTERM when the demo exits (stop_pid may have had to KILL it):
+    # wait for them (this cluster's processes only, by pid) before removing their data.
+    local pids i
+    for ((i = 0; i < 100; i++)); do
+        pids=$(pgrep -f "serve --config $DIR/node[123]/node.toml\$" || true)
+        [[ -z "$pids" ]] && break
+        ((i == 80)) && kill -KILL $pids 2>/dev/null
+        sleep 0.1
+    done
     for n in 1 2 3; do cp "$DIR/node$n/raftsan.log" "$WORK/node$n.log" 2>/dev/null || true; done
     rm -rf "$DIR" "$WORK/run" # replicas and Raft logs; the logs stay in $WORK
     return 0
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM # run the EXIT trap on Ctrl-C and kill too
 
 # status_json [SKIP_NODE]: `raftsan status --json` from the first node (not SKIP_NODE) that answers.
 status_json() {
@@ -219,6 +229,7 @@ for ((trial = 1; trial <= TRIALS; trial++)); do
         "$WORK"/lat-trial"$trial"_lat.*.log 2>/dev/null) || slowest=""
     slow_n=$(awk -F', *' '$3 == 1 && $2 + 0 > 1e8' "$WORK"/lat-trial"$trial"_lat.*.log 2>/dev/null | wc -l) || slow_n=0
     [[ -n "$slowest" ]] || slowest='{}'
+    rm -f "$WORK"/lat-trial"$trial"_clat.*.log "$WORK"/lat-trial"$trial"_slat.*.log
     slowest=$(jq -c --argjson n "$slow_n" '. + {writes_over_100ms: $n}' <<<"$slowest" 2>/dev/null || echo '{}')
     res=$(sed -n '/^{/,$p' "$WORK/fio.json" 2>/dev/null | jq -c --argjson rc "$fio_rc" '.jobs[0]
         | {fio_exit: $rc, fio_error: .error, stall_ms: (.write.lat_ns.max / 1e6 * 10 | round / 10),
