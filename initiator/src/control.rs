@@ -77,6 +77,8 @@ pub async fn serve(path: PathBuf, handle: Arc<dyn Fn(ControlRequest) -> ControlR
             // A request is one short line; cap it at 64 KiB.
             let mut r = tokio::io::BufReader::new(r.take(64 * 1024));
             let reply = match tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line)).await {
+                // A liveness probe (`running`) connects and closes without a request.
+                Ok(Ok(0)) => return,
                 Ok(Ok(_)) => match serde_json::from_str::<ControlRequest>(line.trim()) {
                     Ok(req) => handle(req),
                     Err(e) => ControlReply::Error {
