@@ -228,9 +228,12 @@ pub fn fuzz_encode_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Vec<u8> {
 /// Decodes a `StreamAppendReply` and converts it as the client does for a request whose entries
 /// end at `last`.
 #[doc(hidden)]
-pub fn fuzz_decode_stream_reply(bytes: &[u8], last: Option<&LogId>) -> Result<StreamAppendResult<TypeConfig>, String> {
+pub fn fuzz_decode_stream_reply(
+    bytes: &[u8],
+    last: Option<&pb::LogId>,
+) -> Result<StreamAppendResult<TypeConfig>, String> {
     let r = pb::StreamAppendReply::decode(bytes).map_err(|e| e.to_string())?;
-    stream_reply_from_pb(&r, last)
+    stream_reply_from_pb(&r, last.map(log_id_from_pb).as_ref())
 }
 
 /// Encodes a follower's answer as the server does.
