@@ -455,7 +455,14 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         };
         Box::pin(async move {
             let mut c = client.map_err(Self::unreachable)?;
-            let requests = futures_util::stream::unfold(outbound, Outbound::next);
+            // The first request is taken before connecting: openraft applies its backoff (after
+            // errors) while it produces a request, so a peer that refuses connections is retried
+            // at the backoff's pace, not in a loop.
+            let Some((first, outbound)) = outbound.next().await else {
+                return Ok(Box::pin(futures_util::stream::empty()) as BoxStream<'s, StreamItem>);
+            };
+            let requests = futures_util::stream::once(std::future::ready(first))
+                .chain(futures_util::stream::unfold(outbound, Outbound::next));
             let setup = append_budget(&option, 0);
             let replies = match tokio::time::timeout(setup, c.stream_append(requests)).await {
                 Err(_) => {
