@@ -103,10 +103,18 @@ async fn serve_stream_append<SM>(
     };
     let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
     let refused_in = refused.clone();
+    let registry = service.clone();
     let input = futures_util::stream::once(std::future::ready(Ok(first)))
         .chain(inbound)
         .scan((), move |_, m: Result<pb::AppendRequest, Status>| {
             let r = m.and_then(|m| {
+                // A group this node closed (removed, deleted, shutting down) takes no more
+                // requests: its Raft is stopping, as a unary Append would find.
+                if registry.raft(group).is_none() {
+                    return Err(Status::not_found(format!(
+                        "stream append: Raft group {group} closed on this node"
+                    )));
+                }
                 if m.group != group || m.target != target {
                     return Err(Status::invalid_argument(format!(
                         "stream append (group {group}): a request for group {} node {} in a stream for node {target}",
