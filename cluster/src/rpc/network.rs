@@ -268,8 +268,10 @@ struct Sent {
     last: Option<LogId>,
     /// Only a prefix of openraft's request went (byte cap): the stream ends after its reply.
     cut: bool,
+    /// Encoded entry bytes sent.
+    bytes: usize,
     at: Instant,
-    /// How long its reply may take.
+    /// How long its reply may take (counting the unanswered bytes sent before it).
     budget: Duration,
 }
 
@@ -320,13 +322,20 @@ where
             self.stats.append_splits.fetch_add(1, Ordering::Relaxed);
             self.stopped = true;
         }
-        lock_sent(&self.sent).push_back(Sent {
-            from: rpc.vote.leader_id.node_id,
-            last,
-            cut,
-            at: Instant::now(),
-            budget: append_budget(&self.option, bytes),
-        });
+        {
+            let mut sent = lock_sent(&self.sent);
+            // The follower answers in order: this request's reply also waits for the bytes of the
+            // unanswered requests before it.
+            let ahead: usize = sent.iter().map(|s| s.bytes).sum();
+            sent.push_back(Sent {
+                from: rpc.vote.leader_id.node_id,
+                last,
+                cut,
+                bytes,
+                at: Instant::now(),
+                budget: append_budget(&self.option, bytes + ahead),
+            });
+        }
         let req = pb::AppendRequest {
             group: self.group,
             target: self.target,
