@@ -238,7 +238,7 @@ pub async fn serve_cluster(cfg: NodeConfig, cs: ClusterSettings) -> Result<()> {
                 .max_decoding_message_size(rpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(rpc::MAX_MESSAGE_BYTES),
         );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(rpc_listener);
+    let incoming = rpc::incoming(rpc_listener);
     let rpc_task = tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, async {

@@ -1,16 +1,18 @@
 //! Cluster RPC messages a peer sends (`proto/rpc/raft.proto`, `proto/rpc/cluster.proto`) → prost
 //! and the conversions the server applies before handing them to openraft or the volume leader.
 //!
-//! Input layout: byte 0 selects the message (mod 5), the rest is its protobuf encoding:
+//! Input layout: byte 0 selects the message (mod 6), the rest is its protobuf encoding:
 //! 0 `AppendRequest` (entries are encoded `EntryRecord`s), 1 `VoteRequest`, 2
 //! `TransferLeaderRequest`, 3 `SnapshotRequest` (a `Begin` is converted to vote and snapshot
-//! meta), 4 `ExecuteRequest` (its nexus through `nexus_from_pb`).
+//! meta), 4 `ExecuteRequest` (its nexus through `nexus_from_pb`), 5 `StreamAppendReply` (a
+//! follower's answer, converted as the leader does for a request ending at index 100).
 //!
 //! Invariants: no panic; an accepted AppendEntries has entries that follow `prev_log_id` one index
 //! at a time with log ids that never go backwards, and encodes (as the client does) to bytes that
 //! decode to the same request; a snapshot's membership encodes back to the same membership; a
 //! nexus converts exactly when its ISID has 6 bytes and its port fields fit 16 bits, and converts
-//! back to the same message.
+//! back to the same message; an accepted stream reply never acknowledges more than was sent and
+//! encodes back to a reply that converts to the same answer.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,8 +20,8 @@ use prost::Message;
 use raftsan_cluster::node::fuzz_nexus_from_pb;
 use raftsan_cluster::pb::{cluster, raft as pb};
 use raftsan_cluster::rpc::{
-    fuzz_decode_append, fuzz_decode_snapshot, fuzz_decode_transfer, fuzz_decode_vote, fuzz_encode_append,
-    fuzz_membership_to_bytes,
+    fuzz_decode_append, fuzz_decode_snapshot, fuzz_decode_stream_reply, fuzz_decode_transfer, fuzz_decode_vote,
+    fuzz_encode_append, fuzz_encode_stream_reply, fuzz_membership_to_bytes,
 };
 
 fn append(body: &[u8]) {
@@ -67,6 +69,29 @@ fn snapshot(body: &[u8]) {
     );
 }
 
+fn stream_reply(body: &[u8]) {
+    // The request the reply answers: entries up to index 100 of term 3, or (first byte odd) an
+    // entry-less request after an empty log.
+    let sent = body.first().is_none_or(|b| b % 2 == 0).then_some(pb::LogId {
+        term: 3,
+        node_id: 1,
+        index: 100,
+    });
+    let Ok(r) = fuzz_decode_stream_reply(body, sent.as_ref()) else {
+        return;
+    };
+    if let Ok(Some(m)) = &r {
+        let sent = sent.as_ref().expect("a reply to an empty request acknowledged an entry");
+        assert!(
+            (m.leader_id.term, m.leader_id.node_id, m.index) <= (sent.term, sent.node_id, sent.index),
+            "a reply acknowledged more than was sent"
+        );
+    }
+    let again = fuzz_encode_stream_reply(&r);
+    let back = fuzz_decode_stream_reply(&again, sent.as_ref()).expect("an encoded reply decodes");
+    assert_eq!(r, back);
+}
+
 fn execute(body: &[u8]) {
     let Ok(req) = cluster::ExecuteRequest::decode(body) else {
         return;
@@ -89,7 +114,7 @@ fuzz_target!(|input: &[u8]| {
     let Some((&sel, body)) = input.split_first() else {
         return;
     };
-    match sel % 5 {
+    match sel % 6 {
         0 => append(body),
         1 => {
             if let Ok(v) = fuzz_decode_vote(body) {
@@ -102,6 +127,7 @@ fuzz_target!(|input: &[u8]| {
             }
         }
         3 => snapshot(body),
-        _ => execute(body),
+        4 => execute(body),
+        _ => stream_reply(body),
     }
 });

@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use openraft::OptionalSend;
 use openraft::alias::{EntryOf, LogIdOf, VoteOf};
@@ -53,6 +54,10 @@ pub const VOTE_FILE: &str = "vote";
 pub const PURGED_FILE: &str = "purged";
 /// File name of the committed log id.
 pub const COMMITTED_FILE: &str = "committed";
+/// Least time between two writes of the committed hint. The hint only shortens the replay after a
+/// restart (losing it is allowed), so writing it once per group-commit round is not worth the
+/// rename each write costs.
+pub const COMMITTED_EVERY: Duration = Duration::from_millis(100);
 /// Suffix of segment files.
 pub const SEGMENT_SUFFIX: &str = ".seg";
 /// Default segment size at which the active segment is rotated.
@@ -141,6 +146,9 @@ struct FlushQueue {
     /// Highest log index known durable.
     durable_index: Option<u64>,
     pending_committed: Option<LogId>,
+    /// When the committed hint was last written (it is written at most every
+    /// [`COMMITTED_EVERY`]: a rename per group-commit round would double the round's time).
+    committed_written_at: Option<Instant>,
     shutdown: bool,
     error: Option<String>,
 }
@@ -255,8 +263,18 @@ fn valid_record_after(buf: &[u8], from: usize) -> Option<usize> {
 
 impl FlushCtl {
     /// One group-commit round: fdatasync every file written so far, then complete the callbacks
-    /// queued before the round began, then write a pending committed id the log now covers.
+    /// queued before the round began, then write a pending committed id the log now covers (at
+    /// most every [`COMMITTED_EVERY`]).
     fn round(&self) {
+        self.round_inner(false);
+    }
+
+    /// Whether the committed hint may be written now (or `force`d, at shutdown).
+    fn committed_due(q: &FlushQueue, force: bool) -> bool {
+        force || q.committed_written_at.is_none_or(|t| t.elapsed() >= COMMITTED_EVERY)
+    }
+
+    fn round_inner(&self, force_committed: bool) {
         let _round = lock(&self.round);
         let (waiters, files, sync_dir, written) = {
             let mut q = lock(&self.queue);
@@ -291,7 +309,10 @@ impl FlushCtl {
                     let mut q = lock(&self.queue);
                     q.durable_index = q.durable_index.max(written);
                     match q.pending_committed {
-                        Some(c) if Some(c.index) <= q.durable_index => q.pending_committed.take(),
+                        Some(c) if Some(c.index) <= q.durable_index && Self::committed_due(&q, force_committed) => {
+                            q.committed_written_at = Some(Instant::now());
+                            q.pending_committed.take()
+                        }
                         _ => None,
                     }
                 };
@@ -320,13 +341,26 @@ impl FlushCtl {
             {
                 let mut q = lock(&self.queue);
                 loop {
-                    let committed_ready = matches!(&q.pending_committed, Some(c) if Some(c.index) <= q.written_index);
+                    let committed_pending = matches!(&q.pending_committed, Some(c) if Some(c.index) <= q.written_index);
+                    let committed_ready = committed_pending && Self::committed_due(&q, false);
                     if q.shutdown || !q.waiters.is_empty() || !q.files.is_empty() || q.sync_dir || committed_ready {
                         break;
                     }
-                    q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = match q.committed_written_at.filter(|_| committed_pending) {
+                        // A hint waits for its turn (or for the next round to take it along).
+                        Some(t) => {
+                            let left = COMMITTED_EVERY.saturating_sub(t.elapsed());
+                            self.cv.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0
+                        }
+                        None => self.cv.wait(q).unwrap_or_else(|e| e.into_inner()),
+                    };
                 }
                 if q.shutdown && q.waiters.is_empty() && q.files.is_empty() && !q.sync_dir {
+                    let last_hint = q.pending_committed.is_some();
+                    drop(q);
+                    if last_hint {
+                        self.round_inner(true);
+                    }
                     return;
                 }
             }

@@ -14,7 +14,7 @@
 //! builder
 //!     .add_service(raft_service(registry, progress.clone()))
 //!     .add_service(cluster_service)
-//!     .serve_with_incoming_shutdown(..)
+//!     .serve_with_incoming_shutdown(incoming(listener), ..)
 //! ```
 
 use std::collections::HashMap;
@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use openraft::storage::RaftStateMachine;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint, Server};
 
 use crate::raft::{GroupId, SnapshotBase, SnapshotData, TypeConfig};
@@ -39,8 +40,8 @@ mod tests;
 /// Fuzzing entry points (fuzz/fuzz_targets/rpc.rs), not an API.
 #[doc(hidden)]
 pub use wire::{
-    fuzz_decode_append, fuzz_decode_snapshot, fuzz_decode_transfer, fuzz_decode_vote, fuzz_encode_append,
-    fuzz_membership_to_bytes,
+    fuzz_decode_append, fuzz_decode_snapshot, fuzz_decode_stream_reply, fuzz_decode_transfer, fuzz_decode_vote,
+    fuzz_encode_append, fuzz_encode_stream_reply, fuzz_membership_to_bytes,
 };
 
 pub use network::{NetworkFactory, PeerNetwork};
@@ -133,6 +134,14 @@ impl Channels {
     pub fn forget(&self, addr: &str) {
         self.pool().remove(addr);
     }
+}
+
+/// The connections `listener` accepts, for [`Server::serve_with_incoming_shutdown`], with
+/// TCP_NODELAY set. The server builder's `tcp_nodelay` applies only to listeners tonic binds
+/// itself: without this, a follower's second small reply on a connection waits in its send
+/// buffer for the leader's delayed ACK (Nagle), about 40 ms on Linux.
+pub fn incoming(listener: tokio::net::TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// A tonic server with the node's TLS (client certificates required) and connection settings.

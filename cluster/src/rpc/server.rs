@@ -13,7 +13,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::snapshot::{self, SnapshotProgress};
-use super::wire::{append_from_pb, log_id_to_pb, opt_log_id_from_pb, opt_log_id_to_pb, req_vote, vote_to_pb};
+use super::wire::{
+    append_from_pb, log_id_to_pb, opt_log_id_from_pb, opt_log_id_to_pb, req_vote, stream_reply_to_pb, vote_to_pb,
+};
 use super::{GroupRegistry, MAX_MESSAGE_BYTES};
 use crate::pb::raft as pb;
 use crate::pb::raft::raft_server::{Raft as RaftRpc, RaftServer};
@@ -60,21 +62,113 @@ where
 {
     /// The group's Raft, checking the request was meant for this node.
     fn raft(&self, group: GroupId, target: u64, what: &str) -> Result<RaftOf<SM>, Status> {
-        let raft = self
-            .registry
-            .raft(group)
-            .ok_or_else(|| Status::not_found(format!("{what}: no Raft group {group} on this node")))?;
-        let me = node_id(&raft);
-        if me != target {
-            return Err(Status::failed_precondition(format!(
-                "{what} for node {target} (group {group}) reached node {me}: wrong peer address"
-            )));
-        }
-        Ok(raft)
+        registry_raft(self.registry.as_ref(), group, target, what)
     }
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotReply, Status>> + Send + 'static>>;
+type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
+
+/// Replies a StreamAppend may have outstanding toward the client before the follower stops
+/// taking requests (openraft itself pipelines at most 64 requests per stream).
+const STREAM_REPLY_BUFFER: usize = 64;
+
+/// Serves one StreamAppend: the first request names the group; every request is checked as a
+/// unary Append is (same group and target, entries following prev_log_id) before openraft's
+/// pipelined `stream_append` sees it. A malformed request ends the stream with an error after the
+/// replies to the requests before it.
+async fn serve_stream_append<SM>(
+    service: Arc<dyn GroupRegistry<SM>>,
+    mut inbound: Streaming<pb::AppendRequest>,
+    tx: mpsc::Sender<Result<pb::StreamAppendReply, Status>>,
+) where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotData>,
+{
+    use futures_util::StreamExt;
+    let first = match inbound.message().await {
+        Ok(Some(m)) => m,
+        Ok(None) => return,
+        Err(s) => {
+            let _ = tx.send(Err(s)).await;
+            return;
+        }
+    };
+    let (group, target) = (first.group, first.target);
+    let raft = match registry_raft(service.as_ref(), group, target, "stream append") {
+        Ok(r) => r,
+        Err(s) => {
+            let _ = tx.send(Err(s)).await;
+            return;
+        }
+    };
+    let refused: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+    let refused_in = refused.clone();
+    let registry = service.clone();
+    let input = futures_util::stream::once(std::future::ready(Ok(first)))
+        .chain(inbound)
+        .scan((), move |_, m: Result<pb::AppendRequest, Status>| {
+            let r = m.and_then(|m| {
+                // A group this node closed (removed, deleted, shutting down) takes no more
+                // requests: its Raft is stopping, as a unary Append would find.
+                if registry.raft(group).is_none() {
+                    return Err(Status::not_found(format!(
+                        "stream append: Raft group {group} closed on this node"
+                    )));
+                }
+                if m.group != group || m.target != target {
+                    return Err(Status::invalid_argument(format!(
+                        "stream append (group {group}): a request for group {} node {} in a stream for node {target}",
+                        m.group, m.target
+                    )));
+                }
+                append_from_pb(&m).map_err(|e| Status::invalid_argument(format!("stream append (group {group}): {e}")))
+            });
+            std::future::ready(match r {
+                Ok(rpc) => Some(rpc),
+                Err(s) => {
+                    *refused_in.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
+                    None
+                }
+            })
+        });
+    let out = raft.stream_append(input);
+    futures_util::pin_mut!(out);
+    while let Some(r) = out.next().await {
+        let (reply, last) = match r {
+            Ok(res) => (Ok(stream_reply_to_pb(&res)), res.is_err()),
+            Err(e) => (Err(fatal(group, "stream append", e)), true),
+        };
+        if tx.send(reply).await.is_err() || last {
+            return;
+        }
+    }
+    let refused = refused.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(s) = refused {
+        let _ = tx.send(Err(s)).await;
+    }
+}
+
+/// The group's Raft from `registry`, checking the request was meant for this node.
+fn registry_raft<SM>(
+    registry: &dyn GroupRegistry<SM>,
+    group: GroupId,
+    target: u64,
+    what: &str,
+) -> Result<RaftOf<SM>, Status>
+where
+    SM: RaftStateMachine<TypeConfig, SnapshotData = SnapshotData>,
+{
+    let raft = registry
+        .raft(group)
+        .ok_or_else(|| Status::not_found(format!("{what}: no Raft group {group} on this node")))?;
+    let me = node_id(&raft);
+    if me != target {
+        return Err(Status::failed_precondition(format!(
+            "{what} for node {target} (group {group}) reached node {me}: wrong peer address"
+        )));
+    }
+    Ok(raft)
+}
 
 #[tonic::async_trait]
 impl<SM> RaftRpc for RaftService<SM>
@@ -112,6 +206,19 @@ where
             },
         };
         Ok(Response::new(out))
+    }
+
+    type StreamAppendStream = AppendStream;
+
+    async fn stream_append(
+        &self,
+        request: Request<Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        // Answered at once (the group is named by the first request, which the leader sends only
+        // once it has something to replicate); errors travel as the stream's status.
+        let (tx, rx) = mpsc::channel(STREAM_REPLY_BUFFER);
+        tokio::spawn(serve_stream_append(self.registry.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn vote(&self, request: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {

@@ -583,3 +583,105 @@ fn append_cap_takes_a_prefix_but_at_least_one_entry() {
     let (enc, _) = network::encode_capped(&entries, MAX_APPEND_BYTES);
     assert_eq!(enc.len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_append_answers_in_order_and_refuses_a_malformed_request() {
+    let dir = pki();
+    let files = node_certs(dir.path(), "ca1", 1, "127.0.0.65");
+    let node = start_node(
+        1,
+        listen("127.0.0.65").await,
+        &files,
+        dir.path(),
+        None,
+        MAX_APPEND_BYTES,
+    )
+    .await;
+    let peer = node_certs(dir.path(), "ca1", 2, "127.0.0.65");
+    let ch = Channels::new(Some(peer))
+        .unwrap()
+        .get(&node.server.addr.to_string())
+        .unwrap();
+    let mut c = RaftClient::new(ch);
+    let vote = pb::Vote {
+        term: 1,
+        node_id: 2,
+        committed: true,
+    };
+    let blank = |index: u64| {
+        super::wire::encode_entry(&Entry {
+            log_id: log_id(1, 2, index),
+            payload: EntryPayload::Blank,
+        })
+    };
+    let req = |prev: Option<LogId>, entries: Vec<Bytes>| pb::AppendRequest {
+        group: GROUP,
+        target: 1,
+        vote: Some(vote),
+        prev_log_id: prev.as_ref().map(super::wire::log_id_to_pb),
+        entries,
+        leader_commit: None,
+    };
+    let requests = vec![
+        // Entries 0 and 1, then 2: two pipelined requests, answered in order.
+        req(None, vec![blank(0), blank(1)]),
+        req(Some(log_id(1, 2, 1)), vec![blank(2)]),
+        // Entry 5 right after prev 2: not consecutive, refused before openraft sees it.
+        req(Some(log_id(1, 2, 2)), vec![blank(5)]),
+        req(Some(log_id(1, 2, 2)), vec![blank(3)]),
+    ];
+    let mut replies = c
+        .stream_append(futures_util::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), replies.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(r)) => got.push(super::wire::stream_reply_from_pb(&r, Some(&log_id(1, 2, 2))).unwrap()),
+            Ok(None) => panic!("the stream ended without refusing the malformed request"),
+            Err(s) => break s,
+        }
+    };
+    assert_eq!(got, vec![Ok(Some(log_id(1, 2, 1))), Ok(Some(log_id(1, 2, 2)))]);
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(status.message().contains("does not follow"), "{status}");
+
+    // A stream for another node is refused like a unary Append.
+    let mut other = req(None, vec![]);
+    other.target = 3;
+    let mut replies = c
+        .stream_append(futures_util::stream::iter(vec![other]))
+        .await
+        .unwrap()
+        .into_inner();
+    let s = replies.message().await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s}");
+    node.raft.shutdown().await.unwrap();
+    node.server.stop().await;
+}
+
+#[test]
+fn stream_reply_never_claims_more_than_was_sent() {
+    use openraft::raft::StreamAppendError;
+    let sent = log_id(2, 1, 10);
+    let ok = super::wire::stream_reply_to_pb(&Ok(Some(log_id(2, 1, 10))));
+    assert_eq!(super::wire::stream_reply_from_pb(&ok, Some(&sent)), Ok(Ok(Some(sent))));
+    let beyond = super::wire::stream_reply_to_pb(&Ok(Some(log_id(2, 1, 11))));
+    assert!(super::wire::stream_reply_from_pb(&beyond, Some(&sent)).is_err());
+    let conflict = super::wire::stream_reply_to_pb(&Err(StreamAppendError::Conflict(log_id(2, 1, 4))));
+    assert_eq!(
+        super::wire::stream_reply_from_pb(&conflict, Some(&sent)),
+        Ok(Err(StreamAppendError::Conflict(log_id(2, 1, 4))))
+    );
+    let mut no_vote = pb::StreamAppendReply {
+        kind: pb::stream_append_reply::Kind::HigherVote as i32,
+        ..Default::default()
+    };
+    assert!(super::wire::stream_reply_from_pb(&no_vote, Some(&sent)).is_err());
+    no_vote.kind = 42;
+    assert!(super::wire::stream_reply_from_pb(&no_vote, Some(&sent)).is_err());
+}

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, StoredMembershipOf, VoteOf};
-use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, StreamAppendError, StreamAppendResult, TransferLeaderRequest, VoteRequest};
 use openraft::{BasicNode, Membership, SnapshotMeta, StoredMembership};
 use prost::Message;
 use tonic::Status;
@@ -109,6 +109,61 @@ pub(crate) fn append_from_pb(r: &pb::AppendRequest) -> Result<AppendEntriesReque
     })
 }
 
+/// A follower's answer to one request of a StreamAppend, as it travels.
+pub(crate) fn stream_reply_to_pb(r: &StreamAppendResult<TypeConfig>) -> pb::StreamAppendReply {
+    use pb::stream_append_reply::Kind;
+    match r {
+        Ok(matching) => pb::StreamAppendReply {
+            kind: Kind::Success as i32,
+            matching: opt_log_id_to_pb(matching),
+            ..Default::default()
+        },
+        Err(StreamAppendError::Conflict(l)) => pb::StreamAppendReply {
+            kind: Kind::Conflict as i32,
+            conflict: Some(log_id_to_pb(l)),
+            ..Default::default()
+        },
+        Err(StreamAppendError::HigherVote(v)) => pb::StreamAppendReply {
+            kind: Kind::HigherVote as i32,
+            vote: Some(vote_to_pb(v)),
+            ..Default::default()
+        },
+    }
+}
+
+/// The answer to a StreamAppend request whose entries end at `last` (its prev_log_id when it has
+/// none). A SUCCESS must not claim more than was sent.
+pub(crate) fn stream_reply_from_pb(
+    r: &pb::StreamAppendReply,
+    last: Option<&LogId>,
+) -> Result<StreamAppendResult<TypeConfig>, String> {
+    use pb::stream_append_reply::Kind;
+    match Kind::try_from(r.kind) {
+        Ok(Kind::Success) => {
+            let matching = opt_log_id_from_pb(&r.matching);
+            if matching.as_ref() > last {
+                return Err(format!(
+                    "success up to {} beyond the last entry sent ({})",
+                    matching.map_or("none".to_string(), |l| l.to_string()),
+                    last.map_or("none".to_string(), |l| l.to_string())
+                ));
+            }
+            Ok(Ok(matching))
+        }
+        Ok(Kind::Conflict) => r
+            .conflict
+            .as_ref()
+            .map(|l| Err(StreamAppendError::Conflict(log_id_from_pb(l))))
+            .ok_or_else(|| "conflict without a log id".to_string()),
+        Ok(Kind::HigherVote) => r
+            .vote
+            .as_ref()
+            .map(|v| Err(StreamAppendError::HigherVote(vote_from_pb(v))))
+            .ok_or_else(|| "higher vote without a vote".to_string()),
+        Ok(Kind::Unspecified) | Err(_) => Err(format!("kind {}", r.kind)),
+    }
+}
+
 pub(crate) fn membership_to_bytes(m: &StoredMem) -> Bytes {
     let rec = MembershipRecord {
         configs: m
@@ -168,6 +223,23 @@ pub fn fuzz_encode_append(rpc: &AppendEntriesRequest<TypeConfig>) -> Vec<u8> {
         leader_commit: opt_log_id_to_pb(&rpc.leader_commit),
     }
     .encode_to_vec()
+}
+
+/// Decodes a `StreamAppendReply` and converts it as the client does for a request whose entries
+/// end at `last`.
+#[doc(hidden)]
+pub fn fuzz_decode_stream_reply(
+    bytes: &[u8],
+    last: Option<&pb::LogId>,
+) -> Result<StreamAppendResult<TypeConfig>, String> {
+    let r = pb::StreamAppendReply::decode(bytes).map_err(|e| e.to_string())?;
+    stream_reply_from_pb(&r, last.map(log_id_from_pb).as_ref())
+}
+
+/// Encodes a follower's answer as the server does.
+#[doc(hidden)]
+pub fn fuzz_encode_stream_reply(r: &StreamAppendResult<TypeConfig>) -> Vec<u8> {
+    stream_reply_to_pb(r).encode_to_vec()
 }
 
 /// Decodes a `VoteRequest` and converts it as the server does.
