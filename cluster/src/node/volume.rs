@@ -56,6 +56,40 @@ pub const TRANSITION_WAIT: Duration = Duration::from_millis(3000);
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause before a proposal refused for a lapsed lease is tried again.
 pub const PROPOSE_RETRY: Duration = Duration::from_millis(10);
+/// A leader that no quorum acknowledged for this long considers itself cut off: it reports its
+/// port group Transitioning and gives up on the commands it holds (a partitioned leader would
+/// otherwise hold them until the initiator's command timeout). Several election timeouts, so a
+/// loaded but connected leader is not taken for a cut-off one.
+pub const ISOLATION_AFTER: Duration = Duration::from_millis(1000);
+
+/// Whether this node leads but heard from no quorum for [`ISOLATION_AFTER`] (`None` acks count
+/// from `leading_since`, so a fresh leader has time for its first round).
+fn cut_off(m: &openraft::RaftMetrics<crate::raft::TypeConfig>, me: u64, leading_since: tokio::time::Instant) -> bool {
+    if m.current_leader != Some(me) {
+        return false;
+    }
+    use openraft::Instant as _;
+    let acked_lately = m
+        .last_quorum_acked
+        .as_ref()
+        .is_some_and(|t| t.elapsed() <= ISOLATION_AFTER);
+    !acked_lately && leading_since.elapsed() > ISOLATION_AFTER
+}
+
+/// Resolves when this node, leading, has been cut off from a quorum or sees another leader.
+async fn lost_quorum(raft: &RaftGroup, me: u64) {
+    let since = tokio::time::Instant::now();
+    loop {
+        {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            if cut_off(&m, me, since) || m.current_leader.is_some_and(|l| l != me) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 /// Upper bound on a forwarded command.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -94,7 +128,13 @@ impl ReplicatedStore {
             let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                match tokio::time::timeout(left, raft.client_write(req.clone())).await {
+                let attempt = tokio::select! {
+                    r = tokio::time::timeout(left, raft.client_write(req.clone())) => r,
+                    () = lost_quorum(&raft, me) => {
+                        return Err("no quorum acknowledged this leader lately (cut off?)".to_string());
+                    }
+                };
+                match attempt {
                     Err(_) => return Err("timed out".to_string()),
                     Ok(Ok(resp)) => return Ok(resp),
                     Ok(Err(e)) => {
@@ -127,20 +167,24 @@ impl ReplicatedStore {
         let raft = self.raft.clone();
         // The lease is normally valid (heartbeats renew it); when it is not (just elected, or a
         // quiet spell), fall back to a read index round before calling the command fenced.
-        let r = self.rt.block_on(async move {
-            tokio::time::timeout(PROPOSE_TIMEOUT, async {
+        let me = self.me;
+        let r: Result<(), String> = self.rt.block_on(async move {
+            let read_index = async {
                 match raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
-                    Ok(x) => Ok(x),
-                    Err(_) => raft.ensure_linearizable(ReadPolicy::ReadIndex).await,
+                    Ok(_) => Ok(()),
+                    Err(_) => raft
+                        .ensure_linearizable(ReadPolicy::ReadIndex)
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
                 }
-            })
-            .await
+            };
+            tokio::select! {
+                r = tokio::time::timeout(PROPOSE_TIMEOUT, read_index) => r.unwrap_or_else(|_| Err("timed out".into())),
+                () = lost_quorum(&raft, me) => Err("no quorum acknowledged this leader lately (cut off?)".into()),
+            }
         });
-        match r {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.fenced("read barrier", e)),
-            Err(_) => Err(self.fenced("read barrier", "timed out")),
-        }
+        r.map_err(|e| self.fenced("read barrier", e))
     }
 }
 
@@ -202,6 +246,8 @@ pub struct VolumeRuntime {
     lun: u64,
     /// Incremented at every leadership change (the ALUA epoch of DESIGN.md invariant 3).
     epoch: AtomicU64,
+    /// This node leads but no quorum acknowledged it lately ([`ISOLATION_AFTER`]).
+    cut_off: std::sync::atomic::AtomicBool,
     /// ALUA epoch each I_T nexus of this node last saw.
     nexus_epochs: Mutex<HashMap<u64, u64>>,
     /// The I_T nexuses (cluster-wide ids, any node's) this node's LU knows while it leads the
@@ -259,6 +305,7 @@ impl VolumeRuntime {
             lus,
             lun: info.lun,
             epoch: AtomicU64::new(1),
+            cut_off: std::sync::atomic::AtomicBool::new(false),
             nexus_epochs: Mutex::new(HashMap::new()),
             known_nexuses: Mutex::new(HashMap::new()),
             pr_loaded_term: Mutex::new(0),
@@ -285,12 +332,27 @@ impl VolumeRuntime {
         let weak = Arc::downgrade(self);
         let mut metrics = self.raft.metrics();
         tokio::spawn(async move {
+            let mut leading_since = tokio::time::Instant::now();
+            let mut was_leading = false;
             loop {
+                let Some(v) = weak.upgrade() else { return };
+                let me = v.node.id;
                 let (leader, term) = {
                     let m = metrics.borrow_and_update();
-                    (m.current_leader, m.current_term)
+                    let leads = m.current_leader == Some(me);
+                    if leads && !was_leading {
+                        leading_since = tokio::time::Instant::now();
+                    }
+                    was_leading = leads;
+                    // A leader cut off from every quorum does not claim the volume: its port
+                    // group turns Transitioning and initiators move to the other nodes.
+                    let leader = if cut_off(&m, me, leading_since) {
+                        None
+                    } else {
+                        m.current_leader
+                    };
+                    (leader, m.current_term)
                 };
-                let Some(v) = weak.upgrade() else { return };
                 let now = Leadership { leader, term };
                 let before = *v.leadership.borrow();
                 if before != now {
@@ -302,12 +364,17 @@ impl VolumeRuntime {
                         // The nexus state of this LU is stale from now on: the next leader
                         // starts afresh (29/00 for every nexus it sees, SPC-2 reservations gone).
                         v.forget_all_nexuses();
+                        // Leading again (even in this term, after a cut-off) reloads the
+                        // replicated reservation state.
+                        *lock(&v.pr_loaded_term) = 0;
                     }
                     v.leadership.send_replace(now);
                 }
                 drop(v);
-                if metrics.changed().await.is_err() {
-                    return;
+                // Metrics changes, and a tick: being cut off shows as time passing without acks.
+                tokio::select! {
+                    r = metrics.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
         });
@@ -444,6 +511,11 @@ impl VolumeRuntime {
             || (opcode == op::MAINTENANCE_IN && cmd.cdb.get(1).map(|b| b & 0x1f) == Some(0x0a));
         if local {
             return run_local(self.lus.clone(), nexus, cmd).await;
+        }
+        // Cut off from every quorum: no leader will be learned here soon; say so at once so the
+        // initiator uses another path.
+        if self.cut_off.load(Ordering::Acquire) && opcode != op::REQUEST_SENSE {
+            return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
         }
         let Some(l) = self.wait_leader(TRANSITION_WAIT).await else {
             if opcode == op::REQUEST_SENSE {
