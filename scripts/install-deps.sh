@@ -6,6 +6,7 @@
 #   tgt            tgtd, the reference target the tests and benchmarks compare against
 #   qemu-utils + qemu-block-extra   qemu-img/qemu-io with the iscsi:// block driver (block-iscsi.so)
 #   fio sg3-utils libnbd-bin iproute2 iptables jq
+#   prometheus     promtool (`promtool check metrics` in tests/tests/metrics_names.rs)
 #
 # qemu-block-extra must be the exact version of qemu-utils (the module is refused otherwise). When
 # qemu-utils came from <codename>-backports (as on the reference image: 10.0.2 from
@@ -28,8 +29,8 @@ QEMU_MODULE=/usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so
 log "apt-get update"
 $SUDO apt-get update -q
 
-log "installing libiscsi-bin tgt fio sg3-utils libnbd-bin iproute2 iptables jq"
-"${APT[@]}" install libiscsi-bin tgt fio sg3-utils libnbd-bin iproute2 iptables jq
+log "installing libiscsi-bin tgt fio sg3-utils libnbd-bin iproute2 iptables jq prometheus"
+"${APT[@]}" install libiscsi-bin tgt fio sg3-utils libnbd-bin iproute2 iptables jq prometheus
 
 # --- qemu-utils and the matching qemu-block-extra -------------------------------------------
 installed_version() { dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null | awk '$3 == "installed" {print $4}'; }

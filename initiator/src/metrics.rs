@@ -21,7 +21,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 
 use crate::multipath::{MultipathView, PathStatus};
 
@@ -53,9 +55,47 @@ pub fn install(addr: SocketAddr) -> anyhow::Result<()> {
             STALL_BUCKETS,
         )?
         .install()?;
+    describe();
     gauge!("raftsan_initiator_up").set(1.0);
     gauge!("raftsan_initiator_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(())
+}
+
+/// Registers the help text of every metric (the `# HELP` lines).
+fn describe() {
+    describe_gauge!("raftsan_initiator_up", "1 while the initiator runs.");
+    describe_gauge!("raftsan_initiator_build_info", "1, with the version as a label.");
+    describe_gauge!("raftsan_initiator_path_up", "1 when the path's session is up.");
+    describe_gauge!(
+        "raftsan_initiator_path_alua_state",
+        "SPC-4 ALUA state code of the path (0 AO, 1 ANO, 2 standby, 3 unavailable, 14 offline, 15 transitioning, -1 unknown)."
+    );
+    describe_gauge!("raftsan_initiator_usable_paths", "Paths commands can be sent down now.");
+    describe_counter!(
+        "raftsan_initiator_failovers_total",
+        "Path failures that moved commands to another path."
+    );
+    describe_counter!(
+        "raftsan_initiator_retried_commands_total",
+        "Commands sent again, on any path."
+    );
+    describe_gauge!(
+        "raftsan_initiator_queued_commands",
+        "Commands waiting for a usable path now."
+    );
+    describe_histogram!(
+        "raftsan_initiator_failover_stall_seconds",
+        "Time from first send to completion of commands that met at least one path failure."
+    );
+    describe_counter!("raftsan_initiator_nbd_requests_total", "NBD requests executed, by op.");
+    describe_counter!(
+        "raftsan_initiator_nbd_errors_total",
+        "NBD requests answered with an error, by op."
+    );
+    describe_histogram!(
+        "raftsan_initiator_nbd_request_duration_seconds",
+        "NBD request latency on the device, by op."
+    );
 }
 
 /// The handles of one multipath target.

@@ -18,7 +18,49 @@
 //! Every series whose label set is known up front is registered when the portal or target is
 //! opened, so it is exported at 0 before the first event.
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+/// Registers the help text of the I/O-path metrics (the `# HELP` lines). Idempotent.
+pub fn describe() {
+    describe_gauge!("raftsan_up", "1 while the raftsan process runs.");
+    describe_gauge!("raftsan_build_info", "1, with the version as a label.");
+    describe_histogram!(
+        "raftsan_scsi_command_duration_seconds",
+        "SCSI command latency from receipt to completion, by target, LUN and op."
+    );
+    describe_counter!(
+        "raftsan_scsi_commands_total",
+        "SCSI commands completed, by target, LUN and op."
+    );
+    describe_counter!(
+        "raftsan_scsi_bytes_total",
+        "Data bytes moved by SCSI commands, by direction."
+    );
+    describe_gauge!("raftsan_scsi_commands_in_flight", "SCSI commands executing now.");
+    describe_counter!(
+        "raftsan_scsi_check_conditions_total",
+        "Commands completed with CHECK CONDITION, by SPC-4 sense key."
+    );
+    describe_gauge!("raftsan_iscsi_sessions", "iSCSI sessions (normal and discovery) now.");
+    describe_counter!(
+        "raftsan_iscsi_logins_total",
+        "iSCSI logins by outcome (ok, auth_failure, acl_denied, protocol_error)."
+    );
+    describe_counter!(
+        "raftsan_iscsi_connections_refused_total",
+        "TCP connections refused because of the connection limit."
+    );
+    describe_counter!(
+        "raftsan_iscsi_protocol_errors_total",
+        "iSCSI protocol violations by initiators (rejects, malformed PDUs)."
+    );
+    describe_counter!(
+        "raftsan_storage_errors_total",
+        "Failed backing-store or Raft-storage operations, by op (read, write, flush)."
+    );
+}
 
 /// The operation classes latency is reported by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,6 +257,7 @@ pub struct PortalMetrics {
 impl PortalMetrics {
     pub fn new() -> Self {
         let login = |outcome: &'static str| counter!("raftsan_iscsi_logins_total", "outcome" => outcome);
+        describe();
         register_storage_errors();
         PortalMetrics {
             sessions: gauge!("raftsan_iscsi_sessions"),

@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, counter, gauge};
+use metrics::{Counter, counter, describe_counter, describe_gauge, gauge};
 use openraft::async_runtime::watch::WatchReceiver;
 
 use super::Node;
@@ -122,7 +122,47 @@ fn travelled_bytes(t: &SnapshotTransfer) -> u64 {
     (u128::from(t.bytes_done) * u128::from(t.chunks_sent) / u128::from(chunks)) as u64
 }
 
+/// Registers the help text of the Raft and ALUA metrics.
+fn describe() {
+    describe_gauge!("raftsan_raft_term", "Current Raft term of the group on this node.");
+    describe_gauge!("raftsan_raft_is_leader", "1 when this node leads the group.");
+    describe_gauge!(
+        "raftsan_raft_commit_index",
+        "Highest log index known committed in the group."
+    );
+    describe_gauge!("raftsan_raft_applied_index", "Highest log index applied on this node.");
+    describe_gauge!(
+        "raftsan_raft_follower_lag_entries",
+        "Log entries a follower is behind the leader (on the leader)."
+    );
+    describe_gauge!(
+        "raftsan_raft_follower_lag_bytes",
+        "Estimated bytes a follower is behind: lag entries times the group's average entry size."
+    );
+    describe_counter!(
+        "raftsan_raft_leader_changes_total",
+        "Leader changes of the group seen by this node."
+    );
+    describe_counter!(
+        "raftsan_raft_elections_total",
+        "Term increases (elections) seen by this node."
+    );
+    describe_counter!(
+        "raftsan_raft_snapshot_transfers_total",
+        "Snapshot transfers of the group, by direction (sent, received)."
+    );
+    describe_counter!(
+        "raftsan_raft_snapshot_bytes_total",
+        "Snapshot bytes that travelled (estimated from chunks), by direction."
+    );
+    describe_gauge!(
+        "raftsan_alua_state",
+        "SPC-4 ALUA state code of this node's port group for the volume (0 AO, 1 ANO, 14 transitioning)."
+    );
+}
+
 pub(super) async fn sample_loop(node: Arc<Node>) {
+    describe();
     let mut shutdown = node.shutdown.subscribe();
     let mut state: HashMap<GroupId, GroupState> = HashMap::new();
     loop {
