@@ -299,6 +299,25 @@ struct Picked<P> {
 
 struct InFlight(Arc<AtomicU32>);
 
+/// One command waiting for a usable path: counted in `Counters::queued` and the queued gauge
+/// until dropped (also when the waiting command is cancelled).
+struct Queued<'a, C: Connector>(&'a Shared<C>);
+
+impl<'a, C: Connector> Queued<'a, C> {
+    fn new(shared: &'a Shared<C>) -> Self {
+        shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.queued.increment(1.0);
+        Queued(shared)
+    }
+}
+
+impl<C: Connector> Drop for Queued<'_, C> {
+    fn drop(&mut self) {
+        self.0.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.queued.decrement(1.0);
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
@@ -575,11 +594,9 @@ impl<C: Connector> Multipath<C> {
                     });
                 };
                 *stalled = true;
-                self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
-                self.shared.metrics.queued.increment(1.0);
+                let queued = Queued::new(&self.shared);
                 let _ = tokio::time::timeout(left, rx.changed()).await;
-                self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
-                self.shared.metrics.queued.decrement(1.0);
+                drop(queued);
                 continue;
             };
             no_path_since = None;

@@ -90,13 +90,14 @@ fn check_names(text: &str, names: &[(&str, &str)]) -> Result<()> {
     for (name, kind) in names {
         let type_line = format!("# TYPE {name} {kind}");
         let sample = if *kind == "histogram" {
-            format!("{name}_bucket{{")
+            format!("{name}_bucket")
         } else {
             name.to_string()
         };
+        // The name exactly: followed by its labels or its value, not by a longer name.
         let has_sample = text
             .lines()
-            .any(|l| l.starts_with(&sample) && l[sample.len()..].starts_with(['{', ' ', '_']));
+            .any(|l| l.strip_prefix(&sample).is_some_and(|rest| rest.starts_with(['{', ' '])));
         if !text.lines().any(|l| l == type_line) || !has_sample {
             missing.push(format!("{name} ({kind})"));
         }
@@ -237,8 +238,13 @@ fn cluster_node_exports_raft_names() -> Result<()> {
     for id in [1, 2] {
         let n = c.node(id)?;
         let addr = format!("{}:{}", n.ip, raftsan_tests::cluster::METRICS_PORT);
+        // The sampler runs once a second: wait until it has seen the volume's group (and, on
+        // its leader, the follower).
         let text = scrape_until(&addr, Duration::from_secs(10), |t| {
-            t.contains("raftsan_raft_follower_lag_bytes{") || !t.contains("raftsan_raft_is_leader{group=\"names\"} 1")
+            t.contains("raftsan_alua_state{volume=\"names\"}")
+                && t.contains("raftsan_raft_snapshot_transfers_total{group=\"names\"")
+                && (t.contains("raftsan_raft_follower_lag_bytes{group=\"names\"")
+                    || !t.contains("raftsan_raft_is_leader{group=\"names\"} 1"))
         })?;
         check_names(&text, NODE)?;
         check_zero_series(&text)?;
@@ -309,8 +315,10 @@ fn initiator_exports_every_name_after_nbd_io() -> Result<()> {
     )?;
     ensure!(out.success(), "nbdcopy out failed:\n{}", out.combined());
 
+    // Path gauges are sampled once a second.
     let text = scrape_until(&addr, Duration::from_secs(5), |t| {
-        t.contains("raftsan_initiator_path_up{") && t.contains("raftsan_initiator_usable_paths{")
+        t.lines()
+            .any(|l| l.starts_with("raftsan_initiator_path_up{") && l.ends_with(" 1"))
     })?;
     check_names(&text, INITIATOR)?;
     for op in ["read", "write", "flush", "trim", "write_zeroes"] {
