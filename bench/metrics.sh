@@ -21,8 +21,10 @@
 # `--metrics 127.0.0.61:9863` (scraped once a second), each exporting NBD on a Unix socket; fio's
 # nbd engine runs 4 KiB random reads at queue depth 32 (nbd-randread-4k-qd32) through one, then
 # the other (never both at once).
-# Each figure is the median over the rounds; "diff" is (ON - OFF) / OFF in %. A benchmark, not a
-# test: it prints figures and never fails on them. Build first:
+# Each figure is the median over the rounds; "diff" is (ON - OFF) / OFF of the medians in %, "paired
+# diff" the median over rounds of each round's (ON - OFF) / OFF (the two runs of a round are
+# adjacent in time, so load from other processes mostly cancels out; prefer it on a busy host).
+# A benchmark, not a test: it prints figures and never fails on them. Build first:
 #   CARGO_BUILD_JOBS=1 cargo build --release -p raftsan-cluster -p raftsan-initiator
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -41,7 +43,7 @@ while getopts "r:s:c:z:o:Ih" opt; do
     z) SIZE=$OPTARG ;;
     I) INITIATOR_PART=0 ;;
     o) OUT=$OPTARG ;;
-    *) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 for tool in iscsi-perf qemu-img curl; do
@@ -182,6 +184,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 continue
             fi
             RES[$test.$side]+="$iops "
+            RES[$test.$side.$round]=$iops
             log "round $round/$ROUNDS $test metrics $side: $iops IOPS"
         done
     done
@@ -191,8 +194,18 @@ ELAPSED=$(($(date +%s) - T0))
 med() { tr ' ' '\n' <<<"${RES[$1]:-}" | grep . | median; }
 runs_of() { xargs <<<"${RES[$1]:-}" | tr ' ' ','; }
 diff_of() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%+.1f", (b - a) * 100 / a; else print "n/a" }'; }
+# paired_diff TEST: the median over rounds of (ON - OFF) / OFF of the same round (the two runs
+# are adjacent in time, so load from elsewhere on the host mostly cancels out).
+paired_diff() {
+    local r off on
+    for ((r = 1; r <= ROUNDS; r++)); do
+        off=${RES[$1.OFF.$r]:-0}
+        on=${RES[$1.ON.$r]:-0}
+        [[ $off -gt 0 && $on -gt 0 ]] && awk -v a="$off" -v b="$on" 'BEGIN { printf "%.2f\n", (b - a) * 100 / a }'
+    done | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) printf "%+.1f\n", v[(NR + 1) / 2]; else printf "%+.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
-printf '\n%-22s %12s %12s %8s\n' test "metrics off" "metrics on" "diff %"
+printf '\n%-22s %12s %12s %8s %14s\n' test "metrics off" "metrics on" "diff %" "paired diff %"
 {
     printf '{\n  "rounds": %d, "seconds": %d, "qemu_count": %d, "backing_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n  "results": [\n' \
         "$ROUNDS" "$SECS" "$QEMU_COUNT" "$BYTES" "$ELAPSED" "$(nproc)"
@@ -202,18 +215,21 @@ for test in "${TESTS[@]}"; do
     off=$(med "$test.OFF")
     on=$(med "$test.ON")
     d=$(diff_of "$off" "$on")
+    pd=$(paired_diff "$test")
     fails=""
     for side in OFF ON; do
         [[ ${RES[$test.$side.fail]:-0} -gt 0 ]] && fails+=" $side: ${RES[$test.$side.fail]} failed run(s)"
     done
-    printf '%-22s %12s %12s %8s%s\n' "$test" "$off" "$on" "$d" "${fails:+  (${fails# })}"
+    printf '%-22s %12s %12s %8s %14s%s\n' "$test" "$off" "$on" "$d" "$pd" "${fails:+  (${fails# })}"
     n=$((n + 1))
     sep=","
     [[ $n -eq ${#TESTS[@]} ]] && sep=""
-    printf '    {"test": "%s", "off_iops": %d, "on_iops": %d, "diff_percent": %s, "off_runs": [%s], "on_runs": [%s]}%s\n' \
-        "$test" "$off" "$on" "$([[ $d == n/a ]] && echo null || echo "${d#+}")" "$(runs_of "$test.OFF")" "$(runs_of "$test.ON")" "$sep" >>"$OUT"
+    printf '    {"test": "%s", "off_iops": %d, "on_iops": %d, "diff_percent": %s, "paired_diff_percent": %s, "off_runs": [%s], "on_runs": [%s]}%s\n' \
+        "$test" "$off" "$on" "$([[ $d == n/a ]] && echo null || echo "${d#+}")" "$([[ $pd == n/a ]] && echo null || echo "${pd#+}")" \
+        "$(runs_of "$test.OFF")" "$(runs_of "$test.ON")" "$sep" >>"$OUT"
 done
 printf '  ]\n}\n' >>"$OUT"
 echo
 echo "medians over $ROUNDS interleaved rounds (IOPS; failed runs left out), ${ELAPSED}s; JSON: $OUT"
-echo "diff = (on - off) / off; logs: $WORK/{off,on}-raftsan.log, $WORK/initiator-{OFF,ON}/initiator.log"
+echo "diff = (on - off) / off of the medians; paired diff = median over rounds of each round's (on - off) / off"
+echo "logs: $WORK/{off,on}-raftsan.log, $WORK/initiator-{OFF,ON}/initiator.log"
