@@ -71,8 +71,9 @@ PIDS=()
 SCRAPER=""
 cleanup() {
     [[ -n "$SCRAPER" ]] && kill "$SCRAPER" 2>/dev/null
-    local p
-    for p in "${PIDS[@]}"; do stop_pid "$p"; done
+    local i
+    # Newest first: the initiators detach (flush, logout) before the targets stop.
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[$i]}"; done
     rm -f "$WORK/off.img" "$WORK/on.img"
     return 0
 }
