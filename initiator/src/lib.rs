@@ -6,6 +6,7 @@
 //! the NBD export; [`settings`] is the config file, [`control`] the socket of a running attach.
 pub mod connector;
 pub mod control;
+pub mod metrics;
 pub mod multipath;
 pub mod nbd;
 pub mod scsi;

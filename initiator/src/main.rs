@@ -89,6 +89,9 @@ enum Cmd {
         /// Export read-only.
         #[arg(long)]
         read_only: bool,
+        /// Serve Prometheus metrics on this address (`/metrics`); overrides `[metrics] listen`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<std::net::SocketAddr>,
     },
 }
 
@@ -128,7 +131,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             lun,
             no_discover,
             read_only,
-        } => attach(&cfg, target, nbd, portal, lun, !no_discover, read_only).await,
+            metrics,
+        } => {
+            if let Some(addr) = metrics.or(cfg.metrics.listen) {
+                raftsan_initiator::metrics::install(addr)
+                    .with_context(|| format!("starting the metrics listener on {addr}"))?;
+                info!(%addr, "metrics listening");
+            }
+            attach(&cfg, target, nbd, portal, lun, !no_discover, read_only).await
+        }
     }
 }
 
@@ -364,6 +375,15 @@ async fn attach(
         cfg: cfg.session_config(Some(&target)),
     };
     let mp = Multipath::start(connector, mp_cfg);
+    let sampler = {
+        let mp = mp.clone();
+        tokio::spawn(async move {
+            loop {
+                raftsan_initiator::metrics::sample_paths(&mp.view());
+                tokio::time::sleep(raftsan_initiator::metrics::SAMPLE_EVERY).await;
+            }
+        })
+    };
     let volume = Volume::open(mp.clone(), cfg.timeouts.login.0.max(cfg.timeouts.no_path_retry.0))
         .await
         .with_context(|| format!("attaching {target}"))?;
@@ -466,6 +486,7 @@ async fn attach(
         error!(error = %e, "final flush failed");
     }
     mp.shutdown().await;
+    sampler.abort();
     control_task.abort();
     let _ = std::fs::remove_file(&sock);
     result.map(|()| ExitCode::SUCCESS)

@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
+use crate::metrics::TargetMetrics;
 use crate::scsi::{self, AluaState, Designator, DeviceId, Sense, StandardInquiry, key, status};
 
 /// A SCSI command as the multipath layer sends it.
@@ -272,6 +273,8 @@ struct Shared<C: Connector> {
     refresh: Notify,
     stop: watch::Sender<bool>,
     counters: Counters,
+    /// Prometheus handles, registered once at start.
+    metrics: TargetMetrics,
 }
 
 /// A multipath logical unit. Cheap to clone.
@@ -295,6 +298,25 @@ struct Picked<P> {
 }
 
 struct InFlight(Arc<AtomicU32>);
+
+/// One command waiting for a usable path: counted in `Counters::queued` and the queued gauge
+/// until dropped (also when the waiting command is cancelled).
+struct Queued<'a, C: Connector>(&'a Shared<C>);
+
+impl<'a, C: Connector> Queued<'a, C> {
+    fn new(shared: &'a Shared<C>) -> Self {
+        shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.queued.increment(1.0);
+        Queued(shared)
+    }
+}
+
+impl<C: Connector> Drop for Queued<'_, C> {
+    fn drop(&mut self) {
+        self.0.counters.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.queued.decrement(1.0);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -347,6 +369,7 @@ impl<C: Connector> Multipath<C> {
     pub fn start(connector: C, cfg: MultipathConfig) -> Multipath<C> {
         let (changed, _) = watch::channel(0);
         let (stop, _) = watch::channel(false);
+        let metrics = TargetMetrics::new(&cfg.target);
         let shared = Arc::new(Shared {
             cfg,
             connector,
@@ -356,6 +379,7 @@ impl<C: Connector> Multipath<C> {
             refresh: Notify::new(),
             stop,
             counters: Counters::default(),
+            metrics,
         });
         let mp = Multipath { shared };
         for portal in mp.shared.cfg.portals.clone() {
@@ -511,6 +535,7 @@ impl<C: Connector> Multipath<C> {
             p.conn.take()
         };
         self.shared.counters.failovers.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.failovers.increment(1);
         if let Some(c) = conn {
             c.close_hard();
         }
@@ -532,6 +557,21 @@ impl<C: Connector> Multipath<C> {
     /// Sends a command down the best usable path, failing over and retrying as the module
     /// documentation describes.
     pub async fn execute(&self, req: Request) -> Result<Reply, MultipathError> {
+        let started = Instant::now();
+        let mut stalled = false;
+        let result = self.execute_on_paths(req, &mut stalled).await;
+        // A command held up by a path failure (transport failure, a path reporting it cannot
+        // serve, or no usable path) adds its whole time to the stall histogram, however it ended.
+        if stalled && !matches!(result, Err(MultipathError::ShutDown)) {
+            self.shared
+                .metrics
+                .failover_stall
+                .record(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn execute_on_paths(&self, req: Request, stalled: &mut bool) -> Result<Reply, MultipathError> {
         let cfg = &self.shared.cfg;
         let mut rx = self.shared.changed.subscribe();
         let mut no_path_since: Option<Instant> = None;
@@ -553,14 +593,16 @@ impl<C: Connector> Multipath<C> {
                         paths: self.summary(),
                     });
                 };
-                self.shared.counters.queued.fetch_add(1, Ordering::Relaxed);
+                *stalled = true;
+                let queued = Queued::new(&self.shared);
                 let _ = tokio::time::timeout(left, rx.changed()).await;
-                self.shared.counters.queued.fetch_sub(1, Ordering::Relaxed);
+                drop(queued);
                 continue;
             };
             no_path_since = None;
             if tries > 0 {
                 self.shared.counters.retried.fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.retried.increment(1);
             }
             tries += 1;
             picked.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -573,6 +615,7 @@ impl<C: Connector> Multipath<C> {
             let reply = match result {
                 Ok(reply) => reply,
                 Err(failure) => {
+                    *stalled = true;
                     self.path_failed(picked.index, picked.generation, &failure);
                     if exhausted(tries) {
                         return Err(MultipathError::TooManyRetries { tries, last: failure.0 });
@@ -591,6 +634,7 @@ impl<C: Connector> Multipath<C> {
                     }
                 }
                 Verdict::PathState(state) => {
+                    *stalled = true;
                     debug!(state = %state, "path reports its access state");
                     self.set_alua(picked.index, picked.generation, state);
                     self.shared.refresh.notify_one();

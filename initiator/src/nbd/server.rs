@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::{Bytes, BytesMut};
@@ -35,6 +35,7 @@ use tracing::{debug, error, info, warn};
 
 use super::wire::{self, Command, NbdOption, Request};
 use super::{BlockDevice, DeviceError, NbdConfig, NbdListen};
+use crate::metrics::{NbdMetrics, NbdOp};
 
 /// Requests in flight per connection.
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -235,6 +236,8 @@ struct Shared<D> {
     /// Aligned requests hold it shared; read-modify-write holds it exclusive, so an unaligned
     /// write never interleaves with another write to the same blocks.
     rmw: RwLock<()>,
+    /// Per-op handles, registered once per export.
+    metrics: NbdMetrics,
 }
 
 impl<D: BlockDevice> Shared<D> {
@@ -257,6 +260,7 @@ impl<D: BlockDevice> Shared<D> {
             cfg,
             transmission_flags: flags,
             rmw: RwLock::new(()),
+            metrics: NbdMetrics::new(),
         }
     }
 
@@ -569,6 +573,7 @@ where
             };
             let (shared, tx) = (shared.clone(), tx.clone());
             tasks.spawn(async move {
+                let began = Instant::now();
                 let (error, data) = match execute(&shared, op, &req, payload).await {
                     Ok(data) => (0, data),
                     Err(e) => {
@@ -576,6 +581,7 @@ where
                         (e.nbd_error(), None)
                     }
                 };
+                shared.metrics.record(op.metric(), began.elapsed(), error != 0);
                 let reply = Reply {
                     cookie: req.cookie,
                     error,
@@ -637,6 +643,18 @@ enum Op {
     Flush,
     Trim,
     WriteZeroes,
+}
+
+impl Op {
+    fn metric(self) -> NbdOp {
+        match self {
+            Op::Read => NbdOp::Read,
+            Op::Write => NbdOp::Write,
+            Op::Flush => NbdOp::Flush,
+            Op::Trim => NbdOp::Trim,
+            Op::WriteZeroes => NbdOp::WriteZeroes,
+        }
+    }
 }
 
 /// Checks flags, permissions, length and range; `Err` is the NBD error of the reply.

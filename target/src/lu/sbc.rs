@@ -164,6 +164,7 @@ fn read_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
         tracing::info!(lun = d.def.lun, offset, reason = %e, "read fenced");
     } else {
         tracing::error!(lun = d.def.lun, offset, error = %e, "backing store read failed");
+        crate::metrics::storage_error(crate::metrics::StorageOp::Read);
     }
     sense::UNRECOVERED_READ_ERROR.into()
 }
@@ -173,6 +174,18 @@ fn write_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
         tracing::info!(lun = d.def.lun, offset, reason = %e, "write fenced");
     } else {
         tracing::error!(lun = d.def.lun, offset, error = %e, "backing store write failed");
+        crate::metrics::storage_error(crate::metrics::StorageOp::Write);
+    }
+    sense::WRITE_ERROR.into()
+}
+
+/// A failed flush: reported like a write error, counted as `op="flush"`.
+fn flush_error(d: &Disk, e: std::io::Error) -> Fail {
+    if crate::backing::Fenced::is(&e) {
+        tracing::info!(lun = d.def.lun, reason = %e, "flush fenced");
+    } else {
+        tracing::error!(lun = d.def.lun, error = %e, "backing store flush failed");
+        crate::metrics::storage_error(crate::metrics::StorageOp::Flush);
     }
     sense::WRITE_ERROR.into()
 }
@@ -214,7 +227,7 @@ fn check_writable(d: &Disk) -> Result<(), Fail> {
 /// Makes a write durable when FUA asks or the reported cache is write-through (WCE = 0).
 fn maybe_flush(lu: &LogicalUnit, d: &Disk, fua: bool) -> Result<(), Fail> {
     if fua || !lu.wce.load(Ordering::Relaxed) {
-        d.store.flush().map_err(|e| write_error(d, e, 0))?;
+        d.store.flush().map_err(|e| flush_error(d, e))?;
     }
     Ok(())
 }
@@ -363,7 +376,7 @@ fn synchronize_cache(d: &Disk, c: &[u8]) -> CmdResult {
         (cdb::u64_at(c, 2), u64::from(cdb::u32_at(c, 10)))
     };
     check_range(d, lba, blocks)?;
-    d.store.flush().map_err(|e| write_error(d, e, 0))?;
+    d.store.flush().map_err(|e| flush_error(d, e))?;
     Ok(Vec::new())
 }
 

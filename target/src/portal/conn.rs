@@ -949,7 +949,7 @@ impl FullFeature {
             handles.commands[op as usize].increment(1);
             handles.in_flight.decrement(1.0);
             if outcome.status == status::CHECK_CONDITION {
-                handles.check_conditions.increment(1);
+                handles.check_condition(outcome.sense.as_deref());
             }
             let edtl = c.expected_data_len;
             let (data_in, residual) = if c.write && !c.read {
