@@ -97,7 +97,7 @@ RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$WORK/on.conf" --listen "$ON
     --data-dir "$WORK/on-data" --metrics "$ON_METRICS" >"$WORK/on-raftsan.log" 2>&1 &
 PIDS+=("$!")
 wait_port "$ON_ADDR" "$PORT" "$!" 30 || die "raftsan portal $ON_ADDR:$PORT not up; log: $WORK/on-raftsan.log"
-curl -fsS "http://$ON_METRICS/metrics" | grep -q '^raftsan_up 1' || die "no metrics on $ON_METRICS"
+grep -q '^raftsan_up 1' <<<"$(curl -fsS "http://$ON_METRICS/metrics")" || die "no metrics on $ON_METRICS"
 log "OFF: raftsan $OFF_ADDR:$PORT (no metrics); ON: raftsan $ON_ADDR:$PORT (metrics on $ON_METRICS)"
 
 TESTS=(randread-4k-qd32 write-4k-qd32)
@@ -120,7 +120,8 @@ if [[ $INITIATOR_PART == 1 ]]; then
         done
         [[ -S "$dir/nbd.sock" ]] || die "raftsan-initiator ($side) exported nothing in 30 s; log: $dir/initiator.log"
     done
-    curl -fsS "http://$INI_METRICS/metrics" | grep -q '^raftsan_initiator_up 1' || die "no initiator metrics on $INI_METRICS"
+    grep -q '^raftsan_initiator_up 1' <<<"$(curl -fsS "http://$INI_METRICS/metrics")" ||
+        die "no initiator metrics on $INI_METRICS"
     TESTS+=(nbd-randread-4k-qd32)
     log "initiators attached: OFF (no metrics), ON (metrics on $INI_METRICS)"
 fi
