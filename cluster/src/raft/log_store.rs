@@ -328,6 +328,7 @@ impl FlushCtl {
             }
             Err(msg) => {
                 tracing::error!(dir = %self.dir.display(), "raft log storage failed, node out of service: {msg}");
+                raftsan_target::metrics::storage_error(raftsan_target::metrics::StorageOp::Flush);
                 lock(&self.queue).error = Some(msg.clone());
                 for w in waiters {
                     w.io_completed(Err(io::Error::other(msg.clone())));
@@ -587,6 +588,7 @@ impl LogStore {
         let r = f(&self.shared, &mut inner);
         if let Err(e) = &r {
             tracing::error!(dir = %self.shared.dir.display(), "raft log {what} failed, node out of service: {e}");
+            raftsan_target::metrics::storage_error(raftsan_target::metrics::StorageOp::Write);
             inner.failed = Some(format!("{what}: {e}"));
         }
         r
