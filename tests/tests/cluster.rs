@@ -450,7 +450,17 @@ fn graceful_stop_hands_over_leadership_resize_grows_every_path_delete_removes() 
         let u = url(&c, n, &target, lun)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (size, _) = read_capacity(&u)?;
+            // A leadership move (leaders go to their preferred node a few seconds after the
+            // restart above) can fail one attempt with a unit attention; retry until the deadline.
+            let size = match read_capacity(&u) {
+                Ok((size, _)) => size,
+                Err(e) if Instant::now() < deadline => {
+                    println!("node {n}: {e:#}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if size == 64 << 20 {
                 break;
             }
