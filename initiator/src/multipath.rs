@@ -474,11 +474,11 @@ impl<C: Connector> Multipath<C> {
         let mut rx = self.shared.changed.subscribe();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if self.pick().is_some() {
+            if self.pick(false).is_some() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
-                return self.pick().is_some();
+                return self.pick(false).is_some();
             }
         }
     }
@@ -501,15 +501,21 @@ impl<C: Connector> Multipath<C> {
         self.shared.identity.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn pick(&self) -> Option<Picked<C::Conn>> {
-        let paths = self.paths();
-        let (index, p) = paths
+    /// The best usable path; `count` records a command sent on it (under the same lock).
+    fn pick(&self, count: bool) -> Option<Picked<C::Conn>> {
+        let mut paths = self.paths();
+        let index = paths
             .iter()
             .enumerate()
             .filter(|(_, p)| p.status == PathStatus::Up && p.conn.is_some())
-            .filter_map(|(i, p)| p.alua.rank().map(|r| (r, p.in_flight.load(Ordering::Relaxed), i, p)))
-            .min_by_key(|&(r, load, i, _)| (r, load, i))
-            .map(|(_, _, i, p)| (i, p))?;
+            .filter_map(|(i, p)| p.alua.rank().map(|r| (r, p.in_flight.load(Ordering::Relaxed), i)))
+            .min_by_key(|&(r, load, i)| (r, load, i))
+            .map(|(_, _, i)| i)?;
+        let p = &mut paths[index];
+        if count {
+            p.commands += 1;
+            p.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
         Some(Picked {
             index,
             generation: p.generation,
@@ -584,7 +590,7 @@ impl<C: Connector> Multipath<C> {
                 return Err(MultipathError::ShutDown);
             }
             rx.borrow_and_update();
-            let Some(picked) = self.pick() else {
+            let Some(picked) = self.pick(true) else {
                 let since = *no_path_since.get_or_insert_with(Instant::now);
                 let Some(left) = cfg.no_path_retry.checked_sub(since.elapsed()).filter(|d| !d.is_zero()) else {
                     return Err(MultipathError::NoPath {
@@ -605,11 +611,7 @@ impl<C: Connector> Multipath<C> {
                 self.shared.metrics.retried.increment(1);
             }
             tries += 1;
-            picked.in_flight.fetch_add(1, Ordering::Relaxed);
             let guard = InFlight(picked.in_flight.clone());
-            if let Some(p) = self.paths().get_mut(picked.index) {
-                p.commands += 1;
-            }
             let result = picked.conn.execute(req.clone()).await;
             drop(guard);
             let reply = match result {
