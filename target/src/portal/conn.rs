@@ -758,6 +758,7 @@ impl FullFeature {
             self.complete_now(
                 &session,
                 &c,
+                Op::of(&cdb),
                 status::CHECK_CONDITION,
                 Some(fixed_sense(raftsan_proto::scsi::sense::INVALID_FIELD_IN_CDB)),
             );
@@ -772,7 +773,7 @@ impl FullFeature {
         let budget = self.server.settings.max_session_write_bytes;
         if session.write_bytes.fetch_add(u64::from(edtl), Ordering::AcqRel) + u64::from(edtl) > budget {
             session.write_bytes.fetch_sub(u64::from(edtl), Ordering::AcqRel);
-            self.complete_now(&session, &c, status::TASK_SET_FULL, None);
+            self.complete_now(&session, &c, Op::of(&cdb), status::TASK_SET_FULL, None);
             return Ok(());
         }
         let mut buf = vec![0u8; edtl as usize];
@@ -889,11 +890,24 @@ impl FullFeature {
         self.window.in_flight.fetch_sub(1, Ordering::AcqRel);
         let code =
             raftsan_proto::scsi::sense::SenseCode::new(raftsan_proto::scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
-        self.complete_now(&session, &task.cmd, status::CHECK_CONDITION, Some(fixed_sense(code)));
+        self.complete_now(
+            &session,
+            &task.cmd,
+            Op::of(&task.cdb),
+            status::CHECK_CONDITION,
+            Some(fixed_sense(code)),
+        );
     }
 
-    /// Answers a command without running it (limits exceeded).
-    fn complete_now(&self, session: &Session, c: &ScsiCommand, status: u8, sense: Option<Vec<u8>>) {
+    /// Answers a command without running it (limits exceeded, failed Data-Out phase). It counts
+    /// as a completed command of its op, and a CHECK CONDITION by its sense key, as in
+    /// [`Self::execute`]; it has no latency sample (nothing ran).
+    fn complete_now(&self, session: &Session, c: &ScsiCommand, op: Op, status: u8, sense: Option<Vec<u8>>) {
+        let handles = session.target.metrics.lun(c.lun);
+        handles.commands[op as usize].increment(1);
+        if status == status::CHECK_CONDITION {
+            handles.check_condition(sense.as_deref());
+        }
         let reply = ScsiReply {
             itt: c.itt,
             lun: c.lun,

@@ -479,3 +479,84 @@ async fn dynamic_targets_and_peer_portals() {
     assert_eq!(server.show().targets.len(), 1);
     server.shutdown();
 }
+
+/// The value of the `raftsan_scsi_check_conditions_total` series of `target`, LUN 1 and
+/// `sense_key` in Prometheus text `text` (0 when absent).
+fn check_conditions(text: &str, target: &str, sense_key: &str) -> u64 {
+    let labels = format!("{{target=\"{target}\",lun=\"1\",sense_key=\"{sense_key}\"}}");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("raftsan_scsi_check_conditions_total")?
+                .strip_prefix(labels.as_str())
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Commands the connection layer answers itself, without running them, count in
+/// `raftsan_scsi_check_conditions_total` like those the LUs answer: a transfer length above
+/// the limit (ILLEGAL REQUEST) and a write whose Data-Out phase failed (ABORTED COMMAND 4B/00).
+#[tokio::test]
+async fn check_conditions_of_the_connection_layer_are_counted() {
+    let target = "iqn.2024-01.test:counted";
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    // The handles are registered with the target: they keep recording into this recorder
+    // after the scope ends, without a global recorder shared by the other tests.
+    let runtime = metrics::with_local_recorder(&recorder, || TargetRuntime::new(target_def(target), lus(target), None));
+    let server = PortalServer::empty(PortalSettings {
+        max_transfer_bytes: 64 << 10,
+        ..settings()
+    });
+    server.set_targets(vec![runtime]);
+    let addr = start(&server).await;
+    let mut c = Client::connect(addr).await;
+    c.login(Some(target)).await;
+    assert_eq!(check_conditions(&metrics.render(), target, "illegal_request"), 0);
+
+    // READ(10) of 129 blocks: 512 bytes over the transfer limit.
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 129, 0];
+    let (r, sense) = c.command(1, &read10, 129 * 512, &[]).await;
+    assert_eq!((r.status, sense[2]), (status::CHECK_CONDITION, 0x05));
+    assert_eq!(check_conditions(&metrics.render(), target, "illegal_request"), 1);
+
+    // WRITE(10) of 2 blocks whose unsolicited Data-Out (InitialR2T=No) skips DataSN 0.
+    let write10 = [0x2a, 0, 0, 0, 0, 0, 0, 0, 2, 0];
+    let mut cdb = [0u8; 16];
+    cdb[..10].copy_from_slice(&write10);
+    let cmd = ScsiCommand {
+        immediate: false,
+        final_: false,
+        read: false,
+        write: true,
+        attr: 1,
+        lun: 1,
+        itt: c.itt,
+        expected_data_len: 1024,
+        cmdsn: c.cmdsn,
+        exp_statsn: c.statsn,
+        cdb,
+    };
+    c.send(cmd.to_bhs(), &[]).await;
+    let data = pdu::DataOut {
+        final_: true,
+        lun: 1,
+        itt: c.itt,
+        ttt: pdu::RESERVED_TAG,
+        exp_statsn: c.statsn,
+        datasn: 1,
+        buffer_offset: 0,
+    };
+    c.send(data.to_bhs(), &[9; 1024]).await;
+    let p = c.recv().await.expect("a SCSI Response");
+    assert_eq!(p.bhs.opcode(), Opcode::ScsiResponse);
+    let sense = &p.data[2..];
+    assert_eq!(
+        (ScsiResponse::parse(&p.bhs).status, sense[2], sense[12], sense[13]),
+        (status::CHECK_CONDITION, 0x0b, 0x4b, 0x00)
+    );
+    let text = metrics.render();
+    assert_eq!(check_conditions(&text, target, "aborted_command"), 1, "{text}");
+    assert_eq!(check_conditions(&text, target, "illegal_request"), 1);
+    server.shutdown();
+}
