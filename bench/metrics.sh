@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Hot-path cost of the Prometheus metrics: the same release binaries with metrics enabled and
-# disabled, side by side in the same run, interleaved rounds.
+# Hot-path cost of the Prometheus metrics: the same binaries (release unless overridden) with
+# metrics enabled and disabled, side by side in the same run, interleaved rounds.
 #
 #   bench/metrics.sh [-r ROUNDS] [-s SECONDS] [-c QEMU_COUNT] [-z SIZE] [-I] [-o OUT.json]
 #
@@ -24,8 +24,16 @@
 # Each figure is the median over the rounds; "diff" is (ON - OFF) / OFF of the medians in %, "paired
 # diff" the median over rounds of each round's (ON - OFF) / OFF (the two runs of a round are
 # adjacent in time, so load from other processes mostly cancels out; prefer it on a busy host).
+# CPU per I/O, steadier than IOPS on a shared host: utime + stime of the process under test
+# (the raftsan of that side; the raftsan-initiator of that side for the nbd test) from
+# /proc/PID/stat before and after each run, divided by the I/Os of the run (qemu-img: its count;
+# fio: total_ios; iscsi-perf: average IOPS x SECONDS). Printed in µs per I/O with the ON/OFF ratio
+# of the medians and the median of each round's ON/OFF ratio. Resolution: one clock tick (10 ms)
+# per run, against 1-2 CPU-seconds per run.
 # A benchmark, not a test: it prints figures and never fails on them. Build first:
 #   CARGO_BUILD_JOBS=1 cargo build --release -p raftsan-cluster -p raftsan-initiator
+# RAFTSAN_BIN and RAFTSAN_INITIATOR_BIN override the binaries (e.g. the debug build: say so with
+# the figures).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 
@@ -43,7 +51,7 @@ while getopts "r:s:c:z:o:Ih" opt; do
     z) SIZE=$OPTARG ;;
     I) INITIATOR_PART=0 ;;
     o) OUT=$OPTARG ;;
-    *) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 for tool in iscsi-perf qemu-img curl; do
@@ -90,12 +98,15 @@ write_targets_conf "$WORK/on.conf" "$IQN" "$WORK/on.img"
 
 start_raftsan "$OFF_ADDR" "$PORT" "$WORK/off.conf" "$WORK/off-data" "$WORK/off-raftsan.log"
 PIDS+=("$STARTED_PID")
+declare -A CPU_PID
+CPU_PID[OFF]=$STARTED_PID
 # start_raftsan takes no metrics address: the ON side is started here, as start_raftsan does.
 bin="$(raftsan_bin)"
 mkdir -p "$WORK/on-data"
 RUST_LOG="${RUST_LOG:-info}" "$bin" serve --config "$WORK/on.conf" --listen "$ON_ADDR:$PORT" \
     --data-dir "$WORK/on-data" --metrics "$ON_METRICS" >"$WORK/on-raftsan.log" 2>&1 &
 PIDS+=("$!")
+CPU_PID[ON]=$!
 wait_port "$ON_ADDR" "$PORT" "$!" 30 || die "raftsan portal $ON_ADDR:$PORT not up; log: $WORK/on-raftsan.log"
 grep -q '^raftsan_up 1' <<<"$(curl -fsS "http://$ON_METRICS/metrics")" || die "no metrics on $ON_METRICS"
 log "OFF: raftsan $OFF_ADDR:$PORT (no metrics); ON: raftsan $ON_ADDR:$PORT (metrics on $ON_METRICS)"
@@ -113,6 +124,7 @@ if [[ $INITIATOR_PART == 1 ]]; then
         [[ $side == ON ]] && args+=(--metrics "$INI_METRICS")
         RAFTSAN_LOG=info "$INITIATOR_BIN" "${args[@]}" >"$dir/initiator.out" 2>"$dir/initiator.log" &
         PIDS+=("$!")
+        CPU_PID[nbd.$side]=$!
         for ((i = 0; i < 300; i++)); do
             [[ -S "$dir/nbd.sock" ]] && break
             kill -0 "$!" 2>/dev/null || die "raftsan-initiator ($side) exited; log: $dir/initiator.log"
@@ -136,7 +148,12 @@ fi
 ) &
 SCRAPER=$!
 
-# run_one TEST SIDE -> prints IOPS (0 on failure)
+CLK_TCK=$(getconf CLK_TCK)
+# cpu_ticks PID: utime + stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat; the
+# fields are counted after the command name, which may contain spaces).
+cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'; }
+
+# run_one TEST SIDE -> prints "IOPS IOS" (IOPS 0 on failure; IOS: I/Os completed in the run)
 run_one() {
     local test=$1 side=$2 addr url out secs
     addr=$OFF_ADDR
@@ -148,23 +165,24 @@ run_one() {
         local last
         last=$(grep -o 'iops average [0-9]*' <<<"$out" | tail -1)
         [[ -n "$last" ]] || { log "iscsi-perf on $side failed: $(tail -3 <<<"$out")"; echo 0; return; }
-        awk '{print $3}' <<<"$last"
+        awk -v s="$SECS" '{ print $3, $3 * s }' <<<"$last"
         ;;
     write-4k-qd32)
         out=$(timeout 300 qemu-img bench -f raw -d 32 -s 4096 -c "$QEMU_COUNT" -w --pattern 0xa5 \
             "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"iscsi\",\"transport\":\"tcp\",\"portal\":\"$addr:$PORT\",\"target\":\"$IQN\",\"lun\":1,\"initiator-name\":\"$INITIATOR\"}}" 2>&1) || true
         secs=$(sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' <<<"$out")
         [[ -n "$secs" ]] || { log "qemu-img bench on $side failed: $(tail -3 <<<"$out")"; echo 0; return; }
-        awk -v n="$QEMU_COUNT" -v s="$secs" 'BEGIN { printf "%d\n", n / s }'
+        awk -v n="$QEMU_COUNT" -v s="$secs" 'BEGIN { printf "%d %d\n", n / s, n }'
         ;;
     nbd-randread-4k-qd32)
         out=$(timeout $((SECS + 60)) fio --name=metrics --ioengine=nbd \
             "--uri=nbd+unix:///?socket=$WORK/initiator-$side/nbd.sock" --rw=randread --bs=4k --iodepth=32 \
             "--size=$BYTES" --time_based=1 "--runtime=$SECS" --randrepeat=0 --output-format=json 2>&1) || true
-        local iops
-        iops=$(sed -n '/^{/,$p' <<<"$out" | jq -r '.jobs[0].read.iops // 0' 2>/dev/null || echo 0)
-        [[ "$iops" != 0 ]] || { log "fio on $side failed: $(tail -3 <<<"$out")"; echo 0; return; }
-        printf '%.0f\n' "$iops"
+        local res
+        res=$(sed -n '/^{/,$p' <<<"$out" | jq -r '"\(.jobs[0].read.iops // 0) \(.jobs[0].read.total_ios // 0)"' 2>/dev/null ||
+            echo "0 0")
+        [[ "${res%% *}" != 0 ]] || { log "fio on $side failed: $(tail -3 <<<"$out")"; echo 0; return; }
+        awk '{ printf "%.0f %d\n", $1, $2 }' <<<"$res"
         ;;
     esac
 }
@@ -179,15 +197,23 @@ for ((round = 1; round <= ROUNDS; round++)); do
     ((round % 2 == 0)) && order=(ON OFF)
     for test in "${TESTS[@]}"; do
         for side in "${order[@]}"; do
-            iops=$(run_one "$test" "$side")
-            if [[ $iops == 0 ]]; then
+            pid=${CPU_PID[$side]}
+            [[ $test == nbd-* ]] && pid=${CPU_PID[nbd.$side]}
+            t0=$(cpu_ticks "$pid")
+            read -r iops ios < <(run_one "$test" "$side") || true
+            t1=$(cpu_ticks "$pid")
+            if [[ ${iops:-0} == 0 || ${ios:-0} == 0 ]]; then
                 RES[$test.$side.fail]=$((${RES[$test.$side.fail]:-0} + 1))
                 log "round $round/$ROUNDS $test $side: FAILED"
                 continue
             fi
             RES[$test.$side]+="$iops "
             RES[$test.$side.$round]=$iops
-            log "round $round/$ROUNDS $test metrics $side: $iops IOPS"
+            # CPU per I/O in nanoseconds.
+            cpu=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$ios" 'BEGIN { printf "%d", t * 1e9 / hz / n }')
+            RES[$test.$side.cpu]+="$cpu "
+            RES[$test.$side.cpu.$round]=$cpu
+            log "round $round/$ROUNDS $test metrics $side: $iops IOPS, $((cpu / 1000)).$(printf '%03d' $((cpu % 1000))) µs CPU per I/O"
         done
     done
 done
@@ -207,10 +233,23 @@ paired_diff() {
     done | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) printf "%+.1f\n", v[(NR + 1) / 2]; else printf "%+.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
-printf '\n%-22s %12s %12s %8s %14s\n' test "metrics off" "metrics on" "diff %" "paired diff %"
+# paired_ratio TEST: the median over rounds of each round's ON / OFF CPU per I/O.
+paired_ratio() {
+    local r off on
+    for ((r = 1; r <= ROUNDS; r++)); do
+        off=${RES[$1.OFF.cpu.$r]:-0}
+        on=${RES[$1.ON.cpu.$r]:-0}
+        [[ $off -gt 0 && $on -gt 0 ]] && awk -v a="$off" -v b="$on" 'BEGIN { printf "%.4f\n", b / a }'
+    done | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "n/a"; else if (NR % 2) printf "%.3f\n", v[(NR + 1) / 2]; else printf "%.3f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0) printf "%.3f", b / a; else print "n/a" }'; }
+us() { awk -v n="$1" 'BEGIN { printf "%.2f", n / 1000 }'; }
+
+printf '\n%-22s %10s %10s %7s %8s | %12s %12s %7s %8s\n' test "IOPS off" "IOPS on" "diff %" "paired %" \
+    "CPU µs/IO off" "CPU µs/IO on" "on/off" "paired"
 {
-    printf '{\n  "rounds": %d, "seconds": %d, "qemu_count": %d, "backing_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n  "results": [\n' \
-        "$ROUNDS" "$SECS" "$QEMU_COUNT" "$BYTES" "$ELAPSED" "$(nproc)"
+    printf '{\n  "rounds": %d, "seconds": %d, "qemu_count": %d, "backing_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d, "raftsan_bin": "%s",\n  "results": [\n' \
+        "$ROUNDS" "$SECS" "$QEMU_COUNT" "$BYTES" "$ELAPSED" "$(nproc)" "$(raftsan_bin)"
 } >"$OUT"
 n=0
 for test in "${TESTS[@]}"; do
@@ -222,16 +261,29 @@ for test in "${TESTS[@]}"; do
     for side in OFF ON; do
         [[ ${RES[$test.$side.fail]:-0} -gt 0 ]] && fails+=" $side: ${RES[$test.$side.fail]} failed run(s)"
     done
-    printf '%-22s %12s %12s %8s %14s%s\n' "$test" "$off" "$on" "$d" "$pd" "${fails:+  (${fails# })}"
+    coff=$(med "$test.OFF.cpu")
+    con=$(med "$test.ON.cpu")
+    cr=$(ratio_of "$coff" "$con")
+    pr=$(paired_ratio "$test")
+    printf '%-22s %10s %10s %7s %8s | %12s %12s %7s %8s%s\n' "$test" "$off" "$on" "$d" "$pd" "$(us "$coff")" "$(us "$con")" \
+        "$cr" "$pr" "${fails:+  (${fails# })}"
     n=$((n + 1))
     sep=","
     [[ $n -eq ${#TESTS[@]} ]] && sep=""
-    printf '    {"test": "%s", "off_iops": %d, "on_iops": %d, "diff_percent": %s, "paired_diff_percent": %s, "off_runs": [%s], "on_runs": [%s]}%s\n' \
+    printf '    {"test": "%s", "off_iops": %d, "on_iops": %d, "diff_percent": %s, "paired_diff_percent": %s, "off_runs": [%s], "on_runs": [%s],\n' \
         "$test" "$off" "$on" "$([[ $d == n/a ]] && echo null || echo "${d#+}")" "$([[ $pd == n/a ]] && echo null || echo "${pd#+}")" \
-        "$(runs_of "$test.OFF")" "$(runs_of "$test.ON")" "$sep" >>"$OUT"
+        "$(runs_of "$test.OFF")" "$(runs_of "$test.ON")" >>"$OUT"
+    printf '     "off_cpu_ns_per_io": %d, "on_cpu_ns_per_io": %d, "cpu_ratio": %s, "paired_cpu_ratio": %s, "off_cpu_runs": [%s], "on_cpu_runs": [%s]}%s\n' \
+        "$coff" "$con" "$([[ $cr == n/a ]] && echo null || echo "$cr")" "$([[ $pr == n/a ]] && echo null || echo "$pr")" \
+        "$(runs_of "$test.OFF.cpu")" "$(runs_of "$test.ON.cpu")" "$sep" >>"$OUT"
 done
 printf '  ]\n}\n' >>"$OUT"
 echo
 echo "medians over $ROUNDS interleaved rounds (IOPS; failed runs left out), ${ELAPSED}s; JSON: $OUT"
-echo "diff = (on - off) / off of the medians; paired diff = median over rounds of each round's (on - off) / off"
+echo "diff = (on - off) / off of the medians; paired = median over rounds of each round's (on - off) / off"
+echo "CPU µs/IO: utime+stime of the process under test per I/O (raftsan; raftsan-initiator for nbd-*);"
+echo "on/off = ratio of the medians; paired = median over rounds of each round's on / off"
+bins=$(raftsan_bin)
+[[ $INITIATOR_PART == 1 ]] && bins+=", $INITIATOR_BIN"
+echo "binaries: $bins"
 echo "logs: $WORK/{off,on}-raftsan.log, $WORK/initiator-{OFF,ON}/initiator.log"
