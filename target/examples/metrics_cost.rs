@@ -15,11 +15,13 @@
 //!   it (latency buckets 50 µs-10 s), rendered once a second by another thread as a scrape does.
 //!
 //! Figures are CPU time per command (CLOCK_THREAD_CPUTIME_ID of the threads), not wall time, so
-//! other load on the host does not count; that is what `bench/metrics.sh` compares them to.
-//! THREADS > 1 runs that many threads on the same LU's handles at once (the target's runtime has
-//! one worker per core, all updating the same atomics: cache-line contention included). With CPU_NS_PER_IO (the CPU time the
-//! target process spends per I/O, from `bench/metrics.sh`) it prints the share of it the metric
-//! updates take. Use the build profile the figure is compared to (release for the 2 % criterion).
+//! other load on the host does not count; that is what `bench/metrics.sh` compares them to. The
+//! scrape thread's CPU, divided by the histogram samples it drained, is printed apart (an upper
+//! bound of the per-command cost paid off the I/O path). THREADS > 1 runs that many threads on the
+//! same LU's handles at once (the target's runtime has one worker per core, all updating the same
+//! atomics: cache-line contention included). With CPU_NS_PER_IO (the CPU time the target process
+//! spends per I/O, from `bench/metrics.sh`) it prints the share of it the metric updates take.
+//! Compare figures of the same build profile (release for the 2 % criterion).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -125,11 +127,17 @@ fn main() -> anyhow::Result<()> {
     let scraper = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            let (mut cpu, mut renders) = (Duration::ZERO, 0u32);
             while !stop.load(Ordering::Relaxed) {
+                let start = thread_cpu();
                 black_box(handle.render());
+                cpu += thread_cpu() - start;
+                renders += 1;
                 std::thread::sleep(Duration::from_secs(1));
             }
-            handle.render()
+            let start = thread_cpu();
+            let text = handle.render();
+            (text, cpu + (thread_cpu() - start), renders + 1)
         })
     };
 
@@ -144,7 +152,7 @@ fn main() -> anyhow::Result<()> {
         n.push(measure(&on, one_command, iterations, threads));
     }
     stop.store(true, Ordering::Relaxed);
-    let text = scraper.join().map_err(|_| anyhow::anyhow!("scraper thread panicked"))?;
+    let (text, render_cpu, renders) = scraper.join().map_err(|_| anyhow::anyhow!("scraper thread panicked"))?;
     let count_line = "raftsan_scsi_command_duration_seconds_count";
     let recorded = text
         .lines()
@@ -164,11 +172,19 @@ fn main() -> anyhow::Result<()> {
         n - e
     );
     println!("histogram samples recorded: {recorded} (the last scrape)");
+    // Histogram samples are buffered and summed into buckets by the scrape: a cost per command
+    // too, paid on the scraping thread (an upper bound: it includes rendering every series).
+    let drain = render_cpu.as_nanos() as f64 / recorded.max(1.0);
+    println!(
+        "scrapes: {renders}, {:.1} ms CPU each; {drain:.1} ns CPU per histogram sample drained",
+        render_cpu.as_secs_f64() * 1e3 / f64::from(renders)
+    );
     if let Some(cpu) = cpu_ns_per_io {
         println!(
-            "target CPU per I/O {cpu:.0} ns: enabling metrics = {:.2} %, all metric work = {:.2} %",
+            "target CPU per I/O {cpu:.0} ns: enabling metrics = {:.2} % (+ scrape drain {:.2} %), all metric work = {:.2} %",
             (n - f) * 100.0 / cpu,
-            (n - e) * 100.0 / cpu
+            drain * 100.0 / cpu,
+            (n - e + drain) * 100.0 / cpu
         );
     }
     Ok(())
