@@ -174,7 +174,7 @@ fn describe(r: &CommandResult) -> String {
     match r.status {
         status::GOOD => "GOOD".into(),
         status::CHECK_CONDITION => match r.sense.as_deref().and_then(Sense::parse) {
-            Some(s) => format!("CHECK CONDITION {s} {:02X}/{:02X}", s.code.asc, s.code.ascq),
+            Some(s) => format!("CHECK CONDITION {s}"),
             None => "CHECK CONDITION (no sense)".into(),
         },
         s => format!("status 0x{s:02x}"),
