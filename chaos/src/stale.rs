@@ -170,7 +170,7 @@ impl Proxy {
 
 // --- SCSI over the direct sessions ---------------------------------------------------------
 
-fn describe(r: &CommandResult) -> String {
+pub fn describe(r: &CommandResult) -> String {
     match r.status {
         status::GOOD => "GOOD".into(),
         status::CHECK_CONDITION => match r.sense.as_deref().and_then(Sense::parse) {
@@ -191,7 +191,7 @@ fn is_retryable(r: &CommandResult) -> bool {
 }
 
 /// Runs `cmd`, retrying what a multipath initiator retries (UNIT ATTENTION, NOT READY, BUSY).
-async fn execute(s: &Session, cmd: Command) -> Result<CommandResult> {
+pub async fn execute(s: &Session, cmd: Command) -> Result<CommandResult> {
     for _ in 0..50 {
         let r = s.execute(cmd.clone()).await?;
         if !is_retryable(&r) {
@@ -202,7 +202,7 @@ async fn execute(s: &Session, cmd: Command) -> Result<CommandResult> {
     bail!("{:02x?} kept failing with a retryable status", cmd.cdb.first())
 }
 
-fn session_config(target: &str) -> SessionConfig {
+pub fn session_config(target: &str) -> SessionConfig {
     SessionConfig {
         initiator_name: "iqn.2026-11.org.raftsan.chaos:stale-write".into(),
         target_name: Some(target.to_string()),
@@ -214,13 +214,14 @@ fn session_config(target: &str) -> SessionConfig {
     }
 }
 
-struct Volume {
-    lun: u64,
-    block_size: u32,
+/// The LU as the direct sessions address it (blocks of the oracle's [`BLOCK`] bytes).
+pub struct Volume {
+    pub lun: u64,
+    pub block_size: u32,
 }
 
 impl Volume {
-    async fn probe(s: &Session, lun: u64) -> Result<Volume> {
+    pub async fn probe(s: &Session, lun: u64) -> Result<Volume> {
         let r = execute(
             s,
             Command {
@@ -243,7 +244,7 @@ impl Volume {
         (block * u64::from(per), per)
     }
 
-    fn write(&self, block: u64, id: u64) -> Command {
+    pub fn write(&self, block: u64, id: u64) -> Command {
         let (lba, n) = self.lba(block);
         Command {
             lun: self.lun,
@@ -253,7 +254,7 @@ impl Volume {
         }
     }
 
-    fn read(&self, block: u64) -> Command {
+    pub fn read(&self, block: u64) -> Command {
         let (lba, n) = self.lba(block);
         Command {
             lun: self.lun,
@@ -301,6 +302,31 @@ impl StaleWrite {
         group: u64,
         leader: u64,
     ) -> Result<StaleWrite> {
+        // The check needs the node that leads now, in its own view and its peers' (a leadership
+        // still settling after the previous fault would leave the cut node a follower whose
+        // epoch never moves, and the late write would test nothing).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut agreed = (None, 0);
+        while agreed.1 < 3 {
+            let views: Vec<Option<u64>> = c.nodes.iter().map(|n| local_leader(c, n.id, group)).collect();
+            let first = views.first().copied().flatten();
+            agreed = if first.is_some() && views.iter().all(|v| *v == first) {
+                (first, if agreed.0 == first { agreed.1 + 1 } else { 1 })
+            } else {
+                (None, 0)
+            };
+            if Instant::now() > deadline {
+                bail!("the nodes did not agree on a leader of volume {group} within 30 s: {views:?}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let leader = match agreed.0 {
+            Some(l) if l != leader => {
+                println!("          (node {l} leads now, not node {leader}: the check uses node {l})");
+                l
+            }
+            _ => leader,
+        };
         let n = OUTCOMES.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
         let block = FIRST_BLOCK + n % 4096;
         let portal = SocketAddr::V4(c.node(leader)?.portal());
