@@ -7,8 +7,9 @@
 //! the still-open S1 (the target's NOP-In timeout of 3 s has not expired yet). Nothing changed
 //! the ALUA epoch, so the epoch fence cannot refuse it: if it is executed, B reads w_old.
 //!
-//! Ignored by default: it documents a gap rather than guarding a fixed behaviour (see the
-//! report of the chaos-net branch).
+//! Ignored by default: it documents a gap rather than guarding a fixed behaviour. Observed on
+//! the branch that added it: the late write came back GOOD and the block read w_old.
+//! `cargo test -p raftsan-chaos --test hung_path -- --ignored --nocapture` (root).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
