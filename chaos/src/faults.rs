@@ -8,6 +8,9 @@
 //! | `pause-leader` | SIGSTOP of the leader, SIGCONT after the hold: it wakes up believing it leads | its stale leadership is fenced (no stale read, no lost write) |
 //! | `partition-leader` | iptables drops the leader's cluster RPC both ways; its portal stays reachable | the majority elects a new leader; the old one stops serving |
 //! | `client-cut-from-leader` | iptables drops the client's packets to the leader's portal | the client fails over to the other portals |
+//! | `netem-delay` | 100-200 ms ±50 ms each way on the client's path to the leader's portal only ([`netem`]) | the client carries on, slower; nothing else is touched |
+//! | `netem-loss` | 5-20 % of the packets each way on that path are dropped ([`netem`]) | TCP or the client's failover hides it |
+//! | `delayed-stale-write` | a write to the leader is held back, leadership moves, a newer write is acknowledged, then the old one is delivered ([`stale`]) | the late write gets UNIT ATTENTION 2A/06 and is not executed (DESIGN.md invariant 3) |
 //!
 //! Every fault is healed (node restarted or resumed, rules removed) before the next.
 
@@ -16,6 +19,9 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use raftsan_tests::cluster::{Cluster, RPC_PORT};
+
+use crate::netem::{self, NetFault};
+use crate::stale;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -26,16 +32,22 @@ pub enum FaultKind {
     PauseLeader,
     PartitionLeader,
     ClientCutFromLeader,
+    NetemDelay,
+    NetemLoss,
+    DelayedStaleWrite,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
         FaultKind::PauseLeader,
         FaultKind::PartitionLeader,
         FaultKind::ClientCutFromLeader,
+        FaultKind::NetemDelay,
+        FaultKind::NetemLoss,
+        FaultKind::DelayedStaleWrite,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,12 +58,18 @@ impl FaultKind {
             FaultKind::PauseLeader => "pause-leader",
             FaultKind::PartitionLeader => "partition-leader",
             FaultKind::ClientCutFromLeader => "client-cut-from-leader",
+            FaultKind::NetemDelay => "netem-delay",
+            FaultKind::NetemLoss => "netem-loss",
+            FaultKind::DelayedStaleWrite => "delayed-stale-write",
         }
     }
 
     /// Whether the fault takes the volume's leader away (a new leader is expected).
     pub fn hits_leader(self) -> bool {
-        !matches!(self, FaultKind::KillFollower | FaultKind::ClientCutFromLeader)
+        !matches!(
+            self,
+            FaultKind::KillFollower | FaultKind::ClientCutFromLeader | FaultKind::NetemDelay | FaultKind::NetemLoss
+        )
     }
 }
 
@@ -114,6 +132,10 @@ pub enum Injected {
     Killed(Vec<u64>),
     Paused(u64),
     Rules(Rules),
+    /// Delay or loss on a path (healed by dropping the guard).
+    Net(netem::Degraded),
+    /// The stale-write check; its heal delivers the held write and judges it.
+    Stale(Box<stale::StaleWrite>),
 }
 
 impl Injected {
@@ -126,6 +148,8 @@ impl Injected {
             }
             Injected::Paused(id) => c.signal(id, libc::SIGCONT)?,
             Injected::Rules(r) => drop(r),
+            Injected::Net(d) => drop(d),
+            Injected::Stale(s) => s.finish(c)?,
         }
         Ok(())
     }
@@ -150,13 +174,22 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
         }
         FaultKind::PartitionLeader => Injected::Rules(isolate_rpc(&ip(c, leader)?)?),
         FaultKind::ClientCutFromLeader => Injected::Rules(block_portal(&ip(c, leader)?)?),
+        FaultKind::NetemDelay => Injected::Net(netem::degrade_portal(
+            c.node(leader)?.ip,
+            NetFault::delay(netem::draw()),
+        )?),
+        FaultKind::NetemLoss => Injected::Net(netem::degrade_portal(
+            c.node(leader)?.ip,
+            NetFault::loss(netem::draw()),
+        )?),
+        FaultKind::DelayedStaleWrite => anyhow::bail!("delayed-stale-write is started by stale::StaleWrite::begin"),
     })
 }
 
 /// How long a fault is held, from the seeded schedule.
 pub fn hold(kind: FaultKind, r: f64) -> Duration {
     let base = match kind {
-        FaultKind::PauseLeader | FaultKind::PartitionLeader => 4.0,
+        FaultKind::PauseLeader | FaultKind::PartitionLeader | FaultKind::DelayedStaleWrite => 4.0,
         _ => 2.0,
     };
     Duration::from_secs_f64(base + 3.0 * r)

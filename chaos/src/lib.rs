@@ -3,9 +3,12 @@
 //!
 //! [`workload`] writes and reads self-describing blocks through the initiator's NBD export
 //! ([`nbd`] client), [`oracle`] judges every read, [`faults`] injects and heals faults against
-//! real `raftsan serve` processes, [`run`] drives a seeded schedule and prints the figures.
+//! real `raftsan serve` processes ([`netem`]: delay and loss on one path; [`stale`]: the delayed
+//! stale write), [`run`] drives a seeded schedule and prints the figures.
 pub mod faults;
 pub mod nbd;
+pub mod netem;
 pub mod oracle;
 pub mod run;
+pub mod stale;
 pub mod workload;

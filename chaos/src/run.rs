@@ -22,6 +22,8 @@ use tokio::sync::watch;
 
 use crate::faults::{self, FaultKind};
 use crate::nbd::NbdClient;
+use crate::netem::{self, Backend};
+use crate::stale::{self, StaleOutcome};
 use crate::workload::{self, Shared, WorkloadConfig, max_latency_in};
 
 #[derive(Clone, Debug)]
@@ -74,6 +76,10 @@ pub struct Report {
     pub log_problems: Vec<String>,
     pub injections: Vec<Injection>,
     pub by_kind: BTreeMap<String, KindFigures>,
+    /// How `netem-delay`/`netem-loss` degraded the path on this machine.
+    pub netem_backend: Backend,
+    /// Each `delayed-stale-write` check: the late write's outcome and what the block held after.
+    pub stale_writes: Vec<StaleOutcome>,
 }
 
 impl Report {
@@ -132,6 +138,13 @@ impl Report {
             verdict(self.client_errors.is_empty()),
             self.client_errors.len()
         );
+        let refused = self.stale_writes.iter().filter(|s| s.refused).count();
+        println!(
+            "  invariant: late stale write refused (2A/06) .... {} ({refused} of {})",
+            verdict(refused == self.stale_writes.len()),
+            self.stale_writes.len()
+        );
+        println!("  netem faults through: {}", self.netem_backend.name());
         for v in self.violations.iter().take(20) {
             println!("    violation: {v}");
         }
@@ -244,6 +257,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     ));
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
+    netem::set_seed(cfg.seed);
     let mut queue: Vec<FaultKind> = Vec::new();
     if cfg.every_fault {
         queue = FaultKind::ALL.to_vec();
@@ -281,7 +295,12 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             hold.as_secs_f64()
         );
         let at_ns = shared.now_ns();
-        let injected = faults::inject(&mut c, kind, leader, follower)?;
+        let injected = if kind == FaultKind::DelayedStaleWrite {
+            let s = stale::StaleWrite::begin(&c, rt.handle(), &shared, &target, lun, group, leader)?;
+            faults::Injected::Stale(Box::new(s))
+        } else {
+            faults::inject(&mut c, kind, leader, follower)?
+        };
         let t_inj = Instant::now();
         let mut new_leader_ms = None;
         let survivors: Vec<u64> = (1..=3).filter(|&n| n != victim).collect();
@@ -390,6 +409,8 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         log_problems,
         injections,
         by_kind,
+        netem_backend: netem::backend(),
+        stale_writes: stale::outcomes(),
     };
     if let Some(out) = &cfg.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
