@@ -111,7 +111,7 @@ start_cluster_demo() {
     bin="$(raftsan_bin)"
     [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
     mkdir -p "$dir"
-    RUST_LOG="${RUST_LOG:-info}" "$bin" demo --first-address "$first" --dir "$dir" --size "$size" \
+    RUST_LOG="${RUST_LOG:-info}" "$bin" demo --no-client-writes --first-address "$first" --dir "$dir" --size "$size" \
         >"$logfile" 2>&1 &
     STARTED_PID=$!
     for ((i = 0; i < 1200; i++)); do

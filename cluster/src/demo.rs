@@ -10,7 +10,9 @@
 //! all three portals and exports the volume over NBD on a Unix socket; 16 MiB written through the
 //! NBD export with qemu-img are read back through node 3's portal. Then the demo keeps running
 //! and reports leadership changes and the client's paths, so `kill -9` of the leader's node shows
-//! the others carrying on and the client failing over.
+//! the others carrying on and the client failing over. Unless `--no-client-writes` is given, it
+//! also writes 4 KiB every 20 ms through the NBD export (a minimal NBD client below) and prints
+//! every write that took longer than 100 ms: the stall an application sees during a failover.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,13 @@ const CHECK_BYTES: usize = 16 << 20;
 const ISCSI_PORT: u16 = 3260;
 const RPC_PORT: u16 = 7000;
 const METRICS_PORT: u16 = 9520;
+/// The demo client's background writer: one 4 KiB write per period...
+const WRITE_EVERY: Duration = Duration::from_millis(20);
+/// ...and writes slower than this are reported as a stall.
+const STALL_REPORT: Duration = Duration::from_millis(100);
+/// Where it writes: 1 MiB after the region the NBD check used.
+const WRITER_BASE: u64 = 2 * CHECK_BYTES as u64;
+const WRITER_SPAN: u64 = 1 << 20;
 
 struct DemoNode {
     id: u64,
@@ -51,7 +60,16 @@ impl DemoNode {
     }
 }
 
-pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, check_only: bool) -> Result<()> {
+/// What the demo does besides starting the cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Stop after the client check instead of serving until Ctrl-C.
+    pub check_only: bool,
+    /// While serving, write through the client's NBD export in the background and report stalls.
+    pub client_writes: bool,
+}
+
+pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, opts: Options) -> Result<()> {
     let (_tmp, dir) = match dir {
         Some(d) => {
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
@@ -97,7 +115,7 @@ pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, ch
     for n in &mut nodes {
         n.child = Some(spawn_node(&exe, &n.config, &n.log)?);
     }
-    let result = drive(&mut nodes, &dir, &pki, fresh, volume_bytes, check_only).await;
+    let result = drive(&mut nodes, &dir, &pki, fresh, volume_bytes, opts).await;
     if let Err(e) = &result {
         println!("demo failed: {e:#}");
         for n in &nodes {
@@ -231,7 +249,7 @@ async fn drive(
     pki: &Path,
     fresh: bool,
     volume_bytes: u64,
-    check_only: bool,
+    opts: Options,
 ) -> Result<()> {
     let t0 = Instant::now();
     let mut c = admin(&nodes[0], pki)?;
@@ -357,7 +375,7 @@ async fn drive(
             }
         }
     }
-    if check_only || checked.is_err() {
+    if opts.check_only || checked.is_err() {
         if let Some(c) = client.as_mut() {
             c.stop().await;
         }
@@ -372,7 +390,21 @@ async fn drive(
             ""
         }
     );
+    let writer = match client.as_ref() {
+        Some(c) if opts.client_writes => {
+            println!(
+                "client writes  : 4 KiB every {} ms through the NBD export; every write slower than {} ms is reported",
+                WRITE_EVERY.as_millis(),
+                STALL_REPORT.as_millis()
+            );
+            Some(tokio::spawn(client_writer(c.socket.clone(), Instant::now())))
+        }
+        _ => None,
+    };
     watch(nodes, pki, volume.id, client.as_ref()).await;
+    if let Some(w) = writer {
+        w.abort();
+    }
     if let Some(c) = client.as_mut() {
         c.stop().await;
     }
@@ -689,4 +721,103 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// Connects to the NBD export on `socket` (fixed newstyle, NBD_OPT_GO of the default export).
+async fn nbd_connect(socket: &Path) -> Result<tokio::net::UnixStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    const OPT_GO: u32 = 7;
+    const REP_ACK: u32 = 1;
+    let mut s = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connecting to {}", socket.display()))?;
+    anyhow::ensure!(s.read_u64().await? == NBDMAGIC, "not an NBD server");
+    anyhow::ensure!(s.read_u64().await? == IHAVEOPT, "not a newstyle NBD server");
+    let _flags = s.read_u16().await?;
+    s.write_u32(3).await?; // FIXED_NEWSTYLE | NO_ZEROES
+    let mut opt = Vec::with_capacity(22);
+    opt.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    opt.extend_from_slice(&OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&6u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes()); // export name ""
+    opt.extend_from_slice(&0u16.to_be_bytes()); // no information requests
+    s.write_all(&opt).await?;
+    loop {
+        anyhow::ensure!(s.read_u64().await? == REPLY_MAGIC, "bad NBD option reply");
+        let _opt = s.read_u32().await?;
+        let kind = s.read_u32().await?;
+        let len = s.read_u32().await? as usize;
+        anyhow::ensure!(len <= 65536, "NBD option reply of {len} bytes");
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).await?;
+        if kind == REP_ACK {
+            return Ok(s);
+        }
+        anyhow::ensure!(kind & 0x8000_0000 == 0, "NBD_OPT_GO refused ({kind:#x})");
+    }
+}
+
+/// One NBD write of `data` at `offset`, waiting for its reply; the server's errno on failure.
+async fn nbd_write(s: &mut tokio::net::UnixStream, handle: u64, offset: u64, data: &[u8]) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut req = Vec::with_capacity(28 + data.len());
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes()); // flags
+    req.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+    req.extend_from_slice(&handle.to_be_bytes());
+    req.extend_from_slice(&offset.to_be_bytes());
+    req.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    req.extend_from_slice(data);
+    s.write_all(&req).await?;
+    anyhow::ensure!(s.read_u32().await? == 0x6744_6698, "bad NBD reply");
+    let error = s.read_u32().await?;
+    anyhow::ensure!(s.read_u64().await? == handle, "NBD reply for another request");
+    anyhow::ensure!(error == 0, "the NBD export answered errno {error}");
+    Ok(())
+}
+
+/// The demo client's application: writes 4 KiB every [`WRITE_EVERY`] through the NBD export and
+/// prints each write that took longer than [`STALL_REPORT`] (a failover as an application sees
+/// it) and each failed one. Runs until aborted.
+async fn client_writer(socket: PathBuf, start: Instant) {
+    let block = pseudo_random(4096, 0xd3e0);
+    let mut conn = None;
+    let mut handle = 0u64;
+    let mut ticker = tokio::time::interval(WRITE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if conn.is_none() {
+            match nbd_connect(&socket).await {
+                Ok(s) => conn = Some(s),
+                Err(e) => {
+                    println!("[{:>7.2} s] client writer: {e:#}", start.elapsed().as_secs_f64());
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(s) = conn.as_mut() else { continue };
+        handle += 1;
+        let offset = WRITER_BASE + (handle * 4096) % WRITER_SPAN;
+        let issued = Instant::now();
+        let r = nbd_write(s, handle, offset, &block).await;
+        let took = issued.elapsed();
+        let at = start.elapsed().as_secs_f64();
+        match r {
+            Ok(()) if took >= STALL_REPORT => println!(
+                "[{at:>7.2} s] client write stalled {} ms (issued at {:.2} s), then completed",
+                took.as_millis(),
+                at - took.as_secs_f64()
+            ),
+            Ok(()) => {}
+            Err(e) => {
+                println!("[{at:>7.2} s] client write FAILED after {} ms: {e:#}", took.as_millis());
+                conn = None;
+            }
+        }
+    }
 }

@@ -94,6 +94,10 @@ enum Cmd {
         /// Stop after the client check instead of serving until Ctrl-C.
         #[arg(long)]
         check_only: bool,
+        /// Do not run the demo client's background writer (4 KiB every 20 ms through the NBD
+        /// export, reporting every write that stalls), e.g. when benchmarking the cluster.
+        #[arg(long)]
+        no_client_writes: bool,
     },
 }
 
@@ -166,10 +170,15 @@ fn run() -> Result<()> {
             dir,
             size,
             check_only,
+            no_client_writes,
         } => {
             let size = cli::parse_size(&size)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            rt.block_on(demo::run(first_address, dir, size, check_only))
+            let opts = demo::Options {
+                check_only,
+                client_writes: !no_client_writes,
+            };
+            rt.block_on(demo::run(first_address, dir, size, opts))
         }
         Cmd::CheckConfig { config } => {
             let cfg = load(&config)?;

@@ -470,6 +470,18 @@ async fn connect(portal: SocketAddr, cfg: &SessionConfig) -> Result<TcpStream, S
         portal,
         reason: format!("TCP_NODELAY: {e}"),
     })?;
+    // Closing the connection resets it and discards what the kernel has not delivered yet (DESIGN.md
+    // invariant 3). With a graceful close, a path cut by the network keeps its unsent commands in
+    // the kernel, which retransmits them when the network heals: a WRITE this initiator already
+    // re-sent on another path, and that newer writes to the same blocks followed, would then be
+    // executed late. SO_LINGER 0 cannot block the close (tokio deprecates non-zero lingers).
+    #[allow(deprecated)]
+    stream
+        .set_linger(Some(Duration::ZERO))
+        .map_err(|e| SessionError::Connect {
+            portal,
+            reason: format!("SO_LINGER: {e}"),
+        })?;
     Ok(stream)
 }
 

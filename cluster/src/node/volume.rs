@@ -333,24 +333,36 @@ impl VolumeRuntime {
         let mut metrics = self.raft.metrics();
         tokio::spawn(async move {
             let mut leading_since = tokio::time::Instant::now();
-            let mut was_leading = false;
+            // The term this node last led in.
+            let mut led_term: Option<u64> = None;
             loop {
                 let Some(v) = weak.upgrade() else { return };
                 let me = v.node.id;
                 let (leader, term) = {
                     let m = metrics.borrow_and_update();
-                    let leads = m.current_leader == Some(me);
-                    if leads && !was_leading {
+                    if m.current_leader == Some(me) && led_term != Some(m.current_term) {
+                        led_term = Some(m.current_term);
                         leading_since = tokio::time::Instant::now();
                     }
-                    was_leading = leads;
                     // A leader cut off from every quorum does not claim the volume: its port
-                    // group turns Transitioning and initiators move to the other nodes.
-                    let leader = if cut_off(&m, me, leading_since) {
-                        None
-                    } else {
-                        m.current_leader
+                    // group turns Transitioning and initiators move to the other nodes. While it
+                    // tries pre-votes openraft's view of the leader flaps between itself and none,
+                    // so the test is: it led in this term, no quorum acknowledged it lately, and
+                    // it knows of no other leader (learning one, or a newer term, ends it).
+                    let acked_lately = {
+                        use openraft::Instant as _;
+                        m.last_quorum_acked
+                            .as_ref()
+                            .is_some_and(|t| t.elapsed() <= ISOLATION_AFTER)
                     };
+                    let cut = led_term == Some(m.current_term)
+                        && m.current_leader.is_none_or(|l| l == me)
+                        && !acked_lately
+                        && leading_since.elapsed() > ISOLATION_AFTER;
+                    // Commands arriving while cut off get NOT READY 04/0A at once (`route`)
+                    // instead of waiting TRANSITION_WAIT for a leader this node cannot learn.
+                    v.cut_off.store(cut, Ordering::Release);
+                    let leader = if cut { None } else { m.current_leader };
                     (leader, m.current_term)
                 };
                 let now = Leadership { leader, term };
@@ -402,12 +414,14 @@ impl VolumeRuntime {
         *self.leadership.borrow()
     }
 
-    /// Waits (bounded) until some node leads the volume.
+    /// Waits (bounded) until some node leads the volume; `None` at once when this node is cut off
+    /// from the quorum (it would learn no leader before the bound).
     async fn wait_leader(&self, within: Duration) -> Option<Leadership> {
+        let cut = || self.cut_off.load(Ordering::Acquire);
         let mut rx = self.leadership.subscribe();
-        let r = tokio::time::timeout(within, rx.wait_for(|l| l.leader.is_some())).await;
+        let r = tokio::time::timeout(within, rx.wait_for(|l| cut() || l.leader.is_some())).await;
         match r {
-            Ok(Ok(l)) => Some(*l),
+            Ok(Ok(l)) if !cut() => Some(*l),
             _ => None,
         }
     }
@@ -556,9 +570,12 @@ impl VolumeRuntime {
     /// transitioning.
     async fn lost_leader(&self, was: Leadership) -> Outcome {
         let mut rx = self.leadership.subscribe();
-        let newer = |l: &Leadership| l.leader.is_some() && (l.term > was.term || l.leader != was.leader);
+        // A node cut off from the quorum learns no newer leader: it stops waiting when the cut
+        // is noticed (the leadership watch changes at that moment).
+        let cut = || self.cut_off.load(Ordering::Acquire);
+        let newer = |l: &Leadership| cut() || (l.leader.is_some() && (l.term > was.term || l.leader != was.leader));
         let found = tokio::time::timeout(TRANSITION_WAIT, rx.wait_for(newer)).await;
-        if !matches!(found, Ok(Ok(_))) {
+        if !matches!(found, Ok(Ok(_))) || cut() {
             return Outcome::check_code(sense::LOGICAL_UNIT_NOT_READY_TRANSITIONING, false);
         }
         Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false)
