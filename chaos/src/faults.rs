@@ -8,6 +8,7 @@
 //! | `pause-leader` | SIGSTOP of the leader, SIGCONT after the hold: it wakes up believing it leads | its stale leadership is fenced (no stale read, no lost write) |
 //! | `partition-leader` | iptables drops the leader's cluster RPC both ways; its portal stays reachable | the majority elects a new leader; the old one stops serving |
 //! | `client-cut-from-leader` | iptables drops the client's packets to the leader's portal | the client fails over to the other portals |
+//! | `kill-all-after-flush` | a flush completes, then SIGKILL of all three nodes at once, all restarted after the hold | every write acknowledged before the flush survives ([`crate::durability`]) |
 //!
 //! Every fault is healed (node restarted or resumed, rules removed) before the next.
 
@@ -26,16 +27,18 @@ pub enum FaultKind {
     PauseLeader,
     PartitionLeader,
     ClientCutFromLeader,
+    KillAllAfterFlush,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 7] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
         FaultKind::PauseLeader,
         FaultKind::PartitionLeader,
         FaultKind::ClientCutFromLeader,
+        FaultKind::KillAllAfterFlush,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +49,7 @@ impl FaultKind {
             FaultKind::PauseLeader => "pause-leader",
             FaultKind::PartitionLeader => "partition-leader",
             FaultKind::ClientCutFromLeader => "client-cut-from-leader",
+            FaultKind::KillAllAfterFlush => "kill-all-after-flush",
         }
     }
 
@@ -150,6 +154,8 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
         }
         FaultKind::PartitionLeader => Injected::Rules(isolate_rpc(&ip(c, leader)?)?),
         FaultKind::ClientCutFromLeader => Injected::Rules(block_portal(&ip(c, leader)?)?),
+        // The caller has completed the flush (crate::durability::flush_point).
+        FaultKind::KillAllAfterFlush => Injected::Killed(crate::durability::kill_all(c)?),
     })
 }
 
