@@ -75,6 +75,8 @@ pub struct IscsiTarget {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IscsiFigures {
     pub writes_acked: u64,
+    /// Writes acknowledged, per portal (in the order of [`IscsiTarget::portals`]).
+    pub writes_per_portal: Vec<u64>,
     /// Fate unknown (the session broke after the write was sent) or given up.
     pub writes_failed: u64,
     pub reads_checked: u64,
@@ -117,6 +119,7 @@ struct Path {
     /// This portal's target port group (VPD 0x83).
     group: Mutex<Option<u16>>,
     reads: AtomicU64,
+    writes: AtomicU64,
 }
 
 /// The outcome of sending a command once.
@@ -198,6 +201,7 @@ impl Direct {
                 retry: Mutex::new((Instant::now(), BACKOFF_MIN)),
                 group: Mutex::new(None),
                 reads: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
             })
             .collect();
         let d = Arc::new(Direct {
@@ -465,6 +469,7 @@ impl Direct {
         let error = match r {
             Ok((_, i)) => {
                 self.preferred.store(i, Ordering::Relaxed);
+                self.paths[i].writes.fetch_add(1, Ordering::Relaxed);
                 bump(&self.n.writes_acked);
                 None
             }
@@ -594,6 +599,7 @@ impl Direct {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         IscsiFigures {
             writes_acked: g(&self.n.writes_acked),
+            writes_per_portal: self.paths.iter().map(|p| g(&p.writes)).collect(),
             writes_failed: g(&self.n.writes_failed),
             reads_checked: g(&self.n.reads_checked),
             reads_per_portal: self.paths.iter().map(|p| g(&p.reads)).collect(),

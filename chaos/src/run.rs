@@ -24,7 +24,7 @@ use crate::durability::{self, FlushCheck};
 use crate::faults::{self, FaultKind};
 use crate::iscsi::{Direct, IscsiConfig, IscsiFigures, IscsiTarget};
 use crate::nbd::NbdClient;
-use crate::workload::{self, Shared, WorkloadConfig, max_latency_in, max_latency_where};
+use crate::workload::{self, Shared, WorkloadConfig, max_latency_where};
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -45,9 +45,11 @@ pub struct Injection {
     pub victim: u64,
     pub at_s: f64,
     pub hold_s: f64,
-    /// Longest client operation overlapping the fault (and 2 s after its heal).
+    /// Longest client operation through the initiator overlapping the fault (and 2 s after its
+    /// heal).
     pub stall_ms: f64,
-    /// The same over the direct iSCSI workers' operations only.
+    /// The same over the direct iSCSI workers' operations (no multipath: a command stuck on a
+    /// dead portal waits for the session's command timeout).
     pub direct_stall_ms: f64,
     /// From injection to a new leader reported by a surviving node (leader faults).
     pub new_leader_ms: Option<f64>,
@@ -102,14 +104,15 @@ impl Report {
     pub fn print(&self) {
         println!("chaos run: seed {} ({:.0} s)", self.seed, self.duration_s);
         println!(
-            "  workload: {} writes acknowledged, {} failed, {} reads checked",
+            "  workload (NBD and direct iSCSI): {} writes acknowledged, {} failed, {} reads checked",
             self.writes_acked, self.writes_failed, self.reads_checked
         );
         if let Some(d) = &self.direct {
             println!(
-                "  direct iSCSI: {} writes acknowledged, {} failed, {} reads checked (per portal {:?}, {} after the run), \
+                "  direct iSCSI: {} writes acknowledged (per portal {:?}), {} failed, {} reads checked (per portal {:?}, {} after the run), \
                  {} unit attentions and {} not-ready retried, {} sessions broke, {} logins, {} SYNCHRONIZE CACHE",
                 d.writes_acked,
+                d.writes_per_portal,
                 d.writes_failed,
                 d.reads_checked,
                 d.reads_per_portal,
@@ -149,7 +152,7 @@ impl Report {
                 .iter()
                 .all(|c| c.nbd_flush_ok || c.sync_cache_ok == Some(true));
             println!(
-                "  invariant: flushed writes survive kill-all ...... {} ({lost} of {checked} read back, {promised} promised, {} kills)",
+                "  invariant: flushed writes survive kill-all ...... {} ({lost} lost; {checked} of {promised} promised read back; {} kill-alls)",
                 verdict(lost == 0 && checked == promised && flushed),
                 self.flush_checks.len()
             );
@@ -373,7 +376,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         let (stall_ns, direct_stall_ns) = {
             let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
             (
-                max_latency_in(&r.ops, at_ns, healed_ns + 2_000_000_000),
+                max_latency_where(&r.ops, at_ns, healed_ns + 2_000_000_000, |o| !o.direct),
                 max_latency_where(&r.ops, at_ns, healed_ns + 2_000_000_000, |o| o.direct),
             )
         };
@@ -424,7 +427,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     let verified = rt.block_on(workload::verify_all(&client, &shared));
     println!("chaos: read back {verified} written blocks");
     let on_portals = rt.block_on(direct.verify_all_portals(&shared));
-    println!("chaos: read back {on_portals} blocks of the direct iSCSI range on every portal");
+    println!("chaos: {on_portals} reads of the direct iSCSI range's written blocks, on each of the three portals");
     rt.block_on(direct.logout());
     rt.block_on(client.disconnect());
     attach.stop()?;
