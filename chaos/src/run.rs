@@ -443,6 +443,10 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         // Judged here; the harness must not judge again when it drops the cluster.
         n.expected_errors.push(String::new());
     }
+    // The initiator's log is gone with the scratch directory: keep it next to the report.
+    if let Some(out) = &cfg.out {
+        let _ = std::fs::write(out.with_extension("initiator.log"), attach.log_text());
+    }
     if let Err(e) = check_log(Kind::Raftsan, &attach.log_text(), &[]) {
         log_problems.push(format!("initiator: {e:#}"));
     }

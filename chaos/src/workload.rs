@@ -84,7 +84,7 @@ impl Shared {
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         r.ops.push(op);
         if let Some(e) = error {
-            r.errors.push(e);
+            r.errors.push(format!("[{:.1} s] {e}", op.end_ns as f64 / 1e9));
         }
     }
 
