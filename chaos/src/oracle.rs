@@ -234,10 +234,22 @@ impl Oracle {
                     block,
                     kind: "lost",
                     detail: format!(
-                        "write {promised} was acknowledged before a completed flush, but the read after \
-                         the restart returned {}",
+                        "write {promised} (issued at {:.3} s, acknowledged at {:.3} s) was acknowledged \
+                         before a completed flush, but the read after the restart returned {}",
+                        history.get(floor.unwrap_or(0)).map_or(0.0, |w| ns_to_s(w.issued_ns)),
+                        history
+                            .get(floor.unwrap_or(0))
+                            .and_then(|w| w.acked_ns)
+                            .map_or(0.0, ns_to_s),
                         match got {
-                            Some(g) => format!("the older write {}", history[g].id),
+                            Some(g) => format!(
+                                "the older write {} (issued at {:.3} s, acknowledged at {})",
+                                history[g].id,
+                                ns_to_s(history[g].issued_ns),
+                                history[g]
+                                    .acked_ns
+                                    .map_or("never".to_string(), |a| format!("{:.3} s", ns_to_s(a)))
+                            ),
                             None => "zeros".into(),
                         }
                     ),

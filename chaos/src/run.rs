@@ -282,6 +282,12 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         .build()?;
     let client = Arc::new(rt.block_on(NbdClient::connect(&attach.socket))?);
     let shared = Shared::new();
+    // Oracle times are seconds since this instant (to match them with the node logs).
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    println!("chaos: oracle time 0 is unix time {epoch:.3}");
     let (stop_tx, stop_rx) = watch::channel(false);
     let workload = rt.spawn(workload::run(
         client.clone(),
@@ -371,7 +377,10 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         let resync_ms = wait_healthy(&c, group, Duration::from_secs(90))
             .ok()
             .map(|()| t_heal.elapsed().as_secs_f64() * 1e3);
-        // Let operations caught by the fault finish before measuring their stall.
+        // Let operations caught by the fault finish before measuring their stall: the client
+        // must have completed an operation it started after the heal (an operation still stuck
+        // is not in the record yet), then 2 s more.
+        workload::wait_progress(&shared, healed_ns, Duration::from_secs(60));
         thread::sleep(Duration::from_secs(2));
         let (stall_ns, direct_stall_ns) = {
             let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
@@ -453,6 +462,14 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
 
     let o = shared.oracle();
     let record = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+    // A failed run keeps the node logs next to the report (the cluster's directory goes away).
+    if let Some(out) = &cfg.out
+        && (!o.violations.is_empty() || !record.errors.is_empty())
+    {
+        for n in &c.nodes {
+            let _ = std::fs::write(out.with_extension(format!("node{}.log", n.id)), n.log_text());
+        }
+    }
     let mut by_kind = BTreeMap::new();
     for kind in FaultKind::ALL {
         let of: Vec<&Injection> = injections.iter().filter(|i| i.kind == kind).collect();

@@ -233,10 +233,37 @@ pub async fn verify_all(client: &NbdClient, shared: &Shared) -> u64 {
             n += 1;
         } else {
             let mut r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
-            r.errors.push(format!("final read of block {b} failed"));
+            r.errors.push(format!(
+                "[{:.1} s] final read of block {b} failed",
+                shared.now_ns() as f64 / 1e9
+            ));
         }
     }
     n
+}
+
+/// Waits (at most `within`) until the NBD client completed an operation that started after
+/// `after_ns`: I/O through the initiator has resumed.
+pub fn wait_progress(shared: &Shared, after_ns: u64, within: std::time::Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        {
+            let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+            let resumed = r
+                .ops
+                .iter()
+                .rev()
+                .take_while(|o| o.end_ns > after_ns)
+                .any(|o| !o.direct && o.ok && o.start_ns > after_ns);
+            if resumed {
+                return true;
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// The longest operation overlapping `[from_ns, to_ns]`: what the client saw as a stall.
