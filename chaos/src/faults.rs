@@ -11,6 +11,7 @@
 //! | `netem-delay` | 100-200 ms ±50 ms each way on the client's path to the leader's portal only ([`netem`]) | the client carries on, slower; nothing else is touched |
 //! | `netem-loss` | 5-20 % of the packets each way on that path are dropped ([`netem`]) | TCP or the client's failover hides it |
 //! | `delayed-stale-write` | a write to the leader is held back, leadership moves, a newer write is acknowledged, then the old one is delivered ([`stale`]) | the late write gets UNIT ATTENTION 2A/06 and is not executed (DESIGN.md invariant 3) |
+//! | `kill-all-after-flush` | a flush completes, then SIGKILL of all three nodes at once, all restarted after the hold | every write acknowledged before the flush survives ([`crate::durability`]) |
 //!
 //! Every fault is healed (node restarted or resumed, rules removed) before the next.
 
@@ -35,10 +36,11 @@ pub enum FaultKind {
     NetemDelay,
     NetemLoss,
     DelayedStaleWrite,
+    KillAllAfterFlush,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
@@ -48,6 +50,7 @@ impl FaultKind {
         FaultKind::NetemDelay,
         FaultKind::NetemLoss,
         FaultKind::DelayedStaleWrite,
+        FaultKind::KillAllAfterFlush,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +64,7 @@ impl FaultKind {
             FaultKind::NetemDelay => "netem-delay",
             FaultKind::NetemLoss => "netem-loss",
             FaultKind::DelayedStaleWrite => "delayed-stale-write",
+            FaultKind::KillAllAfterFlush => "kill-all-after-flush",
         }
     }
 
@@ -183,6 +187,8 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
             NetFault::loss(netem::draw()),
         )?),
         FaultKind::DelayedStaleWrite => anyhow::bail!("delayed-stale-write is started by stale::StaleWrite::begin"),
+        // The caller has completed the flush (crate::durability::flush_point).
+        FaultKind::KillAllAfterFlush => Injected::Killed(crate::durability::kill_all(c)?),
     })
 }
 

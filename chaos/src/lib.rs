@@ -5,7 +5,11 @@
 //! ([`nbd`] client), [`oracle`] judges every read, [`faults`] injects and heals faults against
 //! real `raftsan serve` processes ([`netem`]: delay and loss on one path; [`stale`]: the delayed
 //! stale write), [`run`] drives a seeded schedule and prints the figures.
+//! [`iscsi`] is a second workload that speaks iSCSI to the portals directly (no initiator
+//! daemon); [`durability`] checks that flushed writes survive the loss of every node at once.
+pub mod durability;
 pub mod faults;
+pub mod iscsi;
 pub mod nbd;
 pub mod netem;
 pub mod oracle;

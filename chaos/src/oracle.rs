@@ -197,6 +197,69 @@ impl Oracle {
         }
     }
 
+    /// For every block, the newest write acknowledged before `t_ns` as (block, write id): what a
+    /// flush issued at `t_ns` promises to keep.
+    pub fn acked_before(&self, t_ns: u64) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .blocks
+            .iter()
+            .filter_map(|(&b, h)| {
+                h.iter()
+                    .rev()
+                    .find(|w| w.acked_ns.is_some_and(|a| a < t_ns))
+                    .map(|w| (b, w.id))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Judges a read of `block` against a durability promise: it must return write `promised`
+    /// or a write issued after it (zeros or an older write mean the promised write was lost).
+    /// A broken promise is recorded as a `lost` violation.
+    pub fn check_survived(&mut self, block: u64, promised: u64, data: &[u8]) -> Result<(), Violation> {
+        let history: &[WriteRec] = self.blocks.get(&block).map(Vec::as_slice).unwrap_or(&[]);
+        let floor = history.iter().position(|w| w.id == promised);
+        let got = match decode(data) {
+            Content::Zero => None,
+            Content::Write { block: b, id } if b == block => history.iter().position(|w| w.id == id),
+            // Foreign or corrupt: check_read reports those.
+            _ => return Ok(()),
+        };
+        match (floor, got) {
+            (Some(f), Some(g)) if g >= f => Ok(()),
+            (None, _) => Ok(()),
+            (Some(_), got) => {
+                let v = Violation {
+                    block,
+                    kind: "lost",
+                    detail: format!(
+                        "write {promised} (issued at {:.3} s, acknowledged at {:.3} s) was acknowledged \
+                         before a completed flush, but the read after the restart returned {}",
+                        history.get(floor.unwrap_or(0)).map_or(0.0, |w| ns_to_s(w.issued_ns)),
+                        history
+                            .get(floor.unwrap_or(0))
+                            .and_then(|w| w.acked_ns)
+                            .map_or(0.0, ns_to_s),
+                        match got {
+                            Some(g) => format!(
+                                "the older write {} (issued at {:.3} s, acknowledged at {})",
+                                history[g].id,
+                                ns_to_s(history[g].issued_ns),
+                                history[g]
+                                    .acked_ns
+                                    .map_or("never".to_string(), |a| format!("{:.3} s", ns_to_s(a)))
+                            ),
+                            None => "zeros".into(),
+                        }
+                    ),
+                };
+                self.violations.push(v.clone());
+                Err(v)
+            }
+        }
+    }
+
     /// Blocks written so far.
     pub fn written_blocks(&self) -> Vec<u64> {
         let mut v: Vec<u64> = self.blocks.keys().copied().collect();
@@ -266,5 +329,24 @@ mod tests {
         bad[4000] ^= 0xff;
         assert_eq!(o.check_read(1, &bad, 110, 120).unwrap_err().kind, "corrupt");
         assert_eq!(o.violations.len(), 6);
+    }
+
+    #[test]
+    fn flush_promises_are_checked() {
+        let mut o = Oracle::default();
+        let w1 = o.begin_write(1, 10);
+        o.end_write(1, w1, true, 20);
+        let w2 = o.begin_write(1, 30);
+        o.end_write(1, w2, true, 40);
+        let w3 = o.begin_write(2, 30);
+        // Block 2's only write is still in flight at the flush: nothing promised there.
+        assert_eq!(o.acked_before(35), vec![(1, w1)]);
+        assert_eq!(o.acked_before(45), vec![(1, w2)]);
+        o.end_write(2, w3, false, 50);
+        assert!(o.check_survived(1, w1, &encode(1, w1)).is_ok());
+        assert!(o.check_survived(1, w1, &encode(1, w2)).is_ok());
+        assert_eq!(o.check_survived(1, w2, &encode(1, w1)).unwrap_err().kind, "lost");
+        assert_eq!(o.check_survived(1, w1, &vec![0u8; BLOCK]).unwrap_err().kind, "lost");
+        assert_eq!(o.violations.len(), 2);
     }
 }

@@ -20,11 +20,13 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::durability::{self, FlushCheck};
 use crate::faults::{self, FaultKind};
+use crate::iscsi::{Direct, IscsiConfig, IscsiFigures, IscsiTarget};
 use crate::nbd::NbdClient;
 use crate::netem::{self, Backend};
 use crate::stale::{self, StaleOutcome};
-use crate::workload::{self, Shared, WorkloadConfig, max_latency_in};
+use crate::workload::{self, Shared, WorkloadConfig, max_latency_where};
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -45,8 +47,12 @@ pub struct Injection {
     pub victim: u64,
     pub at_s: f64,
     pub hold_s: f64,
-    /// Longest client operation overlapping the fault (and 2 s after its heal).
+    /// Longest client operation through the initiator overlapping the fault (and 2 s after its
+    /// heal).
     pub stall_ms: f64,
+    /// The same over the direct iSCSI workers' operations (no multipath: a command stuck on a
+    /// dead portal waits for the session's command timeout).
+    pub direct_stall_ms: f64,
     /// From injection to a new leader reported by a surviving node (leader faults).
     pub new_leader_ms: Option<f64>,
     /// From heal until every node applied everything the leader committed.
@@ -59,6 +65,7 @@ pub struct KindFigures {
     pub stall_p50_ms: f64,
     pub stall_p99_ms: f64,
     pub stall_max_ms: f64,
+    pub direct_stall_max_ms: f64,
     pub new_leader_max_ms: Option<f64>,
     pub resync_max_ms: Option<f64>,
 }
@@ -80,12 +87,21 @@ pub struct Report {
     pub netem_backend: Backend,
     /// Each `delayed-stale-write` check: the late write's outcome and what the block held after.
     pub stale_writes: Vec<StaleOutcome>,
+    /// The direct iSCSI workload ([`crate::iscsi`]).
+    pub direct: Option<IscsiFigures>,
+    /// One per `kill-all-after-flush`.
+    pub flush_checks: Vec<FlushCheck>,
 }
 
 impl Report {
     /// Invariants 1-4 of DESIGN.md, as verdicts.
     pub fn passed(&self) -> bool {
-        self.violations.is_empty()
+        let flushes_ok = self
+            .flush_checks
+            .iter()
+            .all(|c| c.lost == 0 && c.checked == c.promised && (c.nbd_flush_ok || c.sync_cache_ok == Some(true)));
+        flushes_ok
+            && self.violations.is_empty()
             && self.client_errors.is_empty()
             && self.replicas_identical
             && self.log_problems.is_empty()
@@ -94,27 +110,59 @@ impl Report {
     pub fn print(&self) {
         println!("chaos run: seed {} ({:.0} s)", self.seed, self.duration_s);
         println!(
-            "  workload: {} writes acknowledged, {} failed, {} reads checked",
+            "  workload (NBD and direct iSCSI): {} writes acknowledged, {} failed, {} reads checked",
             self.writes_acked, self.writes_failed, self.reads_checked
         );
+        if let Some(d) = &self.direct {
+            println!(
+                "  direct iSCSI: {} writes acknowledged (per portal {:?}), {} failed, {} reads checked (per portal {:?}, {} after the run), \
+                 {} unit attentions and {} not-ready retried, {} sessions broke, {} logins, {} SYNCHRONIZE CACHE",
+                d.writes_acked,
+                d.writes_per_portal,
+                d.writes_failed,
+                d.reads_checked,
+                d.reads_per_portal,
+                d.final_reads,
+                d.retried_unit_attention,
+                d.retried_not_ready,
+                d.session_failures,
+                d.logins,
+                d.syncs
+            );
+        }
         println!(
-            "  {:<24} {:>5} {:>10} {:>10} {:>10} {:>12} {:>10}",
-            "fault", "n", "stall p50", "p99", "max", "new leader", "resync"
+            "  {:<24} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}",
+            "fault", "n", "stall p50", "p99", "max", "iscsi max", "new leader", "resync"
         );
         for (k, f) in &self.by_kind {
             let opt = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
             println!(
-                "  {:<24} {:>5} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>12} {:>10}",
+                "  {:<24} {:>5} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>12} {:>10}",
                 k,
                 f.injections,
                 f.stall_p50_ms,
                 f.stall_p99_ms,
                 f.stall_max_ms,
+                f.direct_stall_max_ms,
                 opt(f.new_leader_max_ms),
                 opt(f.resync_max_ms)
             );
         }
         let verdict = |ok: bool| if ok { "ok" } else { "VIOLATED" };
+        if !self.flush_checks.is_empty() {
+            let promised: usize = self.flush_checks.iter().map(|c| c.promised).sum();
+            let checked: usize = self.flush_checks.iter().map(|c| c.checked).sum();
+            let lost: usize = self.flush_checks.iter().map(|c| c.lost).sum();
+            let flushed = self
+                .flush_checks
+                .iter()
+                .all(|c| c.nbd_flush_ok || c.sync_cache_ok == Some(true));
+            println!(
+                "  invariant: flushed writes survive kill-all ...... {} ({lost} lost; {checked} of {promised} promised read back; {} kill-alls)",
+                verdict(lost == 0 && checked == promised && flushed),
+                self.flush_checks.len()
+            );
+        }
         let lost = self.violations.iter().filter(|v| !v.contains(": stale:")).count();
         let stale = self.violations.len() - lost;
         println!(
@@ -247,14 +295,32 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         .build()?;
     let client = Arc::new(rt.block_on(NbdClient::connect(&attach.socket))?);
     let shared = Shared::new();
+    // Oracle times are seconds since this instant (to match them with the node logs).
+    let epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    println!("chaos: oracle time 0 is unix time {epoch:.3}");
     let (stop_tx, stop_rx) = watch::channel(false);
     let workload = rt.spawn(workload::run(
         client.clone(),
         shared.clone(),
         cfg.workload.clone(),
         cfg.seed,
-        stop_rx,
+        stop_rx.clone(),
     ));
+    // The direct iSCSI workers: their own sessions to every portal, their own block range.
+    let direct_target = IscsiTarget {
+        iqn: target.clone(),
+        lun,
+        portals: (1..=3)
+            .map(|n| Ok(std::net::SocketAddr::V4(c.node(n)?.portal())))
+            .collect::<Result<_>>()?,
+        initiator_name: "iqn.2026-11.org.raftsan.chaos:direct".into(),
+    };
+    let direct = rt.block_on(Direct::connect(direct_target, IscsiConfig::default()))?;
+    let direct_workload = rt.spawn(direct.clone().run(shared.clone(), cfg.seed, stop_rx));
+    let mut flush_checks = Vec::new();
 
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     netem::set_seed(cfg.seed);
@@ -288,12 +354,18 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         } else {
             leader
         };
+        let who = match kind {
+            FaultKind::KillAllAfterFlush => "every node".to_string(),
+            _ => format!("node {victim}"),
+        };
         println!(
-            "[{:>6.1} s] {} on node {victim} for {:.1} s",
+            "[{:>6.1} s] {} on {who} for {:.1} s",
             t0.elapsed().as_secs_f64(),
             kind.name(),
             hold.as_secs_f64()
         );
+        let flush = (kind == FaultKind::KillAllAfterFlush)
+            .then(|| rt.block_on(durability::flush_point(&client, Some(&direct), &shared)));
         let at_ns = shared.now_ns();
         let injected = if kind == FaultKind::DelayedStaleWrite {
             let s = stale::StaleWrite::begin(&c, rt.handle(), &shared, &target, lun, group, leader)?;
@@ -318,21 +390,46 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         injected.heal(&mut c)?;
         let healed_ns = shared.now_ns();
         let t_heal = Instant::now();
+        if flush.is_some() {
+            new_leader_ms = durability::leader_after(&c, group, t_inj, Duration::from_secs(60));
+        }
         let resync_ms = wait_healthy(&c, group, Duration::from_secs(90))
             .ok()
             .map(|()| t_heal.elapsed().as_secs_f64() * 1e3);
-        // Let operations caught by the fault finish before measuring their stall.
+        // Let operations caught by the fault finish before measuring their stall: the client
+        // must have completed an operation it started after the heal (an operation still stuck
+        // is not in the record yet), then 2 s more.
+        workload::wait_progress(&shared, healed_ns, Duration::from_secs(60));
         thread::sleep(Duration::from_secs(2));
-        let stall_ns = {
+        let (stall_ns, direct_stall_ns) = {
             let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
-            max_latency_in(&r.ops, at_ns, healed_ns + 2_000_000_000)
+            (
+                max_latency_where(&r.ops, at_ns, healed_ns + 2_000_000_000, |o| !o.direct),
+                max_latency_where(&r.ops, at_ns, healed_ns + 2_000_000_000, |o| o.direct),
+            )
         };
+        if let Some(point) = &flush {
+            let mut check = rt.block_on(durability::verify(point, &client, &shared));
+            let since_restart = t_inj.elapsed().as_secs_f64() * 1e3 - t_heal.elapsed().as_secs_f64() * 1e3;
+            check.leader_after_restart_ms = new_leader_ms.map(|l| l - since_restart);
+            println!(
+                "          flush {:.0} ms (NBD {}, SYNCHRONIZE CACHE {:?}): {} of {} promised writes read back, {} lost",
+                check.flush_ms,
+                if check.nbd_flush_ok { "ok" } else { "FAILED" },
+                check.sync_cache_ok,
+                check.checked,
+                check.promised,
+                check.lost
+            );
+            flush_checks.push(check);
+        }
         injections.push(Injection {
             kind,
             victim,
             at_s: at_ns as f64 / 1e9,
             hold_s: hold.as_secs_f64(),
             stall_ms: stall_ns as f64 / 1e6,
+            direct_stall_ms: direct_stall_ns as f64 / 1e6,
             new_leader_ms,
             resync_ms,
         });
@@ -352,10 +449,14 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     stop_tx.send_replace(true);
     rt.block_on(async {
         let _ = workload.await;
+        let _ = direct_workload.await;
     });
     wait_healthy(&c, group, Duration::from_secs(90))?;
     let verified = rt.block_on(workload::verify_all(&client, &shared));
     println!("chaos: read back {verified} written blocks");
+    let on_portals = rt.block_on(direct.verify_all_portals(&shared));
+    println!("chaos: {on_portals} reads of the direct iSCSI range's written blocks, on each of the three portals");
+    rt.block_on(direct.logout());
     rt.block_on(client.disconnect());
     attach.stop()?;
     thread::sleep(Duration::from_secs(1));
@@ -370,18 +471,31 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         // Judged here; the harness must not judge again when it drops the cluster.
         n.expected_errors.push(String::new());
     }
+    // The initiator's log is gone with the scratch directory: keep it next to the report.
+    if let Some(out) = &cfg.out {
+        let _ = std::fs::write(out.with_extension("initiator.log"), attach.log_text());
+    }
     if let Err(e) = check_log(Kind::Raftsan, &attach.log_text(), &[]) {
         log_problems.push(format!("initiator: {e:#}"));
     }
 
     let o = shared.oracle();
     let record = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+    // A failed run keeps the node logs next to the report (the cluster's directory goes away).
+    if let Some(out) = &cfg.out
+        && (!o.violations.is_empty() || !record.errors.is_empty())
+    {
+        for n in &c.nodes {
+            let _ = std::fs::write(out.with_extension(format!("node{}.log", n.id)), n.log_text());
+        }
+    }
     let mut by_kind = BTreeMap::new();
     for kind in FaultKind::ALL {
         let of: Vec<&Injection> = injections.iter().filter(|i| i.kind == kind).collect();
         if of.is_empty() {
             continue;
         }
+        let direct_stall_max_ms = of.iter().map(|i| i.direct_stall_ms).fold(0.0, f64::max);
         let mut stalls: Vec<f64> = of.iter().map(|i| i.stall_ms).collect();
         stalls.sort_by(f64::total_cmp);
         let max_of = |f: &dyn Fn(&Injection) -> Option<f64>| of.iter().filter_map(|i| f(i)).reduce(f64::max);
@@ -392,6 +506,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
                 stall_p50_ms: percentile(&stalls, 0.5),
                 stall_p99_ms: percentile(&stalls, 0.99),
                 stall_max_ms: stalls.last().copied().unwrap_or(0.0),
+                direct_stall_max_ms,
                 new_leader_max_ms: max_of(&|i| i.new_leader_ms),
                 resync_max_ms: max_of(&|i| i.resync_ms),
             },
@@ -411,6 +526,8 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         by_kind,
         netem_backend: netem::backend(),
         stale_writes: stale::outcomes(),
+        direct: Some(direct.figures()),
+        flush_checks,
     };
     if let Some(out) = &cfg.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)

@@ -41,6 +41,8 @@ pub struct Op {
     pub start_ns: u64,
     pub end_ns: u64,
     pub ok: bool,
+    /// Sent by the direct iSCSI workers ([`crate::iscsi`]) rather than through NBD.
+    pub direct: bool,
 }
 
 /// What the workload saw.
@@ -77,26 +79,32 @@ impl Shared {
         self.oracle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn record(&self, op: Op, error: Option<String>) {
+    /// Keeps an operation for the stall figures, and the I/O error it returned, if any.
+    pub fn record_op(&self, op: Op, error: Option<String>) {
         let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
         r.ops.push(op);
         if let Some(e) = error {
-            r.errors.push(e);
+            r.errors.push(format!("[{:.1} s] {e}", op.end_ns as f64 / 1e9));
         }
     }
 
     /// Claims a free block (at most one operation per block at a time).
     fn claim(&self, rng: &mut StdRng, blocks: u64) -> u64 {
+        self.claim_range(rng, 0, blocks)
+    }
+
+    /// Claims a free block of `[lo, hi)`; release it with [`Shared::release`].
+    pub fn claim_range(&self, rng: &mut StdRng, lo: u64, hi: u64) -> u64 {
         let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let b = rng.random_range(0..blocks);
+            let b = rng.random_range(lo..hi.max(lo + 1));
             if busy.insert(b) {
                 return b;
             }
         }
     }
 
-    fn release(&self, b: u64) {
+    pub fn release(&self, b: u64) {
         self.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&b);
     }
 }
@@ -129,29 +137,32 @@ pub async fn run(
                     match r {
                         Ok(Ok(data)) => {
                             let _ = shared.oracle().check_read(b, &data, start, end);
-                            shared.record(
+                            shared.record_op(
                                 Op {
                                     start_ns: start,
                                     end_ns: end,
                                     ok: true,
+                                    direct: false,
                                 },
                                 None,
                             );
                         }
-                        Ok(Err(errno)) => shared.record(
+                        Ok(Err(errno)) => shared.record_op(
                             Op {
                                 start_ns: start,
                                 end_ns: end,
                                 ok: false,
+                                direct: false,
                             },
                             Some(format!("read of block {b}: errno {errno}")),
                         ),
                         Err(e) => {
-                            shared.record(
+                            shared.record_op(
                                 Op {
                                     start_ns: start,
                                     end_ns: end,
                                     ok: false,
+                                    direct: false,
                                 },
                                 Some(format!("{e:#}")),
                             );
@@ -171,11 +182,12 @@ pub async fn run(
                         Ok(Err(errno)) => Some(format!("write of block {b}: errno {errno}")),
                         Err(e) => Some(format!("{e:#}")),
                     };
-                    shared.record(
+                    shared.record_op(
                         Op {
                             start_ns: start,
                             end_ns: end,
                             ok,
+                            direct: false,
                         },
                         error,
                     );
@@ -189,11 +201,12 @@ pub async fn run(
                         let r = client.flush().await;
                         let end = shared.now_ns();
                         let ok = matches!(r, Ok(Ok(_)));
-                        shared.record(
+                        shared.record_op(
                             Op {
                                 start_ns: start,
                                 end_ns: end,
                                 ok,
+                                direct: false,
                             },
                             (!ok).then(|| "flush failed".into()),
                         );
@@ -220,16 +233,48 @@ pub async fn verify_all(client: &NbdClient, shared: &Shared) -> u64 {
             n += 1;
         } else {
             let mut r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
-            r.errors.push(format!("final read of block {b} failed"));
+            r.errors.push(format!(
+                "[{:.1} s] final read of block {b} failed",
+                shared.now_ns() as f64 / 1e9
+            ));
         }
     }
     n
 }
 
+/// Waits (at most `within`) until the NBD client completed an operation that started after
+/// `after_ns`: I/O through the initiator has resumed.
+pub fn wait_progress(shared: &Shared, after_ns: u64, within: std::time::Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        {
+            let r = shared.record.lock().unwrap_or_else(|e| e.into_inner());
+            let resumed = r
+                .ops
+                .iter()
+                .rev()
+                .take_while(|o| o.end_ns > after_ns)
+                .any(|o| !o.direct && o.ok && o.start_ns > after_ns);
+            if resumed {
+                return true;
+            }
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The longest operation overlapping `[from_ns, to_ns]`: what the client saw as a stall.
 pub fn max_latency_in(ops: &[Op], from_ns: u64, to_ns: u64) -> u64 {
+    max_latency_where(ops, from_ns, to_ns, |_| true)
+}
+
+/// [`max_latency_in`] over the operations `which` selects (e.g. only the direct iSCSI ones).
+pub fn max_latency_where(ops: &[Op], from_ns: u64, to_ns: u64, which: impl Fn(&Op) -> bool) -> u64 {
     ops.iter()
-        .filter(|o| o.end_ns >= from_ns && o.start_ns <= to_ns)
+        .filter(|o| which(o) && o.end_ns >= from_ns && o.start_ns <= to_ns)
         .map(|o| o.end_ns - o.start_ns)
         .max()
         .unwrap_or(0)
