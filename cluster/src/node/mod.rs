@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use openraft::BasicNode;
+use raftsan_target::backing::FaultSwitch;
 use raftsan_target::portal::{PortalServer, PortalSettings};
 use tokio::sync::watch;
 
@@ -39,7 +40,7 @@ use crate::raft::state_machine::GroupStateMachine;
 use crate::raft::{FsyncPolicy, GroupId, LogStore, LogStoreOptions, META_GROUP, SnapshotBase, TypeConfig};
 use crate::rpc::{Channels, GroupRegistry, NetworkFactory, SnapshotProgress, TlsFiles};
 
-pub use admin::AdminClient;
+pub use admin::{AdminClient, TestingService};
 pub use service::ClusterService;
 pub use volume::VolumeRuntime;
 
@@ -82,6 +83,16 @@ pub(crate) struct Group {
     pub dir: PathBuf,
     /// Volume groups: the SCSI side.
     pub volume: Option<Arc<VolumeRuntime>>,
+    /// The switches of this group's storage faults (testing only: armed through the `Testing`
+    /// RPC when `[testing] fault_injection` is on; unarmed they cost one relaxed load per I/O).
+    pub faults: GroupFaults,
+}
+
+/// The fault switches of one group: its image (volumes) and its Raft log.
+#[derive(Default)]
+pub(crate) struct GroupFaults {
+    pub image: Arc<FaultSwitch>,
+    pub log: Arc<FaultSwitch>,
 }
 
 /// The node: shared by the RPC services, the portal router and the reconcile loop.
@@ -185,8 +196,9 @@ impl Node {
         }
     }
 
-    fn log_options(&self) -> LogStoreOptions {
+    fn log_options(&self, faults: &GroupFaults) -> LogStoreOptions {
         LogStoreOptions {
+            faults: faults.log.clone(),
             fsync: match self.settings.raft.fsync {
                 FsyncMode::Always => FsyncPolicy::Batch,
                 FsyncMode::OnFlush => FsyncPolicy::OnFlush,
@@ -195,8 +207,14 @@ impl Node {
         }
     }
 
-    async fn open_raft(&self, group: GroupId, sm: GroupStateMachine, dir: &Path) -> Result<RaftGroup> {
-        let log = LogStore::open(dir.join("log"), self.log_options())
+    async fn open_raft(
+        &self,
+        group: GroupId,
+        sm: GroupStateMachine,
+        dir: &Path,
+        faults: &GroupFaults,
+    ) -> Result<RaftGroup> {
+        let log = LogStore::open(dir.join("log"), self.log_options(faults))
             .with_context(|| format!("opening the Raft log of group {group} in {}", dir.display()))?;
         let net = NetworkFactory::new(group, self.channels.clone(), self.progress.clone());
         let raft = openraft::Raft::new(self.id, self.raft_config.clone(), net, log, sm)
@@ -210,13 +228,15 @@ impl Node {
         std::fs::create_dir_all(&dir)?;
         let sm = GroupStateMachine::open_meta(&dir.join("sm"))
             .with_context(|| format!("opening the catalogue in {}", dir.display()))?;
-        let raft = self.open_raft(META_GROUP, sm.clone(), &dir).await?;
+        let faults = GroupFaults::default();
+        let raft = self.open_raft(META_GROUP, sm.clone(), &dir, &faults).await?;
         let group = Arc::new(Group {
             id: META_GROUP,
             raft,
             sm,
             dir,
             volume: None,
+            faults,
         });
         self.write_groups().insert(META_GROUP, group.clone());
         let _ = self.meta_group.set(group);
@@ -425,9 +445,10 @@ impl Node {
         }
         let dir = self.group_dir(info.id);
         std::fs::create_dir_all(&dir)?;
-        let sm = GroupStateMachine::open_volume(&dir.join("sm"), info.size_bytes)
+        let faults = GroupFaults::default();
+        let sm = GroupStateMachine::open_volume_with_faults(&dir.join("sm"), info.size_bytes, faults.image.clone())
             .with_context(|| format!("opening the image of volume {} in {}", info.name, dir.display()))?;
-        let raft = self.open_raft(info.id, sm.clone(), &dir).await?;
+        let raft = self.open_raft(info.id, sm.clone(), &dir, &faults).await?;
         let volume = VolumeRuntime::new(self.clone(), info, raft.clone(), sm.clone())?;
         let group = Arc::new(Group {
             id: info.id,
@@ -435,6 +456,7 @@ impl Node {
             sm,
             dir,
             volume: Some(volume.clone()),
+            faults,
         });
         self.write_groups().insert(info.id, group);
         volume.spawn_watchers();
