@@ -8,8 +8,11 @@
 //! | `pause-leader` | SIGSTOP of the leader, SIGCONT after the hold: it wakes up believing it leads | its stale leadership is fenced (no stale read, no lost write) |
 //! | `partition-leader` | iptables drops the leader's cluster RPC both ways; its portal stays reachable | the majority elects a new leader; the old one stops serving |
 //! | `client-cut-from-leader` | iptables drops the client's packets to the leader's portal | the client fails over to the other portals |
+//! | `disk-fail-follower` | a follower's volume image fails writes with EIO (`crate::disk`) | the follower leaves the group with a storage ERROR; the others carry on |
+//! | `disk-full-leader` | the leader's Raft log fdatasync fails with ENOSPC (`crate::disk`) | the leader leaves the group; a new leader within the failover budget |
 //!
-//! Every fault is healed (node restarted or resumed, rules removed) before the next.
+//! Every fault is healed (node restarted or resumed, rules removed; a disk-faulted node killed
+//! and restarted without the fault) before the next.
 
 use std::process::Command;
 use std::time::Duration;
@@ -26,16 +29,20 @@ pub enum FaultKind {
     PauseLeader,
     PartitionLeader,
     ClientCutFromLeader,
+    DiskFailFollower,
+    DiskFullLeader,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] = [
+    pub const ALL: [FaultKind; 8] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
         FaultKind::PauseLeader,
         FaultKind::PartitionLeader,
         FaultKind::ClientCutFromLeader,
+        FaultKind::DiskFailFollower,
+        FaultKind::DiskFullLeader,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,12 +53,22 @@ impl FaultKind {
             FaultKind::PauseLeader => "pause-leader",
             FaultKind::PartitionLeader => "partition-leader",
             FaultKind::ClientCutFromLeader => "client-cut-from-leader",
+            FaultKind::DiskFailFollower => "disk-fail-follower",
+            FaultKind::DiskFullLeader => "disk-full-leader",
         }
     }
 
     /// Whether the fault takes the volume's leader away (a new leader is expected).
     pub fn hits_leader(self) -> bool {
-        !matches!(self, FaultKind::KillFollower | FaultKind::ClientCutFromLeader)
+        !matches!(
+            self,
+            FaultKind::KillFollower | FaultKind::ClientCutFromLeader | FaultKind::DiskFailFollower
+        )
+    }
+
+    /// Whether the fault's victim is a follower (else the leader).
+    pub fn hits_follower(self) -> bool {
+        matches!(self, FaultKind::KillFollower | FaultKind::DiskFailFollower)
     }
 }
 
@@ -114,6 +131,8 @@ pub enum Injected {
     Killed(Vec<u64>),
     Paused(u64),
     Rules(Rules),
+    /// A node whose storage fails: healed by kill -9 and restart (`crate::disk`).
+    Disk(u64),
 }
 
 impl Injected {
@@ -126,6 +145,7 @@ impl Injected {
             }
             Injected::Paused(id) => c.signal(id, libc::SIGCONT)?,
             Injected::Rules(r) => drop(r),
+            Injected::Disk(id) => crate::disk::heal(c, id)?,
         }
         Ok(())
     }
@@ -150,6 +170,14 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
         }
         FaultKind::PartitionLeader => Injected::Rules(isolate_rpc(&ip(c, leader)?)?),
         FaultKind::ClientCutFromLeader => Injected::Rules(block_portal(&ip(c, leader)?)?),
+        FaultKind::DiskFailFollower => {
+            crate::disk::inject(c, follower, false)?;
+            Injected::Disk(follower)
+        }
+        FaultKind::DiskFullLeader => {
+            crate::disk::inject(c, leader, true)?;
+            Injected::Disk(leader)
+        }
     })
 }
 

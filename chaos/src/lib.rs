@@ -4,6 +4,7 @@
 //! [`workload`] writes and reads self-describing blocks through the initiator's NBD export
 //! ([`nbd`] client), [`oracle`] judges every read, [`faults`] injects and heals faults against
 //! real `raftsan serve` processes, [`run`] drives a seeded schedule and prints the figures.
+pub mod disk;
 pub mod faults;
 pub mod nbd;
 pub mod oracle;

@@ -571,7 +571,14 @@ pub(crate) fn group_name(cat: &Catalogue, id: GroupId) -> String {
 
 impl GroupRegistry<GroupStateMachine> for Node {
     fn raft(&self, group: GroupId) -> Option<RaftGroup> {
-        self.group(group).map(|g| g.raft.clone())
+        let g = self.group(group)?;
+        // A group whose Raft stopped on a storage error is out of service on this node (DESIGN.md
+        // invariant 7): peers are told it is not here, rather than openraft logging its fatal
+        // error again for every request they send until the node is restarted.
+        if g.raft.metrics().borrow_watched().running_state.is_err() {
+            return None;
+        }
+        Some(g.raft.clone())
     }
 
     fn snapshot_base(&self, group: GroupId) -> Option<SnapshotBase> {

@@ -1210,6 +1210,37 @@ mod tests {
         v
     }
 
+    /// DESIGN.md invariant 7 through the fault switch: an armed fdatasync ENOSPC fails the
+    /// append's durability callback and every later call (sticky); an armed write EIO fails the
+    /// append itself. Nothing fails before the switch is armed or after `after_ops` successes.
+    #[tokio::test]
+    async fn armed_faults_fail_the_log_and_stay_failed() {
+        use raftsan_target::backing::{Fault, FaultOp};
+        for (op, errno) in [(FaultOp::Flush, libc::ENOSPC), (FaultOp::Write, libc::EIO)] {
+            let dir = TempDir::new().unwrap();
+            let o = opts(FsyncPolicy::Batch);
+            let faults = o.faults.clone();
+            let mut store = LogStore::open(dir.path(), o).unwrap();
+            append_durable(&mut store, vec![write_entry(1, 1, 100)]).await.unwrap();
+            faults.inject(Fault {
+                op,
+                after_ops: 1,
+                range: None,
+                errno,
+            });
+            append_durable(&mut store, vec![write_entry(1, 2, 100)]).await.unwrap();
+            let e = append_durable(&mut store, vec![write_entry(1, 3, 100)])
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string().contains(&io::Error::from_raw_os_error(errno).to_string()),
+                "{e}"
+            );
+            faults.clear();
+            assert!(append_durable(&mut store, vec![write_entry(1, 4, 100)]).await.is_err());
+        }
+    }
+
     /// Raft §5.1 / Figure 2: currentTerm, votedFor and log[] are persistent state, updated on
     /// stable storage before responding; they must all come back after a restart.
     #[tokio::test]
