@@ -25,6 +25,7 @@ pub const STORAGE_ERRORS: &[&str] = &[
     "when Write Apply(",
     "when Write Log(",
     "IOFlushed error",
+    "failed to send HeartbeatProgress",
 ];
 
 /// The `raftsan fault inject` arguments of each kind: (target, op, error).

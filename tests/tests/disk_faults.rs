@@ -35,6 +35,7 @@ const STORAGE_ERRORS: &[&str] = &[
     "when Write Apply(",
     "when Write Log(",
     "IOFlushed error",
+    "failed to send HeartbeatProgress",
 ];
 
 fn url(c: &Cluster, node: u64, target: &str, lun: u64) -> Result<String> {

@@ -415,6 +415,10 @@ impl Node {
         let groups = self.read_groups();
         let mut by_target: BTreeMap<String, Vec<Arc<VolumeRuntime>>> = BTreeMap::new();
         for g in groups.values() {
+            // Out of service after a storage failure (DESIGN.md invariant 7): not exported.
+            if storage_failed(&g.raft.metrics().borrow_watched()) {
+                continue;
+            }
             if let Some(v) = &g.volume {
                 by_target.entry(v.target_name()).or_default().push(v.clone());
             }
@@ -460,6 +464,7 @@ impl Node {
         });
         self.write_groups().insert(info.id, group);
         volume.spawn_watchers();
+        self.spawn_out_of_service_watch(info, &raft);
         tracing::info!(volume = %info.name, group = info.id, "opened the volume's replica");
         // One replica creates the group (the metadata leader that created the volume, else the
         // lowest id); the others wait to be contacted. Leadership then moves to the volume's
@@ -475,6 +480,40 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// DESIGN.md invariant 7: once the volume's Raft stopped on a storage error (the storage code
+    /// logged the ERROR naming it), the volume is out of service on this node until it is
+    /// restarted: its target leaves this node's portal (its sessions close, so initiators move
+    /// to the other nodes' portals) and peers are told the group is not here.
+    fn spawn_out_of_service_watch(self: &Arc<Self>, info: &VolumeInfo, raft: &RaftGroup) {
+        let node = Arc::downgrade(self);
+        let mut metrics = raft.metrics();
+        let (id, name) = (info.id, info.name.clone());
+        tokio::spawn(async move {
+            loop {
+                if storage_failed(&metrics.borrow_watched()) {
+                    break;
+                }
+                if metrics.changed().await.is_err() {
+                    if storage_failed(&metrics.borrow_watched()) {
+                        break;
+                    }
+                    return;
+                }
+            }
+            let Some(node) = node.upgrade() else { return };
+            if *node.shutdown.borrow() || node.group(id).is_none() {
+                return;
+            }
+            tracing::warn!(
+                volume = %name,
+                group = id,
+                "volume out of service on this node after a storage failure: its target leaves this \
+                 node's portal until the node is restarted"
+            );
+            node.update_portal(&node.catalogue());
+        });
     }
 
     async fn close_volume(&self, id: GroupId, delete: bool) {
@@ -540,6 +579,11 @@ impl Node {
     }
 }
 
+/// Whether a group's Raft stopped on a storage error (it is then out of service on this node).
+fn storage_failed(m: &openraft::RaftMetrics<TypeConfig>) -> bool {
+    matches!(m.running_state, Err(openraft::error::Fatal::StorageError(_)))
+}
+
 /// The Raft members of volume `info`: its replicas with their RPC addresses from the catalogue.
 pub(crate) fn replica_members(cat: &Catalogue, info: &VolumeInfo) -> BTreeMap<u64, BasicNode> {
     info.replicas
@@ -575,7 +619,7 @@ impl GroupRegistry<GroupStateMachine> for Node {
         // A group whose Raft stopped on a storage error is out of service on this node (DESIGN.md
         // invariant 7): peers are told it is not here, rather than openraft logging its fatal
         // error again for every request they send until the node is restarted.
-        if g.raft.metrics().borrow_watched().running_state.is_err() {
+        if storage_failed(&g.raft.metrics().borrow_watched()) {
             return None;
         }
         Some(g.raft.clone())
