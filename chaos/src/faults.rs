@@ -12,8 +12,11 @@
 //! | `netem-loss` | 5-20 % of the packets each way on that path are dropped ([`netem`]) | TCP or the client's failover hides it |
 //! | `delayed-stale-write` | a write to the leader is held back, leadership moves, a newer write is acknowledged, then the old one is delivered ([`stale`]) | the late write gets UNIT ATTENTION 2A/06 and is not executed (DESIGN.md invariant 3) |
 //! | `kill-all-after-flush` | a flush completes, then SIGKILL of all three nodes at once, all restarted after the hold | every write acknowledged before the flush survives ([`crate::durability`]) |
+//! | `disk-fail-follower` | a follower's volume image fails writes with EIO (`crate::disk`) | the follower leaves the group with a storage ERROR; the others carry on |
+//! | `disk-full-leader` | the leader's Raft log fdatasync fails with ENOSPC (`crate::disk`) | the leader leaves the group; a new leader within the failover budget |
 //!
-//! Every fault is healed (node restarted or resumed, rules removed) before the next.
+//! Every fault is healed (node restarted or resumed, rules removed; a disk-faulted node killed
+//! and restarted without the fault) before the next.
 
 use std::process::Command;
 use std::time::Duration;
@@ -37,10 +40,12 @@ pub enum FaultKind {
     NetemLoss,
     DelayedStaleWrite,
     KillAllAfterFlush,
+    DiskFailFollower,
+    DiskFullLeader,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 12] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
@@ -51,6 +56,8 @@ impl FaultKind {
         FaultKind::NetemLoss,
         FaultKind::DelayedStaleWrite,
         FaultKind::KillAllAfterFlush,
+        FaultKind::DiskFailFollower,
+        FaultKind::DiskFullLeader,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +72,8 @@ impl FaultKind {
             FaultKind::NetemLoss => "netem-loss",
             FaultKind::DelayedStaleWrite => "delayed-stale-write",
             FaultKind::KillAllAfterFlush => "kill-all-after-flush",
+            FaultKind::DiskFailFollower => "disk-fail-follower",
+            FaultKind::DiskFullLeader => "disk-full-leader",
         }
     }
 
@@ -72,8 +81,17 @@ impl FaultKind {
     pub fn hits_leader(self) -> bool {
         !matches!(
             self,
-            FaultKind::KillFollower | FaultKind::ClientCutFromLeader | FaultKind::NetemDelay | FaultKind::NetemLoss
+            FaultKind::KillFollower
+                | FaultKind::ClientCutFromLeader
+                | FaultKind::NetemDelay
+                | FaultKind::NetemLoss
+                | FaultKind::DiskFailFollower
         )
+    }
+
+    /// Whether the fault's victim is a follower (else the leader).
+    pub fn hits_follower(self) -> bool {
+        matches!(self, FaultKind::KillFollower | FaultKind::DiskFailFollower)
     }
 }
 
@@ -140,6 +158,8 @@ pub enum Injected {
     Net(netem::Degraded),
     /// The stale-write check; its heal delivers the held write and judges it.
     Stale(Box<stale::StaleWrite>),
+    /// A node whose storage fails: healed by kill -9 and restart (`crate::disk`).
+    Disk(u64),
 }
 
 impl Injected {
@@ -154,6 +174,7 @@ impl Injected {
             Injected::Rules(r) => drop(r),
             Injected::Net(d) => drop(d),
             Injected::Stale(s) => s.finish(c)?,
+            Injected::Disk(id) => crate::disk::heal(c, id)?,
         }
         Ok(())
     }
@@ -189,6 +210,14 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
         FaultKind::DelayedStaleWrite => anyhow::bail!("delayed-stale-write is started by stale::StaleWrite::begin"),
         // The caller has completed the flush (crate::durability::flush_point).
         FaultKind::KillAllAfterFlush => Injected::Killed(crate::durability::kill_all(c)?),
+        FaultKind::DiskFailFollower => {
+            crate::disk::inject(c, follower, false)?;
+            Injected::Disk(follower)
+        }
+        FaultKind::DiskFullLeader => {
+            crate::disk::inject(c, leader, true)?;
+            Injected::Disk(leader)
+        }
     })
 }
 

@@ -7,6 +7,7 @@
 //! stale write), [`run`] drives a seeded schedule and prints the figures.
 //! [`iscsi`] is a second workload that speaks iSCSI to the portals directly (no initiator
 //! daemon); [`durability`] checks that flushed writes survive the loss of every node at once.
+pub mod disk;
 pub mod durability;
 pub mod faults;
 pub mod iscsi;

@@ -268,7 +268,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         "chaos: seed {} (replay with --seed {}), starting a three-node cluster",
         cfg.seed, cfg.seed
     );
-    let mut c = Cluster::start(3)?;
+    let mut c = Cluster::start_configured(3, "", crate::disk::NODE_TOML)?;
     let (group, target, lun) = c.create_volume("chaos", "64M")?;
     wait_healthy(&c, group, Duration::from_secs(60))?;
     let scratch = Scratch::new()?;
@@ -349,11 +349,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             first.heal(&mut c)?;
             wait_healthy(&c, group, Duration::from_secs(60))?;
         }
-        let victim = if kind == FaultKind::KillFollower {
-            follower
-        } else {
-            leader
-        };
+        let victim = if kind.hits_follower() { follower } else { leader };
         let who = match kind {
             FaultKind::KillAllAfterFlush => "every node".to_string(),
             _ => format!("node {victim}"),

@@ -1,5 +1,5 @@
 //! The cluster side of the `raftsan` binary: `serve` of a cluster node, `cluster ...`,
-//! `volume ...` and `status`.
+//! `volume ...`, `status` and `fault ...` (testing-only storage fault injection).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use raftsan_cluster::config::{ClusterSettings, NodeConfig};
-use raftsan_cluster::node::{AdminClient, BOOTSTRAP_MARKER, Node, NodeOptions};
+use raftsan_cluster::node::{AdminClient, BOOTSTRAP_MARKER, Node, NodeOptions, TestingService};
+use raftsan_cluster::pb::cluster::testing_server::TestingServer;
 use raftsan_cluster::pb::cluster::{
     AddNodeRequest, CreateVolume, Empty, NodeInfo, RemoveNodeRequest, ResizeVolume, StatusRequest, StatusResponse,
     VolumeRequest, cluster_server::ClusterServer,
@@ -110,6 +111,61 @@ pub enum VolumeCmd {
     },
 }
 
+/// `raftsan fault`: storage fault injection, for testing only. The node must run with
+/// `[testing] fault_injection = true` in its config, or it refuses (and changes nothing).
+#[derive(Subcommand)]
+pub enum FaultCmd {
+    /// Arm a storage fault on one node: every later matching I/O of the volume's image or Raft
+    /// log fails with the chosen errno (after `--after` more successes) until cleared or the node
+    /// restarts. A failed write or fsync takes the group out of service on that node.
+    Inject {
+        #[command(flatten)]
+        conn: Conn,
+        /// The volume (default: every volume the node holds).
+        #[arg(long, default_value = "")]
+        volume: String,
+        #[arg(long, value_enum)]
+        target: FaultTargetArg,
+        #[arg(long, value_enum)]
+        op: FaultOpArg,
+        #[arg(long, value_enum)]
+        error: FaultErrnoArg,
+        /// Let this many more matching operations succeed first.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+    /// Disarm the node's storage faults (of `--volume`, default every volume).
+    Clear {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(long, default_value = "")]
+        volume: String,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FaultTargetArg {
+    /// The volume's image file.
+    Image,
+    /// The volume group's Raft log.
+    Log,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FaultOpArg {
+    Write,
+    /// fsync / fdatasync.
+    Flush,
+    Read,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum FaultErrnoArg {
+    Eio,
+    /// Disk full.
+    Enospc,
+}
+
 pub const DEFAULT_CONFIG: &str = "/etc/raftsan/node.toml";
 
 /// How an admin command reaches the cluster: a node's config (its certificate and RPC address),
@@ -133,6 +189,31 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Like [`Conn::connect`], but `--node` may also be a node id: the node's RPC address is then
+    /// looked up in the catalogue (through the config's node or the address of `--node` ...).
+    pub async fn connect_node(&self) -> Result<AdminClient> {
+        let Some(id) = self.node.as_deref().and_then(|n| n.parse::<u64>().ok()) else {
+            return self.connect();
+        };
+        let via = Conn {
+            node: None,
+            ..self.clone()
+        };
+        let mut c = via.connect()?;
+        let cat = c.catalogue().await?;
+        let addr = cat
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.rpc_addr.clone())
+            .ok_or_else(|| anyhow!("node {id} is not a member of the cluster ({})", c.addr))?;
+        Conn {
+            node: Some(addr),
+            ..self.clone()
+        }
+        .connect()
+    }
+
     pub fn connect(&self) -> Result<AdminClient> {
         let (addr, tls) = match (&self.cert, &self.key, &self.ca) {
             (Some(cert), Some(key), Some(ca)) => {
@@ -237,7 +318,8 @@ pub async fn serve_cluster(cfg: NodeConfig, cs: ClusterSettings) -> Result<()> {
             ClusterServer::new(service)
                 .max_decoding_message_size(rpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(rpc::MAX_MESSAGE_BYTES),
-        );
+        )
+        .add_service(TestingServer::new(TestingService { node: node.clone() }));
     let incoming = rpc::incoming(rpc_listener);
     let rpc_task = tokio::spawn(async move {
         if let Err(e) = router
@@ -593,6 +675,63 @@ pub async fn status(conn: Conn, json: bool, local: bool) -> Result<()> {
         println!("{}", status_json(&s));
     } else {
         print!("{}", render_status(&s));
+    }
+    Ok(())
+}
+
+pub async fn fault(cmd: FaultCmd) -> Result<()> {
+    use raftsan_cluster::pb::cluster::{ClearFaultsRequest, FaultErrno, FaultOp, FaultTarget, InjectFaultRequest};
+    let (c, resp) = match cmd {
+        FaultCmd::Inject {
+            conn,
+            volume,
+            target,
+            op,
+            error,
+            after,
+        } => {
+            let c = conn.connect_node().await?;
+            let req = InjectFaultRequest {
+                volume,
+                target: match target {
+                    FaultTargetArg::Image => FaultTarget::Image,
+                    FaultTargetArg::Log => FaultTarget::Log,
+                } as i32,
+                op: match op {
+                    FaultOpArg::Write => FaultOp::Write,
+                    FaultOpArg::Flush => FaultOp::Flush,
+                    FaultOpArg::Read => FaultOp::Read,
+                } as i32,
+                error: match error {
+                    FaultErrnoArg::Eio => FaultErrno::Eio,
+                    FaultErrnoArg::Enospc => FaultErrno::Enospc,
+                } as i32,
+                after_ops: after,
+            };
+            let r = c.testing().inject_fault(req).await;
+            (c, r)
+        }
+        FaultCmd::Clear { conn, volume } => {
+            let c = conn.connect_node().await?;
+            let r = c.testing().clear_faults(ClearFaultsRequest { volume }).await;
+            (c, r)
+        }
+    };
+    let resp = resp.map_err(|s| status_err(&c.addr, s))?.into_inner();
+    if resp.armed.is_empty() {
+        println!("node {}: no storage fault armed", resp.node);
+    }
+    for f in &resp.armed {
+        let name = |s: &str, prefix: &str| s.trim_start_matches(prefix).to_ascii_lowercase();
+        println!(
+            "node {}: volume {} {} {} fails with {} after {} more",
+            resp.node,
+            f.volume,
+            name(f.target().as_str_name(), "FAULT_TARGET_"),
+            name(f.op().as_str_name(), "FAULT_OP_"),
+            name(f.error().as_str_name(), "FAULT_ERRNO_"),
+            f.after_ops
+        );
     }
     Ok(())
 }

@@ -66,6 +66,10 @@ enum Cmd {
     /// Volumes: create, delete, resize, list.
     #[command(subcommand)]
     Volume(cli::VolumeCmd),
+    /// Storage fault injection on one node, for testing only (the node's config must have
+    /// `[testing] fault_injection = true`): inject, clear.
+    #[command(subcommand)]
+    Fault(cli::FaultCmd),
     /// Every node, every group's leader, term, commit/applied index and each follower's lag.
     Status {
         #[command(flatten)]
@@ -156,6 +160,10 @@ fn run() -> Result<()> {
         Cmd::Volume(c) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(cli::volume(c))
+        }
+        Cmd::Fault(c) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(cli::fault(c))
         }
         Cmd::Status { conn, json, local } => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -18,7 +18,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A logical unit's storage. See the module documentation for the contract.
 /// The error a store returns when it lost the right to serve the command (a replicated volume
@@ -327,74 +327,137 @@ pub enum FaultOp {
     Flush,
 }
 
-/// A programmed fault: fail `op` after `after_ops` successful operations of that kind, optionally
-/// only when the I/O overlaps `range` (byte offsets, end exclusive).
+impl FaultOp {
+    pub fn label(self) -> &'static str {
+        match self {
+            FaultOp::Read => "read",
+            FaultOp::Write => "write",
+            FaultOp::Flush => "flush",
+        }
+    }
+}
+
+/// A programmed fault: fail `op` after `after_ops` more successful operations of that kind
+/// (counted from when it was armed), optionally only when the I/O overlaps `range` (byte
+/// offsets, end exclusive).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fault {
     pub op: FaultOp,
     pub after_ops: u64,
     pub range: Option<(u64, u64)>,
-    /// The errno to fail with (e.g. `libc::EIO`).
+    /// The errno to fail with (e.g. `libc::EIO`, `libc::ENOSPC`).
     pub errno: i32,
 }
 
-/// Wraps a store and fails chosen operations (tests and the chaos tier). Faults stay armed until
-/// [`FaultyStore::clear`].
+/// An armed fault and the matching operations it let through so far.
+struct Armed {
+    fault: Fault,
+    passed: u64,
+}
+
+/// Faults armed and cleared at run time through a shared handle: the switch behind
+/// [`FaultyStore`] and the Raft log's fault hooks (the node's testing-only fault injection).
+/// While nothing is armed a [`FaultSwitch::check`] costs one relaxed atomic load. Armed faults
+/// stay armed until [`FaultSwitch::clear`]: every matching operation past the countdown fails.
+#[derive(Default)]
+pub struct FaultSwitch {
+    armed: AtomicBool,
+    faults: Mutex<Vec<Armed>>,
+}
+
+impl std::fmt::Debug for FaultSwitch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultSwitch").field("armed", &self.armed()).finish()
+    }
+}
+
+impl FaultSwitch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn inject(&self, fault: Fault) {
+        let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        f.push(Armed { fault, passed: 0 });
+        self.armed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn clear(&self) {
+        let mut f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        f.clear();
+        self.armed.store(false, Ordering::Relaxed);
+    }
+
+    /// The faults armed now.
+    pub fn armed(&self) -> Vec<Fault> {
+        let f = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        f.iter().map(|a| a.fault.clone()).collect()
+    }
+
+    /// `Err` with the fault's errno when an armed fault fails this operation.
+    #[inline]
+    pub fn check(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<()> {
+        if !self.armed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.check_armed(op, offset, len)
+    }
+
+    #[cold]
+    fn check_armed(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<()> {
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let mut result = Ok(());
+        for a in faults.iter_mut().filter(|a| a.fault.op == op) {
+            let overlaps = match a.fault.range {
+                None => true,
+                Some((lo, hi)) => offset < hi && offset.saturating_add(len.max(1)) > lo,
+            };
+            if !overlaps {
+                continue;
+            }
+            if a.passed >= a.fault.after_ops {
+                if result.is_ok() {
+                    result = Err(io::Error::from_raw_os_error(a.fault.errno));
+                }
+            } else {
+                a.passed += 1;
+            }
+        }
+        result
+    }
+}
+
+/// Wraps a store and fails chosen operations (unit tests, and the node's image under the
+/// testing-only fault injection). Faults stay armed until [`FaultyStore::clear`].
 pub struct FaultyStore<S> {
     inner: S,
-    faults: Mutex<Vec<Fault>>,
-    reads: AtomicU64,
-    writes: AtomicU64,
-    flushes: AtomicU64,
+    switch: Arc<FaultSwitch>,
 }
 
 impl<S: BackingStore> FaultyStore<S> {
     pub fn new(inner: S) -> Self {
-        FaultyStore {
-            inner,
-            faults: Mutex::new(Vec::new()),
-            reads: AtomicU64::new(0),
-            writes: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
-        }
+        Self::with_switch(inner, Arc::new(FaultSwitch::new()))
+    }
+
+    /// A store whose faults are armed through `switch` (shared with whoever injects them).
+    pub fn with_switch(inner: S, switch: Arc<FaultSwitch>) -> Self {
+        FaultyStore { inner, switch }
     }
 
     pub fn inject(&self, fault: Fault) {
-        if let Ok(mut f) = self.faults.lock() {
-            f.push(fault);
-        }
+        self.switch.inject(fault);
     }
 
     pub fn clear(&self) {
-        if let Ok(mut f) = self.faults.lock() {
-            f.clear();
-        }
+        self.switch.clear();
+    }
+
+    pub fn switch(&self) -> &Arc<FaultSwitch> {
+        &self.switch
     }
 
     pub fn inner(&self) -> &S {
         &self.inner
-    }
-
-    fn check(&self, op: FaultOp, offset: u64, len: u64) -> io::Result<()> {
-        let counter = match op {
-            FaultOp::Read => &self.reads,
-            FaultOp::Write => &self.writes,
-            FaultOp::Flush => &self.flushes,
-        };
-        let n = counter.fetch_add(1, Ordering::Relaxed);
-        let Ok(faults) = self.faults.lock() else {
-            return Ok(());
-        };
-        for f in faults.iter().filter(|f| f.op == op) {
-            let overlaps = match f.range {
-                None => true,
-                Some((a, b)) => offset < b && offset.saturating_add(len.max(1)) > a,
-            };
-            if overlaps && n >= f.after_ops {
-                return Err(io::Error::from_raw_os_error(f.errno));
-            }
-        }
-        Ok(())
     }
 }
 
@@ -404,22 +467,22 @@ impl<S: BackingStore> BackingStore for FaultyStore<S> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        self.check(FaultOp::Read, offset, buf.len() as u64)?;
+        self.switch.check(FaultOp::Read, offset, buf.len() as u64)?;
         self.inner.read_at(buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.check(FaultOp::Write, offset, buf.len() as u64)?;
+        self.switch.check(FaultOp::Write, offset, buf.len() as u64)?;
         self.inner.write_at(buf, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.check(FaultOp::Flush, 0, 0)?;
+        self.switch.check(FaultOp::Flush, 0, 0)?;
         self.inner.flush()
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(FaultOp::Write, offset, len)?;
+        self.switch.check(FaultOp::Write, offset, len)?;
         self.inner.punch_hole(offset, len)
     }
 
@@ -518,5 +581,29 @@ mod tests {
         assert!(s.read_at(&mut [0; 10], 1020).is_err());
         s.clear();
         s.read_at(&mut [0; 10], 1020).unwrap();
+    }
+
+    #[test]
+    fn fault_switch_counts_from_arming_and_uses_the_errno() {
+        let switch = Arc::new(FaultSwitch::new());
+        let s = FaultyStore::with_switch(MemStore::new(4096), switch.clone());
+        for _ in 0..5 {
+            s.write_at(&[1], 0).unwrap();
+        }
+        switch.inject(Fault {
+            op: FaultOp::Flush,
+            after_ops: 2,
+            range: None,
+            errno: libc::ENOSPC,
+        });
+        s.flush().unwrap();
+        s.write_at(&[1], 0).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.flush().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(s.flush().unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(switch.armed().len(), 1);
+        switch.clear();
+        s.flush().unwrap();
+        assert!(switch.armed().is_empty());
     }
 }

@@ -76,6 +76,8 @@ pub struct Cluster {
     pki: PathBuf,
     /// Extra `[raft]` lines for every node's config.
     raft_toml: String,
+    /// Extra sections appended to every node's config (e.g. `[testing]`).
+    extra_toml: String,
 }
 
 impl Cluster {
@@ -86,6 +88,12 @@ impl Cluster {
 
     /// Like [`Cluster::start`] with extra `[raft]` settings (e.g. `snapshot_every_entries = 200`).
     pub fn start_with(n: usize, raft_toml: &str) -> Result<Cluster> {
+        Cluster::start_configured(n, raft_toml, "")
+    }
+
+    /// Like [`Cluster::start_with`], with `extra_toml` (whole sections, e.g. `[testing]\n
+    /// fault_injection = true`) appended to every node's config.
+    pub fn start_configured(n: usize, raft_toml: &str, extra_toml: &str) -> Result<Cluster> {
         ensure!(n >= 1, "a cluster needs a node");
         let scratch = Scratch::new()?;
         let pki = scratch.path().join("pki");
@@ -95,6 +103,7 @@ impl Cluster {
             scratch,
             pki,
             raft_toml: raft_toml.to_string(),
+            extra_toml: extra_toml.to_string(),
         };
         c.prepare_node(1)?;
         let init = c.raftsan_on(1, &["cluster", "init"])?;
@@ -121,11 +130,12 @@ impl Cluster {
              metrics = \"{ip}:{METRICS_PORT}\"\nadmin_socket = \"{dir}/admin.sock\"\n\
              [limits]\nnop_in_interval_ms = 1000\nnop_in_timeout_ms = 3000\n\
              [tls]\nca = \"{pki}/ca.crt\"\ncert = \"{pki}/node-{id}.crt\"\nkey = \"{pki}/node-{id}.key\"\n\
-             [raft]\n{raft}\n",
+             [raft]\n{raft}\n{extra}\n",
             data = dir.join("data").display(),
             dir = dir.display(),
             pki = self.pki.display(),
             raft = self.raft_toml,
+            extra = self.extra_toml,
         );
         fs::write(&config, text)?;
         let node = ClusterNode {

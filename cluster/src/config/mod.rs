@@ -78,6 +78,9 @@ pub struct ClusterSettings {
     pub rpc_advertise: String,
     pub tls: TlsPaths,
     pub raft: RaftSettings,
+    /// `[testing] fault_injection = true`: the admin RPC `InjectFault` may arm storage faults on
+    /// this node (tests and chaos runs only; off by default, refused when off).
+    pub fault_injection: bool,
 }
 
 /// The certificate files of a node: the cluster CA, and this node's certificate and key.

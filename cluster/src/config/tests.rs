@@ -1065,3 +1065,36 @@ fn cluster_node_settings() {
     // Without [node] id a file is a standalone target.
     assert!(parse_str("[node]\n", Path::new("x.toml")).unwrap().cluster.is_none());
 }
+
+/// `[testing] fault_injection`: off by default, on only when asked (with a warning), and only for
+/// a cluster node.
+#[test]
+fn testing_fault_injection_knob() {
+    let node = "[node]\nid = 2\nrpc_listen = \"127.0.0.12:7000\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+    let off = parse_str(node, Path::new("/n.toml")).unwrap();
+    assert!(!off.cluster.unwrap().fault_injection);
+    let on = parse_str(
+        &format!("{node}[testing]\nfault_injection = true\n"),
+        Path::new("/n.toml"),
+    )
+    .unwrap();
+    assert!(on.cluster.unwrap().fault_injection);
+    assert!(on.warnings.iter().any(|w| w.message.contains("for testing only")));
+    let no = parse_str(
+        &format!("{node}[testing]\nfault_injection = false\n"),
+        Path::new("/n.toml"),
+    )
+    .unwrap();
+    assert!(!no.cluster.unwrap().fault_injection);
+    assert!(no.warnings.is_empty());
+    let typo = parse_str(
+        &format!("{node}[testing]\nfault_injections = true\n"),
+        Path::new("/n.toml"),
+    );
+    assert!(typo.is_err());
+    let standalone = parse_str("[testing]\nfault_injection = true\n", Path::new("/n.toml")).unwrap_err();
+    assert!(
+        standalone.to_string().contains("only meaningful for a cluster node"),
+        "{standalone}"
+    );
+}

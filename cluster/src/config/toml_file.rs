@@ -34,6 +34,14 @@ struct File {
     target: Vec<Spanned<TargetSection>>,
     tls: Option<Spanned<TlsSection>>,
     raft: Option<Spanned<RaftSection>>,
+    testing: Option<Spanned<TestingSection>>,
+}
+
+/// `[testing]`: switches for test and chaos runs only, never for production.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TestingSection {
+    fault_injection: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -229,6 +237,24 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
     let rpc_listen = node.rpc_listen;
     let rpc_advertise = node.rpc_advertise;
     config.cluster = cluster_settings(node_id, rpc_listen, rpc_advertise, file.tls, file.raft, &lines, &base)?;
+    if let Some(t) = file.testing {
+        let at = lines.of(&t);
+        let Some(cluster) = config.cluster.as_mut() else {
+            return Err(ConfigError::invalid(
+                &at,
+                "[testing] is only meaningful for a cluster node: set [node] id too",
+            ));
+        };
+        if t.into_inner().fault_injection == Some(true) {
+            cluster.fault_injection = true;
+            warnings.push(ConfigWarning {
+                at,
+                message: "[testing] fault_injection = true: admin clients may make this node's storage fail \
+                          (`raftsan fault inject`); for testing only, never in production"
+                    .to_string(),
+            });
+        }
+    }
     if let (Some(_), Some(t)) = (&config.cluster, file.target.first()) {
         return Err(ConfigError::invalid(
             &lines.of(t),
@@ -503,6 +529,7 @@ fn cluster_settings(
         rpc_advertise: advertise,
         tls,
         raft: r,
+        fault_injection: false,
     }))
 }
 

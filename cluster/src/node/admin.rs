@@ -223,6 +223,7 @@ impl Node {
 /// The CLI's connection to a node's admin API (mutual TLS with an admin or node certificate).
 pub struct AdminClient {
     client: ClusterClient<tonic::transport::Channel>,
+    channel: tonic::transport::Channel,
     pub addr: String,
 }
 
@@ -231,6 +232,7 @@ impl AdminClient {
         let channels = Channels::new(Some(tls)).context("loading the admin certificate")?;
         let ch = channels.get(addr).map_err(|e| anyhow!("connecting to {addr}: {e}"))?;
         Ok(AdminClient {
+            channel: ch.clone(),
             client: ClusterClient::new(ch)
                 .max_decoding_message_size(crate::rpc::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::rpc::MAX_MESSAGE_BYTES),
@@ -242,6 +244,11 @@ impl AdminClient {
         &mut self.client
     }
 
+    /// The node's `Testing` service (storage fault injection, `raftsan fault`).
+    pub fn testing(&self) -> crate::pb::cluster::testing_client::TestingClient<tonic::transport::Channel> {
+        crate::pb::cluster::testing_client::TestingClient::new(self.channel.clone())
+    }
+
     pub async fn catalogue(&mut self) -> Result<Catalogue> {
         let s = self
             .client
@@ -249,5 +256,163 @@ impl AdminClient {
             .await
             .map_err(|s| anyhow!("{}: {}", self.addr, s.message()))?;
         Ok(s.into_inner().catalogue.unwrap_or_default())
+    }
+}
+
+/// The `Testing` gRPC service: storage fault injection for tests and chaos runs
+/// (`raftsan fault inject|clear`). It refuses everything with FAILED_PRECONDITION, changing
+/// nothing, unless the node's config has `[testing] fault_injection = true`. Faults are armed on
+/// this node only, in memory (a restart clears them), through the [`FaultSwitch`]es every group's
+/// image and Raft log check before their I/O.
+///
+/// [`FaultSwitch`]: raftsan_target::backing::FaultSwitch
+pub struct TestingService {
+    pub node: Arc<Node>,
+}
+
+impl TestingService {
+    fn enabled(&self) -> Result<(), tonic::Status> {
+        if self.node.settings.fault_injection {
+            Ok(())
+        } else {
+            Err(tonic::Status::failed_precondition(format!(
+                "fault injection is off on node {}: it is for testing only, enabled by \
+                 `[testing] fault_injection = true` in the node's config",
+                self.node.id
+            )))
+        }
+    }
+
+    /// The volume groups named `volume` (empty: every volume group on this node), with names.
+    fn volume_groups(&self, volume: &str) -> Result<Vec<(String, Arc<super::Group>)>, tonic::Status> {
+        let cat = self.node.catalogue();
+        let mut out: Vec<(String, Arc<super::Group>)> = self
+            .node
+            .read_groups()
+            .values()
+            .filter(|g| g.volume.is_some())
+            .map(|g| (super::group_name(&cat, g.id), g.clone()))
+            .filter(|(name, _)| volume.is_empty() || name == volume)
+            .collect();
+        out.sort_by_key(|(_, g)| g.id);
+        if out.is_empty() && !volume.is_empty() {
+            return Err(tonic::Status::not_found(format!(
+                "node {} holds no replica of volume {volume:?}",
+                self.node.id
+            )));
+        }
+        Ok(out)
+    }
+
+    fn armed(&self) -> crate::pb::cluster::FaultsResponse {
+        let mut armed = Vec::new();
+        if let Ok(groups) = self.volume_groups("") {
+            for (name, g) in groups {
+                for (target, switch) in [
+                    (pbf::FaultTarget::Image, &g.faults.image),
+                    (pbf::FaultTarget::Log, &g.faults.log),
+                ] {
+                    for f in switch.armed() {
+                        armed.push(crate::pb::cluster::ArmedFault {
+                            volume: name.clone(),
+                            target: target as i32,
+                            op: op_to_pb(f.op) as i32,
+                            error: errno_to_pb(f.errno) as i32,
+                            after_ops: f.after_ops,
+                        });
+                    }
+                }
+            }
+        }
+        crate::pb::cluster::FaultsResponse {
+            node: self.node.id,
+            armed,
+        }
+    }
+}
+
+/// The proto's fault enums.
+mod pbf {
+    pub use crate::pb::cluster::{FaultErrno, FaultOp, FaultTarget};
+}
+
+fn op_to_pb(op: FaultOp) -> pbf::FaultOp {
+    match op {
+        FaultOp::Read => pbf::FaultOp::Read,
+        FaultOp::Write => pbf::FaultOp::Write,
+        FaultOp::Flush => pbf::FaultOp::Flush,
+    }
+}
+
+fn errno_to_pb(errno: i32) -> pbf::FaultErrno {
+    match errno {
+        libc::ENOSPC => pbf::FaultErrno::Enospc,
+        libc::EIO => pbf::FaultErrno::Eio,
+        _ => pbf::FaultErrno::Unspecified,
+    }
+}
+
+use raftsan_target::backing::{Fault, FaultOp};
+
+#[tonic::async_trait]
+impl crate::pb::cluster::testing_server::Testing for TestingService {
+    async fn inject_fault(
+        &self,
+        request: tonic::Request<crate::pb::cluster::InjectFaultRequest>,
+    ) -> Result<tonic::Response<crate::pb::cluster::FaultsResponse>, tonic::Status> {
+        self.enabled()?;
+        let r = request.into_inner();
+        let bad = |what: &str| tonic::Status::invalid_argument(format!("{what} is missing or not known"));
+        let target = pbf::FaultTarget::try_from(r.target)
+            .ok()
+            .filter(|t| *t != pbf::FaultTarget::Unspecified)
+            .ok_or_else(|| bad("target"))?;
+        let op = match pbf::FaultOp::try_from(r.op).map_err(|_| bad("op"))? {
+            pbf::FaultOp::Write => FaultOp::Write,
+            pbf::FaultOp::Flush => FaultOp::Flush,
+            pbf::FaultOp::Read => FaultOp::Read,
+            pbf::FaultOp::Unspecified => return Err(bad("op")),
+        };
+        let errno = match pbf::FaultErrno::try_from(r.error).map_err(|_| bad("error"))? {
+            pbf::FaultErrno::Eio => libc::EIO,
+            pbf::FaultErrno::Enospc => libc::ENOSPC,
+            pbf::FaultErrno::Unspecified => return Err(bad("error")),
+        };
+        let groups = self.volume_groups(&r.volume)?;
+        for (name, g) in &groups {
+            let switch = match target {
+                pbf::FaultTarget::Image => &g.faults.image,
+                _ => &g.faults.log,
+            };
+            switch.inject(Fault {
+                op,
+                after_ops: r.after_ops,
+                range: None,
+                errno,
+            });
+            tracing::warn!(
+                volume = %name,
+                target = target.as_str_name(),
+                op = op.label(),
+                errno = %std::io::Error::from_raw_os_error(errno),
+                after_ops = r.after_ops,
+                "testing: storage fault armed (fault injection is on)"
+            );
+        }
+        Ok(tonic::Response::new(self.armed()))
+    }
+
+    async fn clear_faults(
+        &self,
+        request: tonic::Request<crate::pb::cluster::ClearFaultsRequest>,
+    ) -> Result<tonic::Response<crate::pb::cluster::FaultsResponse>, tonic::Status> {
+        self.enabled()?;
+        let r = request.into_inner();
+        for (name, g) in self.volume_groups(&r.volume)? {
+            g.faults.image.clear();
+            g.faults.log.clear();
+            tracing::info!(volume = %name, "testing: storage faults cleared");
+        }
+        Ok(tonic::Response::new(self.armed()))
     }
 }

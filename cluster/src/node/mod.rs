@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use openraft::BasicNode;
+use raftsan_target::backing::FaultSwitch;
 use raftsan_target::portal::{PortalServer, PortalSettings};
 use tokio::sync::watch;
 
@@ -39,7 +40,7 @@ use crate::raft::state_machine::GroupStateMachine;
 use crate::raft::{FsyncPolicy, GroupId, LogStore, LogStoreOptions, META_GROUP, SnapshotBase, TypeConfig};
 use crate::rpc::{Channels, GroupRegistry, NetworkFactory, SnapshotProgress, TlsFiles};
 
-pub use admin::AdminClient;
+pub use admin::{AdminClient, TestingService};
 pub use service::ClusterService;
 pub use volume::VolumeRuntime;
 
@@ -82,6 +83,16 @@ pub(crate) struct Group {
     pub dir: PathBuf,
     /// Volume groups: the SCSI side.
     pub volume: Option<Arc<VolumeRuntime>>,
+    /// The switches of this group's storage faults (testing only: armed through the `Testing`
+    /// RPC when `[testing] fault_injection` is on; unarmed they cost one relaxed load per I/O).
+    pub faults: GroupFaults,
+}
+
+/// The fault switches of one group: its image (volumes) and its Raft log.
+#[derive(Default)]
+pub(crate) struct GroupFaults {
+    pub image: Arc<FaultSwitch>,
+    pub log: Arc<FaultSwitch>,
 }
 
 /// The node: shared by the RPC services, the portal router and the reconcile loop.
@@ -185,8 +196,9 @@ impl Node {
         }
     }
 
-    fn log_options(&self) -> LogStoreOptions {
+    fn log_options(&self, faults: &GroupFaults) -> LogStoreOptions {
         LogStoreOptions {
+            faults: faults.log.clone(),
             fsync: match self.settings.raft.fsync {
                 FsyncMode::Always => FsyncPolicy::Batch,
                 FsyncMode::OnFlush => FsyncPolicy::OnFlush,
@@ -195,8 +207,14 @@ impl Node {
         }
     }
 
-    async fn open_raft(&self, group: GroupId, sm: GroupStateMachine, dir: &Path) -> Result<RaftGroup> {
-        let log = LogStore::open(dir.join("log"), self.log_options())
+    async fn open_raft(
+        &self,
+        group: GroupId,
+        sm: GroupStateMachine,
+        dir: &Path,
+        faults: &GroupFaults,
+    ) -> Result<RaftGroup> {
+        let log = LogStore::open(dir.join("log"), self.log_options(faults))
             .with_context(|| format!("opening the Raft log of group {group} in {}", dir.display()))?;
         let net = NetworkFactory::new(group, self.channels.clone(), self.progress.clone());
         let raft = openraft::Raft::new(self.id, self.raft_config.clone(), net, log, sm)
@@ -210,13 +228,15 @@ impl Node {
         std::fs::create_dir_all(&dir)?;
         let sm = GroupStateMachine::open_meta(&dir.join("sm"))
             .with_context(|| format!("opening the catalogue in {}", dir.display()))?;
-        let raft = self.open_raft(META_GROUP, sm.clone(), &dir).await?;
+        let faults = GroupFaults::default();
+        let raft = self.open_raft(META_GROUP, sm.clone(), &dir, &faults).await?;
         let group = Arc::new(Group {
             id: META_GROUP,
             raft,
             sm,
             dir,
             volume: None,
+            faults,
         });
         self.write_groups().insert(META_GROUP, group.clone());
         let _ = self.meta_group.set(group);
@@ -395,6 +415,10 @@ impl Node {
         let groups = self.read_groups();
         let mut by_target: BTreeMap<String, Vec<Arc<VolumeRuntime>>> = BTreeMap::new();
         for g in groups.values() {
+            // Out of service after a storage failure (DESIGN.md invariant 7): not exported.
+            if storage_failed(&g.raft.metrics().borrow_watched()) {
+                continue;
+            }
             if let Some(v) = &g.volume {
                 by_target.entry(v.target_name()).or_default().push(v.clone());
             }
@@ -425,9 +449,10 @@ impl Node {
         }
         let dir = self.group_dir(info.id);
         std::fs::create_dir_all(&dir)?;
-        let sm = GroupStateMachine::open_volume(&dir.join("sm"), info.size_bytes)
+        let faults = GroupFaults::default();
+        let sm = GroupStateMachine::open_volume_with_faults(&dir.join("sm"), info.size_bytes, faults.image.clone())
             .with_context(|| format!("opening the image of volume {} in {}", info.name, dir.display()))?;
-        let raft = self.open_raft(info.id, sm.clone(), &dir).await?;
+        let raft = self.open_raft(info.id, sm.clone(), &dir, &faults).await?;
         let volume = VolumeRuntime::new(self.clone(), info, raft.clone(), sm.clone())?;
         let group = Arc::new(Group {
             id: info.id,
@@ -435,9 +460,11 @@ impl Node {
             sm,
             dir,
             volume: Some(volume.clone()),
+            faults,
         });
         self.write_groups().insert(info.id, group);
         volume.spawn_watchers();
+        self.spawn_out_of_service_watch(info, &raft);
         tracing::info!(volume = %info.name, group = info.id, "opened the volume's replica");
         // One replica creates the group (the metadata leader that created the volume, else the
         // lowest id); the others wait to be contacted. Leadership then moves to the volume's
@@ -453,6 +480,40 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// DESIGN.md invariant 7: once the volume's Raft stopped on a storage error (the storage code
+    /// logged the ERROR naming it), the volume is out of service on this node until it is
+    /// restarted: its target leaves this node's portal (its sessions close, so initiators move
+    /// to the other nodes' portals) and peers are told the group is not here.
+    fn spawn_out_of_service_watch(self: &Arc<Self>, info: &VolumeInfo, raft: &RaftGroup) {
+        let node = Arc::downgrade(self);
+        let mut metrics = raft.metrics();
+        let (id, name) = (info.id, info.name.clone());
+        tokio::spawn(async move {
+            loop {
+                if storage_failed(&metrics.borrow_watched()) {
+                    break;
+                }
+                if metrics.changed().await.is_err() {
+                    if storage_failed(&metrics.borrow_watched()) {
+                        break;
+                    }
+                    return;
+                }
+            }
+            let Some(node) = node.upgrade() else { return };
+            if *node.shutdown.borrow() || node.group(id).is_none() {
+                return;
+            }
+            tracing::warn!(
+                volume = %name,
+                group = id,
+                "volume out of service on this node after a storage failure: its target leaves this \
+                 node's portal until the node is restarted"
+            );
+            node.update_portal(&node.catalogue());
+        });
     }
 
     async fn close_volume(&self, id: GroupId, delete: bool) {
@@ -518,6 +579,11 @@ impl Node {
     }
 }
 
+/// Whether a group's Raft stopped on a storage error (it is then out of service on this node).
+fn storage_failed(m: &openraft::RaftMetrics<TypeConfig>) -> bool {
+    matches!(m.running_state, Err(openraft::error::Fatal::StorageError(_)))
+}
+
 /// The Raft members of volume `info`: its replicas with their RPC addresses from the catalogue.
 pub(crate) fn replica_members(cat: &Catalogue, info: &VolumeInfo) -> BTreeMap<u64, BasicNode> {
     info.replicas
@@ -549,7 +615,14 @@ pub(crate) fn group_name(cat: &Catalogue, id: GroupId) -> String {
 
 impl GroupRegistry<GroupStateMachine> for Node {
     fn raft(&self, group: GroupId) -> Option<RaftGroup> {
-        self.group(group).map(|g| g.raft.clone())
+        let g = self.group(group)?;
+        // A group whose Raft stopped on a storage error is out of service on this node (DESIGN.md
+        // invariant 7): peers are told it is not here, rather than openraft logging its fatal
+        // error again for every request they send until the node is restarted.
+        if storage_failed(&g.raft.metrics().borrow_watched()) {
+            return None;
+        }
+        Some(g.raft.clone())
     }
 
     fn snapshot_base(&self, group: GroupId) -> Option<SnapshotBase> {

@@ -38,6 +38,7 @@ use openraft::OptionalSend;
 use openraft::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use prost::Message;
+use raftsan_target::backing::{FaultOp, FaultSwitch};
 
 use super::record::{self, LogIdRecord, TailError, VoteRecord};
 use super::types::TypeConfig;
@@ -92,6 +93,10 @@ pub struct LogStoreOptions {
     pub max_read_bytes: usize,
     /// Byte budget of the in-memory cache of recent entries.
     pub cache_bytes: usize,
+    /// Testing-only fault injection: segment writes (`Write`), segment fdatasyncs of the
+    /// group-commit rounds (`Flush`) and segment reads (`Read`) check it first. Unarmed, a check
+    /// is one relaxed atomic load.
+    pub faults: Arc<FaultSwitch>,
 }
 
 impl Default for LogStoreOptions {
@@ -101,6 +106,7 @@ impl Default for LogStoreOptions {
             fsync: FsyncPolicy::Batch,
             max_read_bytes: DEFAULT_MAX_READ_BYTES,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            faults: Arc::new(FaultSwitch::new()),
         }
     }
 }
@@ -160,6 +166,7 @@ struct FlushCtl {
     /// Serializes flush rounds between the flusher thread and synchronous callers.
     round: Mutex<()>,
     fsyncs: AtomicU64,
+    faults: Arc<FaultSwitch>,
 }
 
 struct Shared {
@@ -291,7 +298,7 @@ impl FlushCtl {
         } else {
             for f in &files {
                 self.fsyncs.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = f.sync_data() {
+                if let Err(e) = self.faults.check(FaultOp::Flush, 0, 0).and_then(|()| f.sync_data()) {
                     result = Err(format!("fdatasync of log segment: {e}"));
                     break;
                 }
@@ -500,6 +507,7 @@ impl LogStore {
             cv: Condvar::new(),
             round: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
+            faults: opts.faults.clone(),
         });
         let flusher = {
             let ctl = ctl.clone();
@@ -620,7 +628,12 @@ impl LogStore {
                 .get(&loc.seg)
                 .ok_or_else(|| corrupt(format!("log index {index}: segment {} missing", loc.seg)))?;
             let mut buf = vec![0u8; loc.frame_len as usize];
-            seg.file.read_exact_at(&mut buf, loc.offset)?;
+            self.shared
+                .opts
+                .faults
+                .check(FaultOp::Read, loc.offset, buf.len() as u64)
+                .and_then(|()| seg.file.read_exact_at(&mut buf, loc.offset))
+                .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", seg.path.display())))?;
             let (recs, _, err) = record::decode_records(&buf);
             let rec = match (recs.first(), err) {
                 (Some(r), None) => r,
@@ -752,7 +765,11 @@ impl Shared {
             .segments
             .get_mut(&active)
             .ok_or_else(|| io::Error::other("no active segment"))?;
-        seg.file.write_all_at(bytes, seg.len)?;
+        self.opts
+            .faults
+            .check(FaultOp::Write, seg.len, bytes.len() as u64)
+            .and_then(|()| seg.file.write_all_at(bytes, seg.len))
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", seg.path.display())))?;
         seg.len += bytes.len() as u64;
         let file = seg.file.clone();
         for (entry, offset, frame_len) in pending.drain(..) {
@@ -1191,6 +1208,37 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// DESIGN.md invariant 7 through the fault switch: an armed fdatasync ENOSPC fails the
+    /// append's durability callback and every later call (sticky); an armed write EIO fails the
+    /// append itself. Nothing fails before the switch is armed or after `after_ops` successes.
+    #[tokio::test]
+    async fn armed_faults_fail_the_log_and_stay_failed() {
+        use raftsan_target::backing::{Fault, FaultOp};
+        for (op, errno) in [(FaultOp::Flush, libc::ENOSPC), (FaultOp::Write, libc::EIO)] {
+            let dir = TempDir::new().unwrap();
+            let o = opts(FsyncPolicy::Batch);
+            let faults = o.faults.clone();
+            let mut store = LogStore::open(dir.path(), o).unwrap();
+            append_durable(&mut store, vec![write_entry(1, 1, 100)]).await.unwrap();
+            faults.inject(Fault {
+                op,
+                after_ops: 1,
+                range: None,
+                errno,
+            });
+            append_durable(&mut store, vec![write_entry(1, 2, 100)]).await.unwrap();
+            let e = append_durable(&mut store, vec![write_entry(1, 3, 100)])
+                .await
+                .unwrap_err();
+            assert!(
+                e.to_string().contains(&io::Error::from_raw_os_error(errno).to_string()),
+                "{e}"
+            );
+            faults.clear();
+            assert!(append_durable(&mut store, vec![write_entry(1, 4, 100)]).await.is_err());
+        }
     }
 
     /// Raft §5.1 / Figure 2: currentTerm, votedFor and log[] are persistent state, updated on

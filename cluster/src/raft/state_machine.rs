@@ -70,7 +70,8 @@ use openraft::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMember
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, Membership, OptionalSend};
 use prost::Message;
-use raftsan_target::backing::{BackingStore, FileStore};
+use raftsan_target::backing::{BackingStore, FaultSwitch, FaultyStore, FileStore};
+use raftsan_target::metrics::{StorageOp, storage_error};
 use tokio::sync::watch;
 
 use super::journal::{JournalReader, JournalWriter, MAX_CHUNK};
@@ -268,7 +269,9 @@ fn read_state(path: &Path) -> io::Result<Option<SmStateRecord>> {
 /// A volume's image file as a [`BackingStore`] whose size follows applied resizes and snapshot
 /// installs. The leader serves reads from it; only the state machine writes it.
 pub struct VolumeImage {
-    store: FileStore,
+    /// The file behind the node's fault switch (testing-only fault injection; unarmed, a check
+    /// is one relaxed atomic load).
+    store: FaultyStore<FileStore>,
     /// A second handle for `set_len`.
     file: File,
     path: PathBuf,
@@ -277,7 +280,7 @@ pub struct VolumeImage {
 }
 
 impl VolumeImage {
-    fn open(path: &Path, min_size_bytes: u64) -> io::Result<Self> {
+    fn open(path: &Path, min_size_bytes: u64, faults: Arc<FaultSwitch>) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -288,7 +291,7 @@ impl VolumeImage {
         if len < min_size_bytes {
             file.set_len(min_size_bytes)?;
         }
-        let store = FileStore::open(path, false)?;
+        let store = FaultyStore::with_switch(FileStore::open(path, false)?, faults);
         Ok(VolumeImage {
             store,
             file,
@@ -301,6 +304,11 @@ impl VolumeImage {
     /// The image file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The switch that arms faults on this image's reads, writes and fdatasyncs.
+    pub fn faults(&self) -> &Arc<FaultSwitch> {
+        self.store.switch()
     }
 
     /// Grows the file to `size_bytes` (never shrinks).
@@ -322,6 +330,12 @@ impl VolumeImage {
         Ok(())
     }
 
+    /// Counts a failed image write or sync and names it (the error keeps its kind).
+    fn failed(&self, op: StorageOp, what: &str, e: io::Error) -> io::Error {
+        storage_error(op);
+        io::Error::new(e.kind(), format!("{what} of volume image {}: {e}", self.path.display()))
+    }
+
     fn in_range(&self, offset: u64, len: u64) -> bool {
         offset.checked_add(len).is_some_and(|end| end <= self.size_bytes())
     }
@@ -334,14 +348,22 @@ impl BackingStore for VolumeImage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.store.read_at(buf, offset)
     }
+    // Only the state machine writes and syncs the image: its failures are counted here (reads
+    // are counted by the SCSI layer that issued them).
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.store.write_at(buf, offset)
+        self.store
+            .write_at(buf, offset)
+            .map_err(|e| self.failed(StorageOp::Write, &format!("write at byte {offset}"), e))
     }
     fn flush(&self) -> io::Result<()> {
-        self.store.flush()
+        self.store
+            .flush()
+            .map_err(|e| self.failed(StorageOp::Flush, "fdatasync", e))
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.store.punch_hole(offset, len)
+        self.store
+            .punch_hole(offset, len)
+            .map_err(|e| self.failed(StorageOp::Write, &format!("unmap at byte {offset}"), e))
     }
     fn is_mapped(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
         self.store.is_mapped(offset, len)
@@ -409,15 +431,21 @@ impl GroupStateMachine {
     /// Volume group in `dir` (created if missing): `dir/image` (sparse, grown to `size_bytes` if
     /// smaller) and `dir/state`. An interrupted snapshot install is finished first.
     pub fn open_volume(dir: &Path, size_bytes: u64) -> io::Result<Self> {
-        Self::open(dir, Some(size_bytes))
+        Self::open(dir, Some(size_bytes), Arc::new(FaultSwitch::new()))
+    }
+
+    /// [`GroupStateMachine::open_volume`] with the image's I/O behind `faults` (the node's
+    /// testing-only fault injection arms it).
+    pub fn open_volume_with_faults(dir: &Path, size_bytes: u64, faults: Arc<FaultSwitch>) -> io::Result<Self> {
+        Self::open(dir, Some(size_bytes), faults)
     }
 
     /// Metadata group in `dir`: the catalogue lives in `dir/state` with the applied log id.
     pub fn open_meta(dir: &Path) -> io::Result<Self> {
-        Self::open(dir, None)
+        Self::open(dir, None, Arc::new(FaultSwitch::new()))
     }
 
-    fn open(dir: &Path, volume_size: Option<u64>) -> io::Result<Self> {
+    fn open(dir: &Path, volume_size: Option<u64>, faults: Arc<FaultSwitch>) -> io::Result<Self> {
         let kind_code = if volume_size.is_some() { KIND_VOLUME } else { KIND_META };
         let staging = dir.join(STAGING_DIR);
         fs::create_dir_all(&staging)?;
@@ -449,7 +477,7 @@ impl GroupStateMachine {
         let kind = match volume_size {
             Some(size) => {
                 let path = dir.join(IMAGE_FILE);
-                let img = VolumeImage::open(&path, size.max(rec.size_bytes))
+                let img = VolumeImage::open(&path, size.max(rec.size_bytes), faults)
                     .map_err(|e| io::Error::new(e.kind(), format!("volume image {}: {e}", path.display())))?;
                 Kind::Volume(Arc::new(img))
             }
