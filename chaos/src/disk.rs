@@ -26,6 +26,10 @@ pub const STORAGE_ERRORS: &[&str] = &[
     "when Write Log(",
     "IOFlushed error",
     "failed to send HeartbeatProgress",
+    // The sticky storage error, echoed by openraft wherever it touches the failed store next
+    // (e.g. a replication stream reading the log: "when Read Logs: ... failed earlier: ...").
+    "raft log storage failed earlier",
+    "failed earlier: ",
 ];
 
 /// The `raftsan fault inject` arguments of each kind: (target, op, error).

@@ -634,6 +634,13 @@ impl<C: Connector> Multipath<C> {
                     if refresh {
                         self.shared.refresh.notify_one();
                     }
+                    // A unit attention is retried at once, but a target that keeps answering
+                    // them (a node whose view of the leader lags while leadership moves) must
+                    // not burn the retry budget in milliseconds and fail the command: back off.
+                    if tries > 2 {
+                        let pause = Duration::from_millis(10 * u64::from(tries - 2)).min(Duration::from_millis(200));
+                        tokio::time::sleep(pause).await;
+                    }
                 }
                 Verdict::PathState(state) => {
                     *stalled = true;

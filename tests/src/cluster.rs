@@ -256,6 +256,9 @@ impl Cluster {
         {
             let _ = c.wait();
         }
+        if signal == libc::SIGSTOP {
+            crate::wait_stopped(pid)?;
+        }
         Ok(())
     }
 

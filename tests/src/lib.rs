@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 
 /// The iSCSI well-known port (RFC 7143 §13.2); every test daemon gets its own address instead.
 pub const ISCSI_PORT: u16 = 3260;
@@ -725,6 +725,35 @@ pub fn start_single_target(kind: Kind, iqn: &str, lun_bytes: u64, extra: &[&str]
         Kind::Tgtd => Daemon::tgtd_in(scratch, &conf, listen)?,
     };
     Ok((daemon, backing))
+}
+
+/// Waits (at most 5 s) until every thread of `pid` is stopped (state `T` in
+/// `/proc/PID/task/*/stat`): kill(2) with SIGSTOP returns before the process has actually stopped,
+/// and on a busy machine it may still serve a request sent right after.
+pub fn wait_stopped(pid: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))?;
+        let mut all = true;
+        for t in tasks {
+            let stat = fs::read_to_string(t?.path().join("stat")).unwrap_or_default();
+            // "pid (comm) S ...": the state follows the last ')'.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next());
+            if !matches!(state, Some("T" | "t") | None) {
+                all = false;
+            }
+        }
+        if all {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "process {pid} did not stop within 5 s of SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[cfg(test)]

@@ -465,6 +465,7 @@ fn stall_suite(kind: Kind) -> Result<()> {
 
         signal(pid, libc::SIGSTOP);
         let resume = Resume(pid);
+        raftsan_tests::wait_stopped(pid as u32)?;
         let started = Instant::now();
         let (timed_out, dead) = tokio::join!(exec(&commands, read16(0, 8)), keepalive.closed());
         let elapsed = started.elapsed();
