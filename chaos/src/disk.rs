@@ -17,20 +17,8 @@ use raftsan_tests::cluster::Cluster;
 /// Appended to every node's config in a chaos run: allows `raftsan fault inject`.
 pub const NODE_TOML: &str = "[testing]\nfault_injection = true\n";
 
-/// The ERROR lines a node whose storage failed logs: raftsan's own (naming the failure, node
-/// or group out of service) and openraft's echoes of the same failure.
-pub const STORAGE_ERRORS: &[&str] = &[
-    "failed, node out of service",
-    "failed, group out of service",
-    "when Write Apply(",
-    "when Write Log(",
-    "IOFlushed error",
-    "failed to send HeartbeatProgress",
-    // The sticky storage error, echoed by openraft wherever it touches the failed store next
-    // (e.g. a replication stream reading the log: "when Read Logs: ... failed earlier: ...").
-    "raft log storage failed earlier",
-    "failed earlier: ",
-];
+/// The ERROR lines a node whose storage failed logs (shared with the tests).
+pub use raftsan_tests::cluster::STORAGE_FAILURE_ERRORS as STORAGE_ERRORS;
 
 /// The `raftsan fault inject` arguments of each kind: (target, op, error).
 pub fn fault_args(leader_fault: bool) -> [&'static str; 6] {

@@ -20,6 +20,21 @@ use sha2::{Digest, Sha256};
 use crate::{CLIENT_TIMEOUT, Kind, Loopback, Output, START_TIMEOUT, Scratch, check_log, raftsan_bin, run};
 
 pub const RPC_PORT: u16 = 7000;
+
+/// The ERROR lines a node whose storage failed logs (DESIGN.md invariant 7): raftsan's own, naming
+/// the failure and that the node or group is out of service, and openraft's echoes of the same
+/// failure (the state machine worker, the core's exit, the log's durability callback, and any
+/// later use of the failed store, e.g. a replication stream reading the log: "... failed earlier").
+/// Tests and the chaos harness expect exactly these on a node whose storage they broke.
+pub const STORAGE_FAILURE_ERRORS: &[&str] = &[
+    "failed, node out of service",
+    "failed, group out of service",
+    "when Write Apply(",
+    "when Write Log(",
+    "IOFlushed error",
+    "failed to send HeartbeatProgress",
+    "failed earlier: ",
+];
 pub const METRICS_PORT: u16 = 9520;
 
 /// One node of a test cluster.

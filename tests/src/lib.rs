@@ -13,6 +13,7 @@
 pub mod cluster;
 pub mod initiator;
 pub mod prometheus;
+pub mod qemu;
 pub mod raw;
 
 use std::fs::{self, File, OpenOptions};

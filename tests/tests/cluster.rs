@@ -10,67 +10,15 @@
 //! * a torn log tail after kill -9 is recovered; a peer with a foreign certificate is refused.
 
 use std::fs;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use raftsan_tests::cluster::{Cluster, applied_index, group_leader, group_voters};
+use raftsan_tests::qemu::{pseudo_random, read as qemu_read, sha, url, write as qemu_write};
 use raftsan_tests::run;
-use sha2::{Digest, Sha256};
 
 const CLIENT: Duration = Duration::from_secs(180);
-
-fn url(c: &Cluster, node: u64, target: &str, lun: u64) -> Result<String> {
-    Ok(format!("iscsi://{}/{target}/{lun}", c.node(node)?.portal()))
-}
-
-/// Reproducible pseudo-random bytes (xorshift64*).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-fn qemu_write(src: &Path, url: &str) -> Result<()> {
-    let out = run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(src)
-            .arg(url),
-        CLIENT,
-    )?;
-    ensure!(out.success(), "qemu-img write to {url} failed:\n{}", out.combined());
-    Ok(())
-}
-
-/// Reads `len` bytes from the start of the LU at `url`.
-fn qemu_read(url: &str, dir: &Path, len: usize) -> Result<Vec<u8>> {
-    let back = dir.join(format!("read-{}.raw", std::process::id()));
-    let out = run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", url])
-            .arg(&back),
-        CLIENT,
-    )?;
-    ensure!(out.success(), "qemu-img read from {url} failed:\n{}", out.combined());
-    let mut data = fs::read(&back)?;
-    let _ = fs::remove_file(&back);
-    ensure!(data.len() >= len, "read {} bytes, wanted {len}", data.len());
-    data.truncate(len);
-    Ok(data)
-}
 
 /// Waits until every running node applied the same index of `volume` and returns the image
 /// checksums (DESIGN.md invariant 4).

@@ -20,73 +20,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use raftsan_tests::cluster::{Cluster, applied_index, group_leader};
+use raftsan_tests::qemu::{pseudo_random, read as qemu_read, sha, url, write as qemu_write};
 use raftsan_tests::{Output, run};
-use sha2::{Digest, Sha256};
 
 const CLIENT: Duration = Duration::from_secs(180);
 const TESTING: &str = "[testing]\nfault_injection = true\n";
-
-/// The ERROR lines a node whose storage failed logs: raftsan's own (the one naming the failure
-/// and that the node or group is out of service), and openraft's echoes of the same failure
-/// (the state machine worker, the core's exit, the log's durability callback).
-const STORAGE_ERRORS: &[&str] = &[
-    "failed, node out of service",
-    "failed, group out of service",
-    "when Write Apply(",
-    "when Write Log(",
-    "IOFlushed error",
-    "failed to send HeartbeatProgress",
-];
-
-fn url(c: &Cluster, node: u64, target: &str, lun: u64) -> Result<String> {
-    Ok(format!("iscsi://{}/{target}/{lun}", c.node(node)?.portal()))
-}
-
-/// Reproducible pseudo-random bytes (xorshift64*).
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-fn qemu_write(src: &Path, url: &str) -> Result<()> {
-    let out = run(
-        Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-            .arg(src)
-            .arg(url),
-        CLIENT,
-    )?;
-    ensure!(out.success(), "qemu-img write to {url} failed:\n{}", out.combined());
-    Ok(())
-}
-
-fn qemu_read(url: &str, dir: &Path, len: usize) -> Result<Vec<u8>> {
-    let back = dir.join(format!("read-{}.raw", std::process::id()));
-    let out = run(
-        Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", url])
-            .arg(&back),
-        CLIENT,
-    )?;
-    ensure!(out.success(), "qemu-img read from {url} failed:\n{}", out.combined());
-    let mut data = fs::read(&back)?;
-    let _ = fs::remove_file(&back);
-    ensure!(data.len() >= len, "read {} bytes, wanted {len}", data.len());
-    data.truncate(len);
-    Ok(data)
-}
 
 const CHUNK: usize = 1 << 20;
 
@@ -234,9 +172,11 @@ fn disk_fault_case(
     let out = fault(c, via, &inject)?;
     ensure!(out.success(), "raftsan fault inject failed:\n{}", out.combined());
     ensure!(out.stdout.contains("fails with"), "inject printed:\n{}", out.stdout);
-    c.node_mut(victim)?
-        .expected_errors
-        .extend(STORAGE_ERRORS.iter().map(|s| s.to_string()));
+    c.node_mut(victim)?.expected_errors.extend(
+        raftsan_tests::cluster::STORAGE_FAILURE_ERRORS
+            .iter()
+            .map(|s| s.to_string()),
+    );
 
     let during: Vec<Vec<u8>> = (0..16u64)
         .map(|i| pseudo_random(CHUNK, victim * 1000 + via * 100 + i))
