@@ -258,6 +258,28 @@ impl Cluster {
         Ok(())
     }
 
+    /// The leader of `group` once it stayed the same for `quiet` (leadership moves to a volume's
+    /// preferred replica a few seconds after an election); at most 60 s.
+    pub fn settled_leader(&mut self, group: u64, quiet: Duration) -> Result<u64> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
+        let mut since = Instant::now();
+        loop {
+            let leader = group_leader(&self.status()?, group);
+            if leader != last {
+                last = leader;
+                since = Instant::now();
+            }
+            if let Some(l) = last
+                && since.elapsed() >= quiet
+            {
+                return Ok(l);
+            }
+            ensure!(Instant::now() < deadline, "group {group} has no settled leader");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Sends `signal` to node `id` (SIGKILL: the process is reaped; SIGSTOP/SIGCONT: it stays).
     pub fn signal(&mut self, id: u64, signal: libc::c_int) -> Result<()> {
         let n = self.node_mut(id)?;

@@ -728,6 +728,41 @@ pub fn start_single_target(kind: Kind, iqn: &str, lun_bytes: u64, extra: &[&str]
     Ok((daemon, backing))
 }
 
+/// iptables rules inserted for a test (`iptables -w -I RULE...`) and deleted when dropped, also
+/// when the test fails half-way.
+pub struct Iptables(Vec<Vec<String>>);
+
+impl Iptables {
+    pub fn insert(rules: &[&[&str]]) -> Result<Iptables> {
+        let mut done = Iptables(Vec::new());
+        for r in rules {
+            let rule: Vec<String> = r.iter().map(|s| s.to_string()).collect();
+            let out = run(
+                Command::new("iptables").arg("-w").arg("-I").args(&rule),
+                Duration::from_secs(20),
+            )?;
+            ensure!(
+                out.success(),
+                "iptables -I failed (install it with scripts/install-deps.sh):\n{}",
+                out.combined()
+            );
+            done.0.push(rule);
+        }
+        Ok(done)
+    }
+}
+
+impl Drop for Iptables {
+    fn drop(&mut self) {
+        for rule in self.0.drain(..) {
+            let _ = run(
+                Command::new("iptables").arg("-w").arg("-D").args(&rule),
+                Duration::from_secs(20),
+            );
+        }
+    }
+}
+
 /// Waits (at most 5 s) until every thread of `pid` is stopped (state `T` in
 /// `/proc/PID/task/*/stat`): kill(2) with SIGSTOP returns before the process has actually stopped,
 /// and on a busy machine it may still serve a request sent right after.

@@ -503,57 +503,6 @@ fn sample(text: &str, metric: &str, label: &str) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// iptables rules inserted for one test and removed when dropped.
-struct Iptables(Vec<Vec<String>>);
-
-impl Iptables {
-    fn insert(rules: &[&[&str]]) -> Result<Iptables> {
-        let mut done = Iptables(Vec::new());
-        for r in rules {
-            let rule: Vec<String> = r.iter().map(|s| s.to_string()).collect();
-            let out = run(
-                Command::new("iptables").arg("-w").arg("-I").args(&rule),
-                Duration::from_secs(20),
-            )?;
-            ensure!(
-                out.success(),
-                "iptables -I failed (install it with scripts/install-deps.sh):\n{}",
-                out.combined()
-            );
-            done.0.push(rule);
-        }
-        Ok(done)
-    }
-}
-
-impl Drop for Iptables {
-    fn drop(&mut self) {
-        for rule in self.0.drain(..) {
-            let _ = run(
-                Command::new("iptables").arg("-w").arg("-D").args(&rule),
-                Duration::from_secs(20),
-            );
-        }
-    }
-}
-
-/// The volume's leader once it stayed the same for `quiet` (leadership moves to the volume's
-/// preferred node a few seconds after an election).
-fn settled_leader(c: &mut Cluster, volume: u64, quiet: Duration) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut l = leader(c, volume)?;
-    let mut since = Instant::now();
-    while since.elapsed() < quiet {
-        ensure!(Instant::now() < deadline, "the volume's leadership never settled");
-        std::thread::sleep(Duration::from_millis(250));
-        let now = leader(c, volume)?;
-        if now != l {
-            (l, since) = (now, Instant::now());
-        }
-    }
-    Ok(l)
-}
-
 /// TEST UNIT READY on `raw`: (status, sense key, ASC, ASCQ) and how long the answer took.
 fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8), Duration)> {
     let sent = Instant::now();
@@ -576,7 +525,7 @@ fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8
 fn a_leader_cut_off_from_its_peers_says_transitioning_at_once() -> Result<()> {
     let mut c = Cluster::start(3)?;
     let (volume, target, _lun) = c.create_volume("cut", "16M")?;
-    let old = settled_leader(&mut c, volume, Duration::from_secs(7))?;
+    let old = c.settled_leader(volume, Duration::from_secs(7))?;
     let portal = c.node(old)?.portal();
     let ip = portal.ip().to_string();
     let mut raw = raftsan_tests::raw::Raw::connect(portal)?;
@@ -584,7 +533,7 @@ fn a_leader_cut_off_from_its_peers_says_transitioning_at_once() -> Result<()> {
     raw.clear_unit_attention()?;
 
     let port = raftsan_tests::cluster::RPC_PORT.to_string();
-    let cut = Iptables::insert(&[
+    let cut = raftsan_tests::Iptables::insert(&[
         &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
         &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
     ])?;

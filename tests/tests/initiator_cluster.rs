@@ -4,13 +4,12 @@
 //! no error and its verification must pass; the longest write latency (the client-visible stall)
 //! is printed.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use raftsan_tests::cluster::{Cluster, group_leader};
+use raftsan_tests::Scratch;
+use raftsan_tests::cluster::Cluster;
 use raftsan_tests::initiator::{self, Attach, FioRun, fio_ios, fio_max_write_latency};
-use raftsan_tests::{Scratch, run};
 
 const INITIATOR: &str = "iqn.2026-11.org.raftsan.test:failover-client";
 
@@ -21,73 +20,10 @@ enum Fault {
     Firewall,
 }
 
-/// Drops TCP packets to one portal while alive (loopback only).
-struct Firewall {
-    rule: Vec<String>,
-}
-
-impl Firewall {
-    fn block(ip: &str, port: u16) -> Result<Firewall> {
-        let rule: Vec<String> = [
-            "INPUT",
-            "-d",
-            ip,
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "DROP",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let mut args = vec!["-w".to_string(), "-I".to_string()];
-        args.extend(rule.iter().cloned());
-        let out = run(Command::new("iptables").args(&args), Duration::from_secs(20))?;
-        ensure!(
-            out.success(),
-            "iptables -I failed (install it with scripts/install-deps.sh):\n{}",
-            out.combined()
-        );
-        Ok(Firewall { rule })
-    }
-}
-
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        let mut args = vec!["-w".to_string(), "-D".to_string()];
-        args.extend(self.rule.iter().cloned());
-        let _ = run(Command::new("iptables").args(&args), Duration::from_secs(20));
-    }
-}
-
-/// The volume's leader once it stayed the same for `quiet` (leadership moves to the preferred
-/// replica a few seconds after an election).
-fn settled_leader(c: &mut Cluster, group: u64, quiet: Duration) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut last = None;
-    let mut since = Instant::now();
-    loop {
-        let leader = group_leader(&c.status()?, group);
-        if leader != last {
-            last = leader;
-            since = Instant::now();
-        }
-        if let Some(l) = last
-            && since.elapsed() >= quiet
-        {
-            return Ok(l);
-        }
-        ensure!(Instant::now() < deadline, "volume {group} has no settled leader");
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 fn failover(fault: Fault) -> Result<()> {
     let mut c = Cluster::start(3)?;
     let (group, target, lun) = c.create_volume("failover", "128M")?;
-    let leader = settled_leader(&mut c, group, Duration::from_secs(7))?;
+    let leader = c.settled_leader(group, Duration::from_secs(7))?;
     let portals: Vec<String> = (1..=3)
         .map(|id| Ok(c.node(id)?.portal().to_string()))
         .collect::<Result<_>>()?;
@@ -146,7 +82,9 @@ fn failover(fault: Fault) -> Result<()> {
             c.signal(leader, libc::SIGSTOP)?;
             None
         }
-        Fault::Firewall => Some(Firewall::block(&leader_ip, 3260)?),
+        Fault::Firewall => Some(raftsan_tests::Iptables::insert(&[&[
+            "INPUT", "-d", &leader_ip, "-p", "tcp", "--dport", "3260", "-j", "DROP",
+        ]])?),
     };
     // Hold the fault for 6 s, then heal (a stopped node resumes believing it leads).
     std::thread::sleep(Duration::from_secs(6));
