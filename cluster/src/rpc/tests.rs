@@ -300,7 +300,12 @@ fn pki() -> tempfile::TempDir {
 /// until a quorum acknowledged it).
 async fn write(raft: &openraft::Raft<TypeConfig, TestSm>, req: Request) -> Result<(), String> {
     for _ in 0..100 {
-        match raft.client_write(req.clone()).await {
+        // Bounded, so a stuck proposal fails with this message instead of hanging the test
+        // until nextest kills it (seen once in CI, step unknown).
+        let attempt = tokio::time::timeout(Duration::from_secs(30), raft.client_write(req.clone()))
+            .await
+            .map_err(|_| "client_write did not complete within 30 s".to_string())?;
+        match attempt {
             Ok(_) => return Ok(()),
             Err(openraft::errors::RaftError::APIError(openraft::errors::ClientWriteError::ForwardToLeader(f)))
                 if f.leader_id.is_none() || f.leader_id == Some(raft.metrics().borrow_watched().id) =>
@@ -372,8 +377,8 @@ async fn three_nodes_replicate_split_appends_and_fail_over() {
 
     // The leader goes away; the other two elect a new one and keep replicating.
     let old = nodes.remove(li);
-    old.raft.shutdown().await.unwrap();
-    old.server.stop().await;
+    step("old leader's Raft shutdown", old.raft.shutdown()).await.unwrap();
+    step("old leader's RPC server stop", old.server.stop()).await;
     let m = nodes[0]
         .raft
         .wait(Some(Duration::from_secs(30)))
@@ -395,8 +400,16 @@ async fn three_nodes_replicate_split_appends_and_fail_over() {
     .await
     .unwrap();
     for n in nodes {
-        n.raft.shutdown().await.unwrap();
-        n.server.stop().await;
+        step("Raft shutdown", n.raft.shutdown()).await.unwrap();
+        step("RPC server stop", n.server.stop()).await;
+    }
+}
+
+/// Awaits `f` for at most 30 s, panicking with `what` (a hang becomes a named failure).
+async fn step<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(30), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not complete within 30 s"),
     }
 }
 
