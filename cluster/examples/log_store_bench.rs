@@ -29,6 +29,7 @@ fn entry(index: u64) -> EntryOf<C> {
         Request::Write {
             offset_bytes: index * 4096,
             data,
+            origin: 0,
         },
     )
 }

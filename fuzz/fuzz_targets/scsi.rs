@@ -7,12 +7,14 @@
 //! Input: records `sel cdb_len data_hi data_lo cdb[cdb_len] data[len]`; `sel` bit 0 nexus,
 //! bits 1-2 LUN, bits 3-5 task attribute, bits 6-7 = 3 makes the record a management event
 //! (cdb_len selects which) instead of a command.
-//! Invariants: never panics; the status is one SAM-5 allows here; CHECK CONDITION carries sense
+//! Invariants: a FENCE SESSIONS (C7h) parameter list that decodes re-encodes to the same bytes;
+//! never panics; the status is one SAM-5 allows here; CHECK CONDITION carries sense
 //! in a valid format (SPC-4 §4.5: fixed 70h/71h or descriptor 72h/73h, consistent additional
 //! length) and no data; other statuses carry no sense; Data-In is bounded.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use raftsan_proto::scsi::fence;
 use raftsan_proto::scsi::sense::status;
 use raftsan_target::backing::{BackingStore, MemStore};
 use raftsan_target::catalog::{Backing, LunDef, derive_naa};
@@ -53,6 +55,7 @@ fn nexus(id: u64) -> Nexus {
         initiator_name: format!("iqn.2026-01.test:init{id}"),
         initiator_port: format!("iqn.2026-01.test:init{id},i,0x80000000000{id}"),
         isid,
+        tsih: id as u16,
         target_port: TargetPort {
             target_name: TARGET.into(),
             tpgt: 1,
@@ -229,6 +232,13 @@ fuzz_target!(|input: &[u8]| {
             expected_transfer_len: data_out.len() as u32,
             task_attr: (sel >> 3) & 7,
         };
+        if cdb.first() == Some(&fence::OPCODE) {
+            // The cluster's FENCE SESSIONS parameter list: a list that decodes re-encodes to
+            // the same bytes.
+            if let Ok(list) = fence::parse(cdb, data_out) {
+                assert_eq!(fence::encode(&list), data_out, "FENCE SESSIONS list {data_out:02x?}");
+            }
+        }
         let outcome = lus.execute_sync(nexus, &cmd);
         let block_size = match lun_no {
             1 => Some(512),

@@ -112,6 +112,15 @@ impl PathConn for IscsiPath {
     fn details(&self) -> Vec<(String, String)> {
         describe(self.session.negotiated())
     }
+
+    fn session_ref(&self) -> Option<raftsan_proto::scsi::fence::SessionRef> {
+        let n = self.session.negotiated();
+        Some(raftsan_proto::scsi::fence::SessionRef {
+            tpgt: n.tpgt?,
+            tsih: n.tsih,
+            isid: n.isid,
+        })
+    }
 }
 
 impl Connector for IscsiConnector {

@@ -14,6 +14,13 @@
 //!   ALUA states), a NOT READY access state (04/0A, 04/0B, 04/0C: the path's state is updated
 //!   from the sense and refreshed), BUSY, TASK SET FULL or ABORTED COMMAND.
 //!
+//! A command that failed with its path (connection lost, keepalive or command timeout) may still
+//! be in the network and reach the target late, after it was re-sent elsewhere and newer data
+//! was written (DESIGN.md invariant 3). Before the next command goes down any path, the layer
+//! names such abandoned sessions to the target in a FENCE SESSIONS command
+//! (`raftsan_proto::scsi::fence`): a raftsan cluster then refuses their writes. A target that
+//! does not know the command (ILLEGAL REQUEST 20/00) is noted once and not asked again.
+//!
 //! While no path is usable, commands wait for one for at most `no_path_retry` (dm-multipath's
 //! `no_path_retry` as a time), then fail with [`MultipathError::NoPath`]. A better path that
 //! comes back is used by the next command (immediate failback).
@@ -21,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -29,6 +36,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
+
+pub use raftsan_proto::scsi::fence;
+use raftsan_proto::scsi::fence::SessionRef;
 
 use crate::metrics::TargetMetrics;
 use crate::scsi::{self, AluaState, Designator, DeviceId, Sense, StandardInquiry, key, status};
@@ -97,6 +107,10 @@ pub trait PathConn: Clone + Send + Sync + 'static {
     fn logout(&self) -> impl Future<Output = ()> + Send;
     /// Negotiated parameters and connection facts, for `session` output.
     fn details(&self) -> Vec<(String, String)>;
+    /// The session as the target knows it (TPGT, TSIH, ISID), to fence it once abandoned.
+    fn session_ref(&self) -> Option<SessionRef> {
+        None
+    }
 }
 
 /// A portal a target reported through SendTargets.
@@ -275,6 +289,12 @@ struct Shared<C: Connector> {
     counters: Counters,
     /// Prometheus handles, registered once at start.
     metrics: TargetMetrics,
+    /// Sessions abandoned with commands of unknown fate, not fenced yet.
+    unfenced: Mutex<Vec<SessionRef>>,
+    /// One FENCE SESSIONS at a time.
+    fencing: tokio::sync::Mutex<()>,
+    /// The target answered FENCE SESSIONS with INVALID COMMAND OPERATION CODE.
+    fence_unsupported: AtomicBool,
 }
 
 /// A multipath logical unit. Cheap to clone.
@@ -322,6 +342,12 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Why the command waits instead of going down the picked path (the fence did not pass).
+enum FenceHold {
+    PathFailed(PathFailure),
+    Retry(Duration),
 }
 
 /// What to do with a completed command.
@@ -380,6 +406,9 @@ impl<C: Connector> Multipath<C> {
             stop,
             counters: Counters::default(),
             metrics,
+            unfenced: Mutex::new(Vec::new()),
+            fencing: tokio::sync::Mutex::new(()),
+            fence_unsupported: AtomicBool::new(false),
         });
         let mp = Multipath { shared };
         for portal in mp.shared.cfg.portals.clone() {
@@ -612,12 +641,38 @@ impl<C: Connector> Multipath<C> {
             }
             tries += 1;
             let guard = InFlight(picked.in_flight.clone());
+            match self.fence_abandoned(&picked).await {
+                Ok(()) => {}
+                Err(FenceHold::PathFailed(failure)) => {
+                    drop(guard);
+                    *stalled = true;
+                    self.path_failed(picked.index, picked.generation, &failure);
+                    if exhausted(tries) {
+                        return Err(MultipathError::TooManyRetries { tries, last: failure.0 });
+                    }
+                    continue;
+                }
+                Err(FenceHold::Retry(pause)) => {
+                    drop(guard);
+                    *stalled = true;
+                    if exhausted(tries) {
+                        return Err(MultipathError::TooManyRetries {
+                            tries,
+                            last: "the target did not accept FENCE SESSIONS".into(),
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            }
             let result = picked.conn.execute(req.clone()).await;
             drop(guard);
             let reply = match result {
                 Ok(reply) => reply,
                 Err(failure) => {
                     *stalled = true;
+                    // Its fate is unknown: the session must be fenced before anything else runs.
+                    self.abandoned(&picked.conn);
                     self.path_failed(picked.index, picked.generation, &failure);
                     if exhausted(tries) {
                         return Err(MultipathError::TooManyRetries { tries, last: failure.0 });
@@ -655,6 +710,93 @@ impl<C: Connector> Multipath<C> {
                 Verdict::Backoff => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+
+    fn unfenced(&self) -> MutexGuard<'_, Vec<SessionRef>> {
+        self.shared.unfenced.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A command on `conn` failed with its path: remember the session for the next fence.
+    fn abandoned(&self, conn: &C::Conn) {
+        if self.shared.fence_unsupported.load(Ordering::Relaxed) {
+            return;
+        }
+        match conn.session_ref() {
+            Some(r) => {
+                let mut list = self.unfenced();
+                if !list.contains(&r) {
+                    list.push(r);
+                }
+            }
+            None => debug!("an abandoned session without a TSIH/TPGT cannot be fenced"),
+        }
+    }
+
+    /// Fences the abandoned sessions through `picked` before a command goes down it: Ok when
+    /// there is nothing (left) to fence.
+    async fn fence_abandoned(&self, picked: &Picked<C::Conn>) -> Result<(), FenceHold> {
+        if self.unfenced().is_empty() {
+            return Ok(());
+        }
+        let _one = self.shared.fencing.lock().await;
+        let own = picked.conn.session_ref();
+        let list: Vec<SessionRef> = self
+            .unfenced()
+            .iter()
+            .copied()
+            .filter(|r| Some(*r) != own)
+            .take(fence::MAX_SESSIONS)
+            .collect();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let req = Request {
+            lun: self.shared.cfg.lun,
+            cdb: fence::cdb(list.len()).to_vec(),
+            data_out: Some(Bytes::from(fence::encode(&list))),
+            data_in_len: 0,
+        };
+        let reply = picked.conn.execute(req).await.map_err(FenceHold::PathFailed)?;
+        let done = |this: &Self| this.unfenced().retain(|r| !list.contains(r));
+        if reply.status == status::GOOD {
+            info!(
+                target = %self.shared.cfg.target,
+                sessions = ?list.iter().map(|r| format!("tpgt {} tsih {}", r.tpgt, r.tsih)).collect::<Vec<_>>(),
+                "abandoned sessions fenced"
+            );
+            done(self);
+            return Ok(());
+        }
+        let sense = reply.sense();
+        if let Some(s) = sense.filter(|s| s.code.key == key::ILLEGAL_REQUEST) {
+            // Not supported (20/00), or refused as malformed: fencing is off for this device
+            // rather than holding every command up.
+            warn!(
+                target = %self.shared.cfg.target,
+                answer = %s,
+                "the target does not accept FENCE SESSIONS: a command held up on a failed path could \
+                 still be executed after it was re-sent elsewhere"
+            );
+            self.shared.fence_unsupported.store(true, Ordering::Relaxed);
+            self.unfenced().clear();
+            return Ok(());
+        }
+        debug!(reply = %describe_status(reply.status, sense), "FENCE SESSIONS not accepted yet");
+        Err(FenceHold::Retry(match verdict(&reply) {
+            Verdict::PathState(state) => {
+                self.set_alua(picked.index, picked.generation, state);
+                self.shared.refresh.notify_one();
+                Duration::from_millis(50)
+            }
+            Verdict::Again { refresh } => {
+                if refresh {
+                    self.shared.refresh.notify_one();
+                }
+                Duration::from_millis(10)
+            }
+            Verdict::Backoff => Duration::from_millis(20),
+            Verdict::Done => Duration::from_millis(100),
+        }))
     }
 
     fn summary(&self) -> String {

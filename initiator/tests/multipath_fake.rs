@@ -10,6 +10,7 @@ use raftsan_initiator::multipath::{
     Connector, DiscoveredPortal, Multipath, MultipathConfig, MultipathError, PathConn, PathFailure, PathStatus, Reply,
     Request,
 };
+use raftsan_proto::scsi::fence::{self, SessionRef};
 use tokio::sync::watch;
 
 /// One fake node: is it reachable, which LU does it export, which port group is it.
@@ -21,6 +22,10 @@ struct Node {
     group: u16,
     /// Answer every media command with this sense (key, asc, ascq) instead of executing it.
     sense: Option<(u8, u8, u8)>,
+    /// Media commands get no answer until the session dies (a hung path).
+    hang: bool,
+    /// Answer FENCE SESSIONS with INVALID COMMAND OPERATION CODE (a target without it).
+    no_fence: bool,
 }
 
 #[derive(Default)]
@@ -30,6 +35,11 @@ struct World {
     leader: u16,
     /// Which portal executed each WRITE, in order.
     writes: Vec<String>,
+    /// WRITEs and FENCE SESSIONS in the order the nodes executed them: "write@a:1",
+    /// "fence@b:1 1/7" (TPGT/TSIH of each fenced session).
+    events: Vec<String>,
+    /// TSIH of the last login.
+    last_tsih: u16,
     /// Pending unit attention per portal (key 6 ASC/ASCQ), delivered once.
     ua: HashMap<String, (u8, u8)>,
     /// Live sessions, so a node "crash" can kill them.
@@ -52,6 +62,8 @@ impl Fake {
                 lu,
                 group,
                 sense: None,
+                hang: false,
+                no_fence: false,
             },
         );
     }
@@ -76,6 +88,8 @@ impl Fake {
 struct FakeConn {
     fake: Fake,
     portal: String,
+    tpgt: u16,
+    tsih: u16,
     dead: watch::Receiver<Option<String>>,
     kill: Arc<watch::Sender<Option<String>>>,
 }
@@ -108,12 +122,18 @@ impl PathConn for FakeConn {
             return Err(PathFailure(why));
         }
         tokio::task::yield_now().await;
+        let op = req.cdb[0];
+        let hang = self.fake.world().nodes.get(&self.portal).is_some_and(|n| n.hang);
+        if hang && !matches!(op, 0x12 | 0xa3) {
+            let mut rx = self.dead.clone();
+            let why = rx.wait_for(|d| d.is_some()).await.map(|d| d.clone()).ok().flatten();
+            return Err(PathFailure(why.unwrap_or_else(|| "gone".into())));
+        }
         let mut w = self.fake.world();
         let node = w.nodes.get(&self.portal).cloned().unwrap();
         if !node.up {
             return Err(PathFailure("connection reset".into()));
         }
-        let op = req.cdb[0];
         if op != 0x12
             && let Some((asc, ascq)) = w.ua.remove(&self.portal)
         {
@@ -154,12 +174,23 @@ impl PathConn for FakeConn {
                 d[0..4].copy_from_slice(&n.to_be_bytes());
                 Ok(good(d))
             }
+            fence::OPCODE if node.no_fence => {
+                w.events.push(format!("fence-refused@{}", self.portal));
+                Ok(check(5, 0x20, 0))
+            }
+            fence::OPCODE => {
+                let list = fence::parse(&req.cdb, req.data_out.as_deref().unwrap_or_default()).unwrap();
+                let named: Vec<String> = list.iter().map(|r| format!("{}/{}", r.tpgt, r.tsih)).collect();
+                w.events.push(format!("fence@{} {}", self.portal, named.join(",")));
+                Ok(good(Vec::new()))
+            }
             _ => {
                 if let Some((k, a, q)) = node.sense {
                     return Ok(check(k, a, q));
                 }
                 if op == 0x8a {
                     w.writes.push(self.portal.clone());
+                    w.events.push(format!("write@{}", self.portal));
                 }
                 Ok(good(vec![0u8; req.data_in_len as usize]))
             }
@@ -183,7 +214,18 @@ impl PathConn for FakeConn {
     }
 
     fn details(&self) -> Vec<(String, String)> {
-        vec![("portal".into(), self.portal.clone())]
+        vec![
+            ("portal".into(), self.portal.clone()),
+            ("session".into(), format!("{}/{}", self.tpgt, self.tsih)),
+        ]
+    }
+
+    fn session_ref(&self) -> Option<SessionRef> {
+        Some(SessionRef {
+            tpgt: self.tpgt,
+            tsih: self.tsih,
+            isid: [0x80, 0, 0, 0, 0, 1],
+        })
     }
 }
 
@@ -192,15 +234,18 @@ impl Connector for Fake {
 
     async fn connect(&self, portal: &str, _target: &str) -> Result<FakeConn, PathFailure> {
         let mut w = self.world();
-        match w.nodes.get(portal) {
-            Some(n) if n.up => {}
+        let tpgt = match w.nodes.get(portal) {
+            Some(n) if n.up => n.group,
             _ => return Err(PathFailure(format!("{portal}: connection refused"))),
-        }
+        };
         let (tx, rx) = watch::channel(None);
         w.sessions.push((portal.into(), tx.clone()));
+        w.last_tsih += 1;
         Ok(FakeConn {
             fake: self.clone(),
             portal: portal.into(),
+            tpgt,
+            tsih: w.last_tsih,
             dead: rx,
             kill: Arc::new(tx),
         })
@@ -430,4 +475,86 @@ async fn discovery_adds_every_portal_of_the_target() {
             ("c:1".into(), Some(3))
         ]
     );
+}
+
+/// The session of `portal` as the fake target numbered it (TPGT/TSIH).
+fn session_of(mp: &Multipath<Fake>, portal: &str) -> String {
+    let p = mp.view().paths.into_iter().find(|p| p.portal == portal).unwrap();
+    p.details.get("session").cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_path_abandoned_with_a_write_in_flight_is_fenced_before_anything_else_runs() {
+    let fake = three_nodes();
+    let mp = Multipath::start(fake.clone(), config(&["a:1", "b:1", "c:1"]));
+    all_up(&mp, 3).await;
+    let a_session = session_of(&mp, "a:1");
+    mp.execute(write()).await.unwrap();
+    // a's path hangs with a write on it; the session then fails (keepalive timeout).
+    fake.world().nodes.get_mut("a:1").unwrap().hang = true;
+    let m = mp.clone();
+    let stuck = tokio::spawn(async move { m.execute(write()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!stuck.is_finished());
+    fake.world().leader = 2;
+    fake.kill("a:1");
+    stuck.await.unwrap().unwrap();
+    mp.execute(write()).await.unwrap();
+    let events = fake.world().events.clone();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[0], "write@a:1");
+    // The re-sent write went after a fence of a's session, through the same node.
+    let fence = &events[1];
+    assert!(fence.starts_with("fence@"), "{events:?}");
+    assert!(
+        fence.ends_with(&format!(" {a_session}")),
+        "{events:?} (a's session {a_session})"
+    );
+    let via = fence.trim_start_matches("fence@").split(' ').next().unwrap();
+    assert_eq!(events[2], format!("write@{via}"), "{events:?}");
+    // Fenced once: the next write goes straight through.
+    assert!(events[3].starts_with("write@"), "{events:?}");
+    mp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_path_lost_while_idle_needs_no_fence_and_a_target_without_fencing_is_asked_once() {
+    let fake = three_nodes();
+    for n in fake.world().nodes.values_mut() {
+        n.no_fence = true;
+    }
+    let mp = Multipath::start(fake.clone(), config(&["a:1", "b:1", "c:1"]));
+    all_up(&mp, 3).await;
+    // Idle: nothing of unknown fate, nothing to fence.
+    fake.world().leader = 2;
+    fake.kill("a:1");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    mp.execute(write()).await.unwrap();
+    assert_eq!(fake.world().events.len(), 1, "{:?}", fake.world().events);
+    // A hung path with a write on it: the fence is refused (20/00), the write still completes,
+    // and the next failure does not ask again.
+    let b = "b:1";
+    fake.world().nodes.get_mut(b).unwrap().hang = true;
+    let m = mp.clone();
+    let stuck = tokio::spawn(async move { m.execute(write()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fake.world().leader = 3;
+    fake.kill(b);
+    stuck.await.unwrap().unwrap();
+    let events = fake.world().events.clone();
+    assert_eq!(events, ["write@b:1", "fence-refused@c:1", "write@c:1"], "{events:?}");
+    // b comes back; c hangs with a write on it: no second fence attempt.
+    fake.revive(b);
+    fake.world().nodes.get_mut(b).unwrap().hang = false;
+    fake.world().nodes.get_mut("c:1").unwrap().hang = true;
+    all_up(&mp, 2).await;
+    let m = mp.clone();
+    let stuck = tokio::spawn(async move { m.execute(write()).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fake.world().leader = 2;
+    fake.kill("c:1");
+    stuck.await.unwrap().unwrap();
+    let events = fake.world().events.clone();
+    assert_eq!(events[3..], ["write@b:1"], "{events:?}");
+    mp.shutdown().await;
 }

@@ -37,6 +37,7 @@ use anyhow::{Result, anyhow};
 use bytes::Bytes;
 use openraft::ReadPolicy;
 use raftsan_proto::scsi::cdb::op;
+use raftsan_proto::scsi::fence;
 use raftsan_proto::scsi::sense::{self, status};
 use raftsan_target::backing::BackingStore;
 use raftsan_target::catalog::{Backing, ChapAccount, Cidr, LunDef, TargetDef};
@@ -102,6 +103,9 @@ thread_local! {
     /// Set by [`ReplicatedStore`] when a proposal or read barrier failed because this node is no
     /// longer the leader; the router turns the command's error into UNIT ATTENTION 2A/06.
     static FENCED: Cell<bool> = const { Cell::new(false) };
+    /// The session key (`fence::session_key`) of the command [`ReplicatedStore`] runs for; its
+    /// writes carry it into the log, where a fence of the session refuses them.
+    static ORIGIN: Cell<u64> = const { Cell::new(0) };
 }
 
 /// The volume's backing store on this node: writes go through the Raft log, reads come from the
@@ -155,6 +159,10 @@ impl ReplicatedStore {
             }
         });
         match r {
+            Ok(resp) if resp.data.fenced => Err(self.fenced(
+                "replicating",
+                "the initiator fenced this session (FENCE SESSIONS); not written",
+            )),
             Ok(resp) => match resp.data.error {
                 None => Ok(()),
                 Some(e) => Err(io::Error::other(format!("volume {}: {e}", self.name))),
@@ -202,6 +210,7 @@ impl BackingStore for ReplicatedStore {
         self.propose(Request::Write {
             offset_bytes: offset,
             data: Bytes::copy_from_slice(buf),
+            origin: ORIGIN.with(|o| o.get()),
         })
     }
 
@@ -215,6 +224,7 @@ impl BackingStore for ReplicatedStore {
         self.propose(Request::Unmap {
             offset_bytes: offset,
             len_bytes: len,
+            origin: ORIGIN.with(|o| o.get()),
         })
     }
 
@@ -457,10 +467,15 @@ impl VolumeRuntime {
             }
         }
         self.know_nexus(&nexus);
-        let v = self.clone();
         let opcode = cmd.cdb.first().copied().unwrap_or(0);
+        if opcode == fence::OPCODE {
+            return self.fence_sessions(&nexus, &cmd).await;
+        }
+        let v = self.clone();
+        let origin = origin_of(&nexus);
         let joined = tokio::task::spawn_blocking(move || {
             FENCED.with(|f| f.set(false));
+            ORIGIN.with(|o| o.set(origin));
             let command = raftsan_target::lu::Command {
                 lun: cmd.lun,
                 cdb: &cmd.cdb,
@@ -502,6 +517,56 @@ impl VolumeRuntime {
                 tracing::error!(volume = self.id, "SCSI execution task failed: {e}");
                 Some(Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false))
             }
+        }
+    }
+
+    /// FENCE SESSIONS on the leader: the named sessions of the requesting initiator are fenced
+    /// in the log (their writes ordered after it are refused on every replica), then GOOD.
+    /// `None` when the fence could not be committed under this leadership (the caller answers
+    /// as for any command that lost its leader; the initiator sends the fence again).
+    async fn fence_sessions(&self, nexus: &Nexus, cmd: &OwnedCommand) -> Option<Outcome> {
+        let sessions = match fence::parse(&cmd.cdb, &cmd.data_out) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(volume = self.id, initiator = %nexus.initiator_name, "FENCE SESSIONS refused: {e}");
+                let code = match e {
+                    fence::FenceError::LengthMismatch { .. } | fence::FenceError::Ragged(_) => {
+                        sense::PARAMETER_LIST_LENGTH_ERROR
+                    }
+                    fence::FenceError::ShortCdb(_) => sense::INVALID_FIELD_IN_CDB,
+                    _ => sense::INVALID_FIELD_IN_PARAMETER_LIST,
+                };
+                return Some(Outcome::check_code(code, false));
+            }
+        };
+        let own = origin_of(nexus);
+        // An initiator can only fence its own sessions (the key includes its name), and never
+        // the session it asks through.
+        let keys: Vec<u64> = sessions
+            .iter()
+            .map(|s| fence::session_key(&nexus.initiator_name, s))
+            .filter(|&k| k != own)
+            .collect();
+        tracing::info!(
+            volume = self.id,
+            initiator = %nexus.initiator_name,
+            sessions = ?sessions.iter().map(|s| format!("tpgt {} tsih {}", s.tpgt, s.tsih)).collect::<Vec<_>>(),
+            "fencing abandoned sessions of the initiator"
+        );
+        if keys.is_empty() {
+            return Some(Outcome::good(Vec::new()));
+        }
+        let r = tokio::select! {
+            r = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(Request::Fence { keys })) => r,
+            () = lost_quorum(&self.raft, self.node.id) => return None,
+        };
+        match r {
+            Ok(Ok(_)) => Some(Outcome::good(Vec::new())),
+            Ok(Err(e)) => {
+                tracing::debug!(volume = self.id, "fence not committed: {e}");
+                None
+            }
+            Err(_) => None,
         }
     }
 
@@ -732,6 +797,7 @@ pub(super) fn nexus_to_pb(n: &Nexus) -> crate::pb::cluster::Nexus {
         initiator_name: n.initiator_name.clone(),
         initiator_port: n.initiator_port.clone(),
         isid: Bytes::copy_from_slice(&n.isid),
+        tsih: u32::from(n.tsih),
         target_name: n.target_port.target_name.clone(),
         tpgt: u32::from(n.target_port.tpgt),
         relative_port_id: u32::from(n.target_port.relative_port_id),
@@ -746,6 +812,7 @@ pub(super) fn nexus_from_pb(n: &crate::pb::cluster::Nexus) -> Option<Nexus> {
         initiator_name: n.initiator_name.clone(),
         initiator_port: n.initiator_port.clone(),
         isid,
+        tsih: u16::try_from(n.tsih).ok()?,
         target_port: TargetPort {
             target_name: n.target_name.clone(),
             tpgt: u16::try_from(n.tpgt).ok()?,
@@ -753,6 +820,21 @@ pub(super) fn nexus_from_pb(n: &crate::pb::cluster::Nexus) -> Option<Nexus> {
             port_group: u16::try_from(n.port_group).ok()?,
         },
     })
+}
+
+/// The key a session's writes carry into the log (0 for a nexus without an iSCSI session).
+fn origin_of(nexus: &Nexus) -> u64 {
+    if nexus.tsih == 0 {
+        return 0;
+    }
+    fence::session_key(
+        &nexus.initiator_name,
+        &fence::SessionRef {
+            tpgt: nexus.target_port.tpgt,
+            tsih: nexus.tsih,
+            isid: nexus.isid,
+        },
+    )
 }
 
 struct VolumeAlua(std::sync::Weak<VolumeRuntime>);
@@ -930,6 +1012,7 @@ mod tests {
             initiator_name: "iqn.x".into(),
             initiator_port: "iqn.x,i,0x400000000001".into(),
             isid: [0x40, 0, 0, 0, 0, 1],
+            tsih: 3,
             target_port: TargetPort {
                 target_name: "iqn.t".into(),
                 tpgt: 2,

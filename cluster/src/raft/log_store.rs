@@ -1178,6 +1178,7 @@ mod tests {
             Request::Write {
                 offset_bytes: index * 4096,
                 data,
+                origin: 0,
             },
         )
     }
@@ -1265,6 +1266,7 @@ mod tests {
             Request::Unmap {
                 offset_bytes: 0,
                 len_bytes: 1 << 20,
+                origin: 0,
             },
         ));
         entries.push(Entry::new_normal(lid(2, 21), Request::Flush));

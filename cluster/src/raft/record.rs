@@ -56,6 +56,8 @@ pub const OP_PR_STATE: u32 = 3;
 pub const OP_RESIZE: u32 = 4;
 /// `AppDataRecord::op` of [`Request::Meta`].
 pub const OP_META: u32 = 5;
+/// `AppDataRecord::op` of [`Request::Fence`] (`keys` holds the session keys).
+pub const OP_FENCE: u32 = 6;
 
 /// One framed record found by [`decode_records`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +212,12 @@ pub struct AppDataRecord {
     pub len_bytes: u64,
     #[prost(bytes = "bytes", tag = "4")]
     pub data: Bytes,
+    /// Session key of a write or unmap (0: none).
+    #[prost(uint64, tag = "5")]
+    pub origin: u64,
+    /// Session keys of a fence.
+    #[prost(uint64, repeated, tag = "6")]
+    pub keys: Vec<u64>,
 }
 
 /// A set of voter ids (one config of a possibly joint membership).
@@ -310,20 +318,32 @@ pub fn entry_to_record(entry: &Entry) -> EntryRecord {
         },
         EntryPayload::Normal(req) => {
             let app = match req {
-                Request::Write { offset_bytes, data } => AppDataRecord {
+                Request::Write {
+                    offset_bytes,
+                    data,
+                    origin,
+                } => AppDataRecord {
                     op: OP_WRITE,
                     offset_bytes: *offset_bytes,
-                    len_bytes: 0,
                     data: data.clone(),
+                    origin: *origin,
+                    ..Default::default()
                 },
                 Request::Unmap {
                     offset_bytes,
                     len_bytes,
+                    origin,
                 } => AppDataRecord {
                     op: OP_UNMAP,
                     offset_bytes: *offset_bytes,
                     len_bytes: *len_bytes,
-                    data: Bytes::new(),
+                    origin: *origin,
+                    ..Default::default()
+                },
+                Request::Fence { keys } => AppDataRecord {
+                    op: OP_FENCE,
+                    keys: keys.clone(),
+                    ..Default::default()
                 },
                 Request::Flush => AppDataRecord {
                     op: OP_FLUSH,
@@ -332,20 +352,18 @@ pub fn entry_to_record(entry: &Entry) -> EntryRecord {
                 Request::PrState { lun, state } => AppDataRecord {
                     op: OP_PR_STATE,
                     offset_bytes: *lun,
-                    len_bytes: 0,
                     data: state.clone(),
+                    ..Default::default()
                 },
                 Request::Resize { size_bytes } => AppDataRecord {
                     op: OP_RESIZE,
-                    offset_bytes: 0,
                     len_bytes: *size_bytes,
-                    data: Bytes::new(),
+                    ..Default::default()
                 },
                 Request::Meta(cmd) => AppDataRecord {
                     op: OP_META,
-                    offset_bytes: 0,
-                    len_bytes: 0,
                     data: cmd.clone(),
+                    ..Default::default()
                 },
             };
             EntryRecord {
@@ -382,11 +400,14 @@ pub fn record_to_entry(rec: &EntryRecord) -> io::Result<Entry> {
                 OP_WRITE => Request::Write {
                     offset_bytes: app.offset_bytes,
                     data: app.data.clone(),
+                    origin: app.origin,
                 },
                 OP_UNMAP => Request::Unmap {
                     offset_bytes: app.offset_bytes,
                     len_bytes: app.len_bytes,
+                    origin: app.origin,
                 },
+                OP_FENCE => Request::Fence { keys: app.keys.clone() },
                 OP_FLUSH => Request::Flush,
                 OP_PR_STATE => Request::PrState {
                     lun: app.offset_bytes,
@@ -497,6 +518,7 @@ mod tests {
                 Request::Write {
                     offset_bytes: 4096,
                     data: Bytes::from_static(b"hello"),
+                    origin: 77,
                 },
             ),
             Entry::new_normal(
@@ -504,9 +526,16 @@ mod tests {
                 Request::Unmap {
                     offset_bytes: 8192,
                     len_bytes: 512,
+                    origin: 0,
                 },
             ),
             Entry::new_normal(lid, Request::Flush),
+            Entry::new_normal(
+                lid,
+                Request::Fence {
+                    keys: vec![3, u64::MAX],
+                },
+            ),
             Entry::new_normal(
                 lid,
                 Request::PrState {

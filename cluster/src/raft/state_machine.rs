@@ -125,12 +125,28 @@ pub struct PrStateRecord {
     pub state: Bytes,
 }
 
-/// The sidecar of a volume snapshot: every LUN's PR state.
+/// A fenced session (FENCE SESSIONS): its key and the index of the fence entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FenceRecord {
+    #[prost(uint64, tag = "1")]
+    pub key: u64,
+    #[prost(uint64, tag = "2")]
+    pub index: u64,
+}
+
+/// The sidecar of a volume snapshot: every LUN's PR state and the fenced sessions.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PrStatesRecord {
     #[prost(message, repeated, tag = "1")]
     pub luns: Vec<PrStateRecord>,
+    #[prost(message, repeated, tag = "2")]
+    pub fenced: Vec<FenceRecord>,
 }
+
+/// How many fenced sessions a volume remembers; the oldest fence is forgotten first. A fence
+/// only matters while writes of the abandoned session can still arrive (seconds), and every
+/// fence names at most `fence::MAX_SESSIONS` sessions.
+pub const FENCE_LIMIT: usize = 4096;
 
 /// A snapshot: its meta, the file length it had (volume) and its sidecar.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -178,6 +194,9 @@ pub struct SmStateRecord {
     /// An install to finish before anything else.
     #[prost(message, optional, tag = "8")]
     pub installing: Option<InstallRecord>,
+    /// Volume: the fenced sessions at `applied`.
+    #[prost(message, repeated, tag = "9")]
+    pub fenced: Vec<FenceRecord>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -226,6 +245,29 @@ fn pr_states_to_records(m: &BTreeMap<u64, Bytes>) -> Vec<PrStateRecord> {
 
 fn pr_states_from_records(v: &[PrStateRecord]) -> BTreeMap<u64, Bytes> {
     v.iter().map(|r| (r.lun, r.state.clone())).collect()
+}
+
+fn fenced_to_records(m: &BTreeMap<u64, u64>) -> Vec<FenceRecord> {
+    m.iter().map(|(&key, &index)| FenceRecord { key, index }).collect()
+}
+
+fn fenced_from_records(v: &[FenceRecord]) -> BTreeMap<u64, u64> {
+    let mut m = BTreeMap::new();
+    for r in v {
+        fence(&mut m, r.key, r.index);
+    }
+    m
+}
+
+/// Adds a fenced session, forgetting the oldest fences beyond [`FENCE_LIMIT`].
+fn fence(m: &mut BTreeMap<u64, u64>, key: u64, index: u64) {
+    m.insert(key, index);
+    while m.len() > FENCE_LIMIT {
+        let Some((&oldest, _)) = m.iter().min_by_key(|&(&k, &i)| (i, k)) else {
+            break;
+        };
+        m.remove(&oldest);
+    }
 }
 
 fn snapshot_record(meta: &SnapshotMeta, len: u64, sidecar: Bytes) -> SnapshotRecord {
@@ -383,6 +425,8 @@ struct Live {
     last_applied: Option<LogId>,
     membership: StoredMembership,
     pr_states: BTreeMap<u64, Bytes>,
+    /// Volume: fenced session keys and the index of their fence.
+    fenced: BTreeMap<u64, u64>,
     catalogue: Arc<Catalogue>,
     snapshot: Option<SnapshotRecord>,
     /// Entries applied since the last persist.
@@ -489,6 +533,7 @@ impl GroupStateMachine {
             last_applied,
             membership,
             pr_states: pr_states_from_records(&rec.pr_states),
+            fenced: fenced_from_records(&rec.fenced),
             catalogue,
             snapshot: rec.snapshot.clone(),
             unpersisted: 0,
@@ -538,6 +583,11 @@ impl GroupStateMachine {
     /// Volume: the PR state blob of `lun` as last applied, None if never set.
     pub fn pr_state(&self, lun: u64) -> Option<Bytes> {
         lock(&self.inner.live).pr_states.get(&lun).cloned()
+    }
+
+    /// Volume: whether writes of the session with `key` are refused (FENCE SESSIONS).
+    pub fn is_fenced(&self, key: u64) -> bool {
+        lock(&self.inner.live).fenced.contains_key(&key)
     }
 
     /// A watch that changes whenever PR state or the size changes by apply or snapshot install
@@ -591,7 +641,7 @@ impl GroupStateMachine {
     fn capture(&self) -> GroupSnapshotBuilder {
         let live = lock(&self.inner.live);
         let (len, sidecar) = match &self.inner.kind {
-            Kind::Volume(img) => (img.size_bytes(), encode_pr_states(&live.pr_states)),
+            Kind::Volume(img) => (img.size_bytes(), encode_sidecar(&live.pr_states, &live.fenced)),
             Kind::Meta(_) => (0, Bytes::from(live.catalogue.encode_to_vec())),
         };
         GroupSnapshotBuilder {
@@ -606,10 +656,11 @@ impl GroupStateMachine {
     }
 }
 
-fn encode_pr_states(m: &BTreeMap<u64, Bytes>) -> Bytes {
+fn encode_sidecar(pr: &BTreeMap<u64, Bytes>, fenced: &BTreeMap<u64, u64>) -> Bytes {
     Bytes::from(
         PrStatesRecord {
-            luns: pr_states_to_records(m),
+            luns: pr_states_to_records(pr),
+            fenced: fenced_to_records(fenced),
         }
         .encode_to_vec(),
     )
@@ -670,7 +721,7 @@ impl Inner {
     /// the captured index includes), then write the state file with `extra` applied too. The
     /// persisted applied index never goes backwards.
     fn persist(&self, extra: impl FnOnce(&mut SmStateRecord)) -> io::Result<()> {
-        let (applied, membership, pr_states, catalogue) = {
+        let (applied, membership, pr_states, fenced, catalogue) = {
             let mut live = lock(&self.live);
             live.unpersisted = 0;
             live.unpersisted_since = None;
@@ -679,6 +730,7 @@ impl Inner {
                 live.last_applied.as_ref().map(LogIdRecord::from),
                 membership_to_record(&live.membership),
                 pr_states_to_records(&live.pr_states),
+                fenced_to_records(&live.fenced),
                 match &self.kind {
                     Kind::Meta(_) => Some((*live.catalogue).clone()),
                     Kind::Volume(_) => None,
@@ -698,6 +750,7 @@ impl Inner {
                 rec.applied = applied;
                 rec.membership = Some(membership);
                 rec.pr_states = pr_states;
+                rec.fenced = fenced;
                 rec.catalogue = catalogue;
                 rec.size_bytes = size_bytes;
             }
@@ -719,7 +772,15 @@ impl Inner {
         match &entry.payload {
             EntryPayload::Blank | EntryPayload::Membership(_) => {}
             EntryPayload::Normal(req) => match (&self.kind, req) {
-                (Kind::Volume(img), Request::Write { offset_bytes, data }) => {
+                (Kind::Volume(_), Request::Write { origin, .. } | Request::Unmap { origin, .. })
+                    if *origin != 0 && lock(&self.live).fenced.contains_key(origin) =>
+                {
+                    // A late command of a session its initiator abandoned (DESIGN.md invariant
+                    // 3): refused, the same way on every replica.
+                    tracing::debug!(dir = %self.dir.display(), index, "{req} of a fenced session refused");
+                    response.fenced = true;
+                }
+                (Kind::Volume(img), Request::Write { offset_bytes, data, .. }) => {
                     if img.in_range(*offset_bytes, data.len() as u64) {
                         img.write_at(data, *offset_bytes)?;
                     } else {
@@ -731,6 +792,7 @@ impl Inner {
                     Request::Unmap {
                         offset_bytes,
                         len_bytes,
+                        ..
                     },
                 ) => {
                     if img.in_range(*offset_bytes, *len_bytes) {
@@ -740,6 +802,13 @@ impl Inner {
                     }
                 }
                 (_, Request::Flush) => flush = true,
+                (Kind::Volume(_), Request::Fence { keys }) => {
+                    let mut live = lock(&self.live);
+                    for &k in keys {
+                        fence(&mut live.fenced, k, index);
+                    }
+                    live.changed = true;
+                }
                 (Kind::Volume(_), Request::PrState { lun, state }) => {
                     pr = Some((*lun, state.clone()));
                     notify = true;
@@ -967,12 +1036,14 @@ impl Inner {
         let meta = snapshot_meta(&snap, &what)?;
         let journal = (!plan.journal.is_empty()).then(|| PathBuf::from(std::ffi::OsStr::from_bytes(&plan.journal)));
         let mut pr_states = BTreeMap::new();
+        let mut fenced = BTreeMap::new();
         let mut catalogue = None;
         match &self.kind {
             Kind::Volume(img) => {
                 let recs = PrStatesRecord::decode(snap.sidecar.as_ref())
                     .map_err(|e| invalid(format!("{what}: snapshot sidecar (PR states): {e}")))?;
                 pr_states = pr_states_from_records(&recs.luns);
+                fenced = fenced_from_records(&recs.fenced);
                 img.set_size(snap.len)?;
                 if let Some(j) = &journal {
                     let mut r = JournalReader::open(j)
@@ -1009,6 +1080,7 @@ impl Inner {
             rec.applied = snap.last_log_id.clone();
             rec.membership = snap.last_membership.clone();
             rec.pr_states = pr_states_to_records(&pr_states);
+            rec.fenced = fenced_to_records(&fenced);
             rec.catalogue = catalogue.clone();
             rec.size_bytes = snap.len;
             rec.snapshot = Some(snap.clone());
@@ -1027,6 +1099,7 @@ impl Inner {
             live.last_applied = meta.last_log_id;
             live.membership = meta.last_membership.clone();
             live.pr_states = pr_states;
+            live.fenced = fenced;
             if let Some(cat) = &catalogue {
                 live.catalogue = Arc::new(cat.clone());
             }

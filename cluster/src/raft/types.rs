@@ -22,10 +22,24 @@ pub const META_GROUP: GroupId = 0;
 /// that already holds some of its effects) gives the same result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Write `data` at byte offset `offset_bytes` of the volume image.
-    Write { offset_bytes: u64, data: Bytes },
-    /// Deallocate `len_bytes` bytes starting at `offset_bytes` (UNMAP, WRITE SAME with UNMAP).
-    Unmap { offset_bytes: u64, len_bytes: u64 },
+    /// Write `data` at byte offset `offset_bytes` of the volume image, on behalf of the session
+    /// with key `origin` (`raftsan_proto::scsi::fence::session_key`; 0: none). Not applied when
+    /// that session was fenced earlier in the log.
+    Write {
+        offset_bytes: u64,
+        data: Bytes,
+        origin: u64,
+    },
+    /// Deallocate `len_bytes` bytes starting at `offset_bytes` (UNMAP, WRITE SAME with UNMAP);
+    /// `origin` as for `Write`.
+    Unmap {
+        offset_bytes: u64,
+        len_bytes: u64,
+        origin: u64,
+    },
+    /// FENCE SESSIONS: writes of these session keys later in the log are refused (DESIGN.md
+    /// invariant 3: commands of an abandoned path delivered late).
+    Fence { keys: Vec<u64> },
     /// Make everything applied so far durable in the image (SYNCHRONIZE CACHE, FUA).
     Flush,
     /// The persistent-reservation state of LUN `lun` as decided by the leader (the encoded
@@ -40,11 +54,13 @@ pub enum Request {
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Write { offset_bytes, data } => write!(f, "write({offset_bytes}+{})", data.len()),
+            Self::Write { offset_bytes, data, .. } => write!(f, "write({offset_bytes}+{})", data.len()),
             Self::Unmap {
                 offset_bytes,
                 len_bytes,
+                ..
             } => write!(f, "unmap({offset_bytes}+{len_bytes})"),
+            Self::Fence { keys } => write!(f, "fence({} sessions)", keys.len()),
             Self::Flush => f.write_str("flush"),
             Self::PrState { lun, state } => write!(f, "pr-state(lun {lun}, {} bytes)", state.len()),
             Self::Resize { size_bytes } => write!(f, "resize({size_bytes})"),
@@ -62,6 +78,8 @@ pub struct Response {
     pub error: Option<String>,
     /// A value the change produced (the id of a created volume).
     pub value: u64,
+    /// A write or unmap of a fenced session: nothing was changed.
+    pub fenced: bool,
 }
 
 /// A snapshot's data as openraft hands it between the state machine and the network.

@@ -104,7 +104,7 @@ impl RaftStateMachine<TypeConfig> for TestSm {
             let mut st = self.st.lock().unwrap();
             st.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Normal(Request::Write { offset_bytes, data }) => {
+                EntryPayload::Normal(Request::Write { offset_bytes, data, .. }) => {
                     st.writes.push((offset_bytes, data.len()))
                 }
                 EntryPayload::Membership(m) => st.membership = StoredMembership::new(Some(entry.log_id), m),
@@ -355,6 +355,7 @@ async fn three_nodes_replicate_split_appends_and_fail_over() {
                 Request::Write {
                     offset_bytes: i * 512,
                     data: Bytes::from(vec![i as u8; 300]),
+                    origin: 0,
                 },
             )
             .await
@@ -395,6 +396,7 @@ async fn three_nodes_replicate_split_appends_and_fail_over() {
         Request::Write {
             offset_bytes: 0,
             data: Bytes::from_static(b"after failover"),
+            origin: 0,
         },
     )
     .await
@@ -584,6 +586,7 @@ fn append_cap_takes_a_prefix_but_at_least_one_entry() {
             Request::Write {
                 offset_bytes: 0,
                 data: Bytes::from(vec![0u8; n]),
+                origin: 0,
             },
         )
     };

@@ -71,6 +71,8 @@ pub struct Nexus {
     /// SPC-4 iSCSI TransportID name: `<initiator name>,i,0x<isid as 12 hex digits>`.
     pub initiator_port: String,
     pub isid: [u8; 6],
+    /// The session's TSIH on the node that accepted its login (0: not an iSCSI session).
+    pub tsih: u16,
     pub target_port: TargetPort,
 }
 

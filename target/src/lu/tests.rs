@@ -41,6 +41,7 @@ fn nexus(id: u64) -> Nexus {
         initiator_name: "iqn.2024-01.test:i".into(),
         initiator_port: format!("iqn.2024-01.test:i,i,0x00023d00000{id}"),
         isid: [0, 2, 0x3d, 0, 0, id as u8],
+        tsih: id as u16,
         target_port: TargetPort {
             target_name: "iqn.2024-01.test:t".into(),
             tpgt: 1,

@@ -420,6 +420,7 @@ impl Conn {
                 initiator_name: login.params.initiator_name.clone(),
                 initiator_port: format!("{},i,0x{}", login.params.initiator_name, hex::encode(login.isid)),
                 isid: login.isid,
+                tsih: login.tsih,
                 target_port: TargetPort {
                     target_name: t.def.name.clone(),
                     tpgt: settings.tpgt,

@@ -369,6 +369,7 @@ async fn router_gets_the_resets() {
         initiator_name: INITIATOR.into(),
         initiator_port: format!("{INITIATOR},i,0x400000000001"),
         isid: [0x40, 0, 0, 0, 0, 1],
+        tsih: 1,
         target_port: crate::lu::TargetPort {
             target_name: TARGET.into(),
             tpgt: 1,

@@ -28,6 +28,7 @@ fn write(index: u64, offset_bytes: u64, byte: u8, len: usize) -> Entry {
         Request::Write {
             offset_bytes,
             data: Bytes::from(vec![byte; len]),
+            origin: 0,
         },
     )
 }
@@ -73,10 +74,14 @@ async fn apply_stream(sm: &mut GroupStateMachine, entries: Vec<Entry>) -> io::Re
 /// What applying `entries` to a zeroed image of `size` gives (writes, unmaps and grows only).
 fn model(size: u64, entries: &[Entry]) -> Vec<u8> {
     let mut img = vec![0u8; size as usize];
+    let mut fenced = std::collections::HashSet::new();
     for e in entries {
         if let EntryPayload::Normal(req) = &e.payload {
             match req {
-                Request::Write { offset_bytes, data } => {
+                Request::Write { origin, .. } | Request::Unmap { origin, .. }
+                    if *origin != 0 && fenced.contains(origin) => {}
+                Request::Fence { keys } => fenced.extend(keys.iter().copied()),
+                Request::Write { offset_bytes, data, .. } => {
                     let o = *offset_bytes as usize;
                     if o + data.len() <= img.len() {
                         img[o..o + data.len()].copy_from_slice(data);
@@ -85,6 +90,7 @@ fn model(size: u64, entries: &[Entry]) -> Vec<u8> {
                 Request::Unmap {
                     offset_bytes,
                     len_bytes,
+                    ..
                 } => {
                     let (o, l) = (*offset_bytes as usize, *len_bytes as usize);
                     if o.checked_add(l).is_some_and(|end| end <= img.len()) {
@@ -130,7 +136,10 @@ fn create_volume(name: &str) -> Cmd {
 }
 
 fn pr_sidecar(luns: &[(u64, &'static [u8])]) -> Bytes {
-    encode_pr_states(&luns.iter().map(|(l, s)| (*l, Bytes::from_static(s))).collect())
+    encode_sidecar(
+        &luns.iter().map(|(l, s)| (*l, Bytes::from_static(s))).collect(),
+        &BTreeMap::new(),
+    )
 }
 
 #[tokio::test]
@@ -146,6 +155,7 @@ async fn volume_apply_writes_unmaps_resizes_and_pr_state_exactly() {
             Request::Unmap {
                 offset_bytes: 0,
                 len_bytes: 4096,
+                origin: 0,
             },
         ),
         write(4, 6000, 4, 3000),
@@ -166,6 +176,7 @@ async fn volume_apply_writes_unmaps_resizes_and_pr_state_exactly() {
             Request::Unmap {
                 offset_bytes: u64::MAX - 1,
                 len_bytes: 4096,
+                origin: 0,
             },
         ),
         // Resize never shrinks.
@@ -199,6 +210,79 @@ async fn volume_apply_writes_unmaps_resizes_and_pr_state_exactly() {
         pr_states_from_records(&rec.pr_states).get(&1).map(|b| b.as_ref()),
         Some(&b"pr-1"[..])
     );
+}
+
+fn session_write(index: u64, offset_bytes: u64, byte: u8, origin: u64) -> Entry {
+    normal(
+        index,
+        Request::Write {
+            offset_bytes,
+            data: Bytes::from(vec![byte; 512]),
+            origin,
+        },
+    )
+}
+
+#[tokio::test]
+async fn writes_of_a_fenced_session_are_refused_on_every_replica_and_across_restarts() {
+    let (da, db) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (s1, s2) = (0x51, 0x52);
+    let entries = vec![
+        session_write(1, 0, 1, s1),
+        normal(2, Request::Fence { keys: vec![s1] }),
+        // Delivered late on the abandoned session, after the initiator moved on: refused.
+        session_write(3, 0, 3, s1),
+        normal(
+            4,
+            Request::Unmap {
+                offset_bytes: 0,
+                len_bytes: 512,
+                origin: s1,
+            },
+        ),
+        // Another session, and a write without a session, are not.
+        session_write(5, 512, 5, s2),
+        write(6, 1024, 6, 512),
+    ];
+    let a = GroupStateMachine::open_volume(da.path(), 64 * KIB).unwrap();
+    let responses = apply_sync(&a, entries.clone()).unwrap();
+    let refused: Vec<u64> = responses.iter().filter(|r| r.fenced).map(|r| r.applied_index).collect();
+    assert_eq!(refused, vec![3, 4]);
+    assert!(responses.iter().all(|r| r.error.is_none()), "{responses:?}");
+    let mut b = [0u8; 1];
+    a.image().unwrap().read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [1], "the first write stays, the late write and unmap did nothing");
+    assert_eq!(image_bytes(da.path()), model(64 * KIB, &entries));
+    assert!(a.is_fenced(s1) && !a.is_fenced(s2));
+    // The fence is persisted with the applied index (the batch end persists a change).
+    assert_eq!(fenced_from_records(&persisted(da.path()).fenced).get(&s1), Some(&2));
+    drop(a);
+    let mut a = GroupStateMachine::open_volume(da.path(), 64 * KIB).unwrap();
+    assert!(a.is_fenced(s1), "the fence survives a restart");
+    // Replaying after the persisted point still refuses the session.
+    apply_stream(&mut a, vec![session_write(7, 0, 7, s1)]).await.unwrap();
+    a.image().unwrap().read_at(&mut b, 0).unwrap();
+    assert_eq!(b, [1]);
+    // A follower rebuilt from a snapshot knows the fence too (it travels in the sidecar).
+    let snap = a.get_snapshot_builder().await.build_snapshot().await.unwrap();
+    let mut f = GroupStateMachine::open_volume(db.path(), 64 * KIB).unwrap();
+    f.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+    assert!(f.is_fenced(s1) && !f.is_fenced(s2));
+    apply_stream(&mut f, vec![session_write(8, 0, 8, s1)]).await.unwrap();
+    assert_eq!(image_bytes(db.path()), image_bytes(da.path()));
+}
+
+#[test]
+fn the_oldest_fences_are_forgotten_beyond_the_limit() {
+    let mut m = BTreeMap::new();
+    for i in 0..FENCE_LIMIT as u64 + 10 {
+        // Keys in descending order, so forgetting by index is not forgetting by key.
+        fence(&mut m, u64::MAX - i, i + 1);
+    }
+    assert_eq!(m.len(), FENCE_LIMIT);
+    assert!(!m.contains_key(&u64::MAX), "the first fence went first");
+    assert!(m.contains_key(&(u64::MAX - FENCE_LIMIT as u64 - 9)), "the newest stays");
+    assert_eq!(fenced_from_records(&fenced_to_records(&m)), m);
 }
 
 #[tokio::test]
