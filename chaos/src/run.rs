@@ -401,7 +401,6 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         let flush = (kind == FaultKind::KillAllAfterFlush)
             .then(|| rt.block_on(durability::flush_point(&client, Some(&direct), &shared)));
         let at_ns = shared.now_ns();
-        let t_inj = Instant::now();
         let mut added = None;
         let mut resync_ms = None;
         let injected = match kind {
@@ -424,6 +423,8 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             }
             _ => faults::inject(&mut c, kind, leader, follower)?,
         };
+        // replace-node: the hold (four members serving I/O) starts once the new node caught up.
+        let t_inj = Instant::now();
         let mut new_leader_ms = None;
         let survivors: Vec<u64> = members.iter().copied().filter(|&n| n != victim).collect();
         while t_inj.elapsed() < hold {
