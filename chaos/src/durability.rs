@@ -102,7 +102,8 @@ pub async fn flush_point(client: &NbdClient, direct: Option<&Direct>, shared: &S
     }
 }
 
-/// SIGKILL of every running node at the same moment; returns their ids (restart them with
+/// SIGKILL of every running node (the cluster's members: a removed node is stopped) at the same
+/// moment; returns their ids (restart them with
 /// [`crate::faults::Injected::heal`]).
 pub fn kill_all(c: &mut Cluster) -> Result<Vec<u64>> {
     let mut victims = Vec::new();
@@ -127,13 +128,14 @@ pub fn kill_all(c: &mut Cluster) -> Result<Vec<u64>> {
     Ok(victims.into_iter().map(|(id, _)| id).collect())
 }
 
-/// Waits until some node reports a leader of `group` (its own view); the time since `since`.
-pub fn leader_after(c: &Cluster, group: u64, since: Instant, within: Duration) -> Option<f64> {
+/// Waits until one of `members` reports a leader of `group` (its own view); the time since
+/// `since`.
+pub fn leader_after(c: &Cluster, members: &[u64], group: u64, since: Instant, within: Duration) -> Option<f64> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        for n in &c.nodes {
+        for &n in members {
             let leader = c
-                .raftsan_on(n.id, &["status", "--json", "--local"])
+                .raftsan_on(n, &["status", "--json", "--local"])
                 .ok()
                 .and_then(|out| serde_json::from_str::<Value>(&out.stdout).ok())
                 .and_then(|v| group_leader(&v, group));

@@ -14,9 +14,10 @@
 //! | `kill-all-after-flush` | a flush completes, then SIGKILL of all three nodes at once, all restarted after the hold | every write acknowledged before the flush survives ([`crate::durability`]) |
 //! | `disk-fail-follower` | a follower's volume image fails writes with EIO (`crate::disk`) | the follower leaves the group with a storage ERROR; the others carry on |
 //! | `disk-full-leader` | the leader's Raft log fdatasync fails with ENOSPC (`crate::disk`) | the leader leaves the group; a new leader within the failover budget |
+//! | `replace-node` | a brand-new node (next unused id) is added and caught up, then a follower is removed and stopped ([`crate::replace`]) | the client carries on; the new node serves the same data; the run continues with the new members |
 //!
 //! Every fault is healed (node restarted or resumed, rules removed; a disk-faulted node killed
-//! and restarted without the fault) before the next.
+//! and restarted without the fault; a replaced node removed and stopped) before the next.
 
 use std::process::Command;
 use std::time::Duration;
@@ -42,10 +43,11 @@ pub enum FaultKind {
     KillAllAfterFlush,
     DiskFailFollower,
     DiskFullLeader,
+    ReplaceNode,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
@@ -58,6 +60,7 @@ impl FaultKind {
         FaultKind::KillAllAfterFlush,
         FaultKind::DiskFailFollower,
         FaultKind::DiskFullLeader,
+        FaultKind::ReplaceNode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -74,7 +77,13 @@ impl FaultKind {
             FaultKind::KillAllAfterFlush => "kill-all-after-flush",
             FaultKind::DiskFailFollower => "disk-fail-follower",
             FaultKind::DiskFullLeader => "disk-full-leader",
+            FaultKind::ReplaceNode => "replace-node",
         }
+    }
+
+    /// The kind named `name` (as [`FaultKind::name`] spells it).
+    pub fn from_name(name: &str) -> Option<FaultKind> {
+        FaultKind::ALL.into_iter().find(|k| k.name() == name)
     }
 
     /// Whether the fault takes the volume's leader away (a new leader is expected).
@@ -86,6 +95,7 @@ impl FaultKind {
                 | FaultKind::NetemDelay
                 | FaultKind::NetemLoss
                 | FaultKind::DiskFailFollower
+                | FaultKind::ReplaceNode
         )
     }
 
@@ -160,6 +170,8 @@ pub enum Injected {
     Stale(Box<stale::StaleWrite>),
     /// A node whose storage fails: healed by kill -9 and restart (`crate::disk`).
     Disk(u64),
+    /// A new node is in; healed by removing and stopping the old one ([`crate::replace`]).
+    Replace(crate::replace::Replacement),
 }
 
 impl Injected {
@@ -175,6 +187,9 @@ impl Injected {
             Injected::Net(d) => drop(d),
             Injected::Stale(s) => s.finish(c)?,
             Injected::Disk(id) => crate::disk::heal(c, id)?,
+            Injected::Replace(r) => {
+                r.finish(c)?;
+            }
         }
         Ok(())
     }
@@ -208,6 +223,7 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
             NetFault::loss(netem::draw()),
         )?),
         FaultKind::DelayedStaleWrite => anyhow::bail!("delayed-stale-write is started by stale::StaleWrite::begin"),
+        FaultKind::ReplaceNode => anyhow::bail!("replace-node is started by replace::Replacement::begin"),
         // The caller has completed the flush (crate::durability::flush_point).
         FaultKind::KillAllAfterFlush => Injected::Killed(crate::durability::kill_all(c)?),
         FaultKind::DiskFailFollower => {
@@ -225,6 +241,8 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
 pub fn hold(kind: FaultKind, r: f64) -> Duration {
     let base = match kind {
         FaultKind::PauseLeader | FaultKind::PartitionLeader | FaultKind::DelayedStaleWrite => 4.0,
+        // Four members serving I/O between the add and the removal.
+        FaultKind::ReplaceNode => return Duration::from_secs_f64(1.0 + 2.0 * r),
         _ => 2.0,
     };
     Duration::from_secs_f64(base + 3.0 * r)

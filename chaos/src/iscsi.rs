@@ -11,13 +11,17 @@
 //! * Reads go to every portal in turn, non-leader portals included (they forward to the leader),
 //!   so every path must return linearizable data, also right after failovers.
 //! * A broken session is dropped and logged in again, with a backoff per portal.
+//! * The portal set changes with the cluster's members (`replace-node`): a new node's portal is
+//!   added ([`Direct::add_portal`]), a removed node's portal is retired ([`Direct::retire_portal`]):
+//!   its session is closed and no command goes there again. A command already sent to it when it
+//!   went away has an unknown outcome, as with any broken session; data it returned is judged.
 //!
 //! The workers use their own block range, disjoint from the NBD workers', and judge everything
 //! with the same [`Oracle`](crate::oracle::Oracle) and stall records as the NBD workload.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
@@ -75,12 +79,17 @@ pub struct IscsiTarget {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct IscsiFigures {
     pub writes_acked: u64,
-    /// Writes acknowledged, per portal (in the order of [`IscsiTarget::portals`]).
+    /// Every portal the workload used, in the order of the per-portal figures (the run's
+    /// portals, then those of nodes added during the run).
+    pub portals: Vec<String>,
+    /// Portals of nodes removed during the run (no longer read or written).
+    pub retired: Vec<String>,
+    /// Writes acknowledged, per portal (in the order of [`IscsiFigures::portals`]).
     pub writes_per_portal: Vec<u64>,
     /// Fate unknown (the session broke after the write was sent) or given up.
     pub writes_failed: u64,
     pub reads_checked: u64,
-    /// Reads judged, per portal (in the order of [`IscsiTarget::portals`]).
+    /// Reads judged, per portal (in the order of [`IscsiFigures::portals`]).
     pub reads_per_portal: Vec<u64>,
     /// Commands sent again after CHECK CONDITION / UNIT ATTENTION.
     pub retried_unit_attention: u64,
@@ -113,6 +122,8 @@ fn bump(c: &AtomicU64) {
 
 struct Path {
     addr: SocketAddr,
+    /// The portal's node left the cluster: no command goes here any more.
+    retired: AtomicBool,
     session: tokio::sync::Mutex<Option<Session>>,
     /// No login before this instant (backoff after a failed one), and the current backoff.
     retry: Mutex<(Instant, Duration)>,
@@ -120,6 +131,20 @@ struct Path {
     group: Mutex<Option<u16>>,
     reads: AtomicU64,
     writes: AtomicU64,
+}
+
+impl Path {
+    fn new(addr: SocketAddr) -> Path {
+        Path {
+            addr,
+            retired: AtomicBool::new(false),
+            session: tokio::sync::Mutex::new(None),
+            retry: Mutex::new((Instant::now(), BACKOFF_MIN)),
+            group: Mutex::new(None),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
 }
 
 /// The outcome of sending a command once.
@@ -131,7 +156,7 @@ enum Attempt {
     },
     /// Not executed; the LU is not ready through this portal: try the next one.
     NotReady,
-    /// Not sent: no session to this portal.
+    /// Not sent: no session to this portal (or it is retired).
     Unsent,
     /// Sent, but the session broke or timed out: the outcome is unknown.
     Unknown(String),
@@ -173,7 +198,9 @@ impl Fail {
 pub struct Direct {
     target: IscsiTarget,
     cfg: IscsiConfig,
-    paths: Vec<Path>,
+    /// Every portal the workload ever used, in the order they were added (indexes are stable;
+    /// a removed node's portal stays, retired).
+    paths: RwLock<Vec<Arc<Path>>>,
     /// The portal reported Active/Optimized (writes go there first).
     preferred: AtomicUsize,
     /// Logical blocks per oracle block.
@@ -192,22 +219,11 @@ impl Direct {
         if target.portals.is_empty() {
             bail!("no portal for the direct iSCSI workload");
         }
-        let paths = target
-            .portals
-            .iter()
-            .map(|&addr| Path {
-                addr,
-                session: tokio::sync::Mutex::new(None),
-                retry: Mutex::new((Instant::now(), BACKOFF_MIN)),
-                group: Mutex::new(None),
-                reads: AtomicU64::new(0),
-                writes: AtomicU64::new(0),
-            })
-            .collect();
+        let paths = target.portals.iter().map(|&addr| Arc::new(Path::new(addr))).collect();
         let d = Arc::new(Direct {
             target,
             cfg,
-            paths,
+            paths: RwLock::new(paths),
             preferred: AtomicUsize::new(0),
             lbs_per_block: AtomicU64::new(1),
             refreshing: tokio::sync::Mutex::new(()),
@@ -235,11 +251,51 @@ impl Direct {
                 cap.bytes()
             );
         }
-        for i in 0..d.paths.len() {
+        for i in 0..d.path_count() {
             let _ = d.session(i).await;
         }
         d.refresh_alua().await;
         Ok(d)
+    }
+
+    fn paths_now(&self) -> Vec<Arc<Path>> {
+        self.paths.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn path(&self, i: usize) -> Option<Arc<Path>> {
+        self.paths.read().unwrap_or_else(|e| e.into_inner()).get(i).cloned()
+    }
+
+    fn path_count(&self) -> usize {
+        self.paths.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Adds a portal (a node that joined the cluster); the workers log in on their next command
+    /// to it. Adding a portal already listed does nothing.
+    pub async fn add_portal(&self, addr: SocketAddr) {
+        let i = {
+            let mut paths = self.paths.write().unwrap_or_else(|e| e.into_inner());
+            if paths.iter().any(|p| p.addr == addr) {
+                return;
+            }
+            paths.push(Arc::new(Path::new(addr)));
+            paths.len() - 1
+        };
+        let _ = self.session(i).await;
+        self.refresh_alua().await;
+    }
+
+    /// Retires a portal (its node left the cluster): no command is sent there again, and its
+    /// session is closed. Commands in flight on it end with an unknown outcome.
+    pub async fn retire_portal(&self, addr: SocketAddr) {
+        let Some(p) = self.paths_now().into_iter().find(|p| p.addr == addr) else {
+            return;
+        };
+        p.retired.store(true, Ordering::Relaxed);
+        if let Some(s) = p.session.lock().await.take() {
+            s.close_hard();
+        }
+        self.refresh_alua().await;
     }
 
     fn session_config(&self) -> SessionConfig {
@@ -260,7 +316,10 @@ impl Direct {
 
     /// The live session to portal `i`, logging in again when it is gone (not during backoff).
     async fn session(&self, i: usize) -> Option<Session> {
-        let p = self.paths.get(i)?;
+        let p = self.path(i)?;
+        if p.retired.load(Ordering::Relaxed) {
+            return None;
+        }
         let mut slot = p.session.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| s.is_alive()) {
             return Some(s.clone());
@@ -301,7 +360,8 @@ impl Direct {
             Err(e) => {
                 bump(&self.n.session_failures);
                 s.close_hard();
-                return Attempt::Unknown(format!("{}: {e}", self.paths[i].addr));
+                let addr = self.path(i).map(|p| p.addr.to_string()).unwrap_or_default();
+                return Attempt::Unknown(format!("{addr}: {e}"));
             }
         };
         match r.status {
@@ -333,10 +393,10 @@ impl Direct {
         data_in_len: u32,
         started: Instant,
     ) -> std::result::Result<(Bytes, usize), Fail> {
-        let n = self.paths.len();
-        let mut i = first % n;
+        let mut i = first % self.path_count().max(1);
         let mut unsent_in_a_row = 0;
         loop {
+            let n = self.path_count().max(1);
             if started.elapsed() > OP_DEADLINE {
                 return Err(Fail::Error(format!("no portal executed it within {OP_DEADLINE:?}")));
             }
@@ -397,7 +457,11 @@ impl Direct {
         };
         let mut groups = Vec::new();
         let mut states = None;
-        for (i, p) in self.paths.iter().enumerate() {
+        let paths = self.paths_now();
+        for (i, p) in paths.iter().enumerate() {
+            if p.retired.load(Ordering::Relaxed) {
+                continue;
+            }
             let Some(s) = p.session.lock().await.clone().filter(Session::is_alive) else {
                 continue;
             };
@@ -469,7 +533,9 @@ impl Direct {
         let error = match r {
             Ok((_, i)) => {
                 self.preferred.store(i, Ordering::Relaxed);
-                self.paths[i].writes.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = self.path(i) {
+                    p.writes.fetch_add(1, Ordering::Relaxed);
+                }
                 bump(&self.n.writes_acked);
                 None
             }
@@ -506,7 +572,9 @@ impl Direct {
             Ok((data, used)) => {
                 let _ = shared.oracle().check_read(block, &data, start, end);
                 bump(&self.n.reads_checked);
-                self.paths[used].reads.fetch_add(1, Ordering::Relaxed);
+                if let Some(p) = self.path(used) {
+                    p.reads.fetch_add(1, Ordering::Relaxed);
+                }
                 (true, None)
             }
             Err(f) => (false, f.io_error(|| format!("direct read of block {block}"))),
@@ -565,8 +633,8 @@ impl Direct {
         }
     }
 
-    /// Reads every written block of the range once on every portal and judges it (after the
-    /// faults are healed); returns how many reads were judged.
+    /// Reads every written block of the range once on every live (not retired) portal and
+    /// judges it (after the faults are healed); returns how many reads were judged.
     pub async fn verify_all_portals(&self, shared: &Shared) -> u64 {
         let (lo, hi) = (self.cfg.first_block, self.cfg.first_block + self.cfg.blocks);
         let blocks: Vec<u64> = shared
@@ -576,7 +644,10 @@ impl Direct {
             .filter(|b| (lo..hi).contains(b))
             .collect();
         let before = self.n.reads_checked.load(Ordering::Relaxed);
-        for i in 0..self.paths.len() {
+        for (i, p) in self.paths_now().iter().enumerate() {
+            if p.retired.load(Ordering::Relaxed) {
+                continue;
+            }
             for &b in &blocks {
                 self.read(shared, b, i).await;
             }
@@ -588,7 +659,7 @@ impl Direct {
 
     /// Logs out of every session.
     pub async fn logout(&self) {
-        for p in &self.paths {
+        for p in self.paths_now() {
             if let Some(s) = p.session.lock().await.take() {
                 let _ = s.logout().await;
             }
@@ -599,10 +670,17 @@ impl Direct {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         IscsiFigures {
             writes_acked: g(&self.n.writes_acked),
-            writes_per_portal: self.paths.iter().map(|p| g(&p.writes)).collect(),
+            writes_per_portal: self.paths_now().iter().map(|p| g(&p.writes)).collect(),
             writes_failed: g(&self.n.writes_failed),
             reads_checked: g(&self.n.reads_checked),
-            reads_per_portal: self.paths.iter().map(|p| g(&p.reads)).collect(),
+            reads_per_portal: self.paths_now().iter().map(|p| g(&p.reads)).collect(),
+            portals: self.paths_now().iter().map(|p| p.addr.to_string()).collect(),
+            retired: self
+                .paths_now()
+                .iter()
+                .filter(|p| p.retired.load(Ordering::Relaxed))
+                .map(|p| p.addr.to_string())
+                .collect(),
             retried_unit_attention: g(&self.n.ua),
             retried_not_ready: g(&self.n.not_ready),
             session_failures: g(&self.n.session_failures),

@@ -6,7 +6,8 @@
 //! real `raftsan serve` processes ([`netem`]: delay and loss on one path; [`stale`]: the delayed
 //! stale write), [`run`] drives a seeded schedule and prints the figures.
 //! [`iscsi`] is a second workload that speaks iSCSI to the portals directly (no initiator
-//! daemon); [`durability`] checks that flushed writes survive the loss of every node at once.
+//! daemon); [`durability`] checks that flushed writes survive the loss of every node at once;
+//! [`replace`] swaps a member for a brand-new node under I/O.
 pub mod disk;
 pub mod durability;
 pub mod faults;
@@ -14,6 +15,7 @@ pub mod iscsi;
 pub mod nbd;
 pub mod netem;
 pub mod oracle;
+pub mod replace;
 pub mod run;
 pub mod stale;
 pub mod workload;

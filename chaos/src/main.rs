@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use raftsan_chaos::faults::FaultKind;
 use raftsan_chaos::run::{self, RunConfig};
 use raftsan_chaos::workload::WorkloadConfig;
 
@@ -34,6 +35,10 @@ enum Cmd {
         /// JSON report.
         #[arg(long, default_value = "chaos-report.json")]
         out: PathBuf,
+        /// Only these fault kinds (comma-separated or repeated, e.g. `--only replace-node`);
+        /// every kind by default.
+        #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+        only: Vec<FaultKind>,
     },
     /// Random faults for hours (no every-kind-first pass).
     Soak {
@@ -43,7 +48,17 @@ enum Cmd {
         duration: Duration,
         #[arg(long, default_value = "chaos-soak.json")]
         out: PathBuf,
+        /// Only these fault kinds (comma-separated or repeated); every kind by default.
+        #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+        only: Vec<FaultKind>,
     },
+}
+
+fn parse_kind(s: &str) -> Result<FaultKind, String> {
+    FaultKind::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+        format!("{s:?} is not a fault kind; the kinds are {}", names.join(", "))
+    })
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -68,17 +83,29 @@ fn main() -> ExitCode {
             .unwrap_or(1)
     };
     let cfg = match cli.cmd {
-        Cmd::Run { seed, duration, out } => RunConfig {
+        Cmd::Run {
+            seed,
+            duration,
+            out,
+            only,
+        } => RunConfig {
             seed: seed.unwrap_or_else(random_seed),
             duration,
             every_fault: true,
+            kinds: only,
             workload: WorkloadConfig::default(),
             out: Some(out),
         },
-        Cmd::Soak { seed, duration, out } => RunConfig {
+        Cmd::Soak {
+            seed,
+            duration,
+            out,
+            only,
+        } => RunConfig {
             seed: seed.unwrap_or_else(random_seed),
             duration,
             every_fault: false,
+            kinds: only,
             workload: WorkloadConfig::default(),
             out: Some(out),
         },

@@ -2,6 +2,11 @@
 //! the workload through it, and a seeded schedule of faults and heals. At the end everything is
 //! healed, the workload stops, every written block is read back and judged, the replicas are
 //! compared, and the node logs are checked.
+//!
+//! The members start as nodes 1-3; `replace-node` ([`crate::replace`]) swaps one for a new node
+//! (4, 5, ...), and everything after it (the faults' victims, status queries, the heal and
+//! convergence waits, the direct workload's portals, the replica comparison) uses the members
+//! of the moment.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,6 +40,8 @@ pub struct RunConfig {
     /// `every_fault`).
     pub duration: Duration,
     pub every_fault: bool,
+    /// The kinds the schedule draws from (every kind unless `--only` narrows it).
+    pub kinds: Vec<FaultKind>,
     pub workload: WorkloadConfig,
     /// JSON report.
     pub out: Option<PathBuf>,
@@ -55,8 +62,12 @@ pub struct Injection {
     pub direct_stall_ms: f64,
     /// From injection to a new leader reported by a surviving node (leader faults).
     pub new_leader_ms: Option<f64>,
-    /// From heal until every node applied everything the leader committed.
+    /// From heal until every node applied everything the leader committed (`replace-node`:
+    /// from the start of the add until the new node was a caught-up voter).
     pub resync_ms: Option<f64>,
+    /// `replace-node`: the node that joined (the removed one is `victim`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -91,6 +102,8 @@ pub struct Report {
     pub direct: Option<IscsiFigures>,
     /// One per `kill-all-after-flush`.
     pub flush_checks: Vec<FlushCheck>,
+    /// The cluster's members at the end (nodes 1-3 unless `replace-node` ran).
+    pub members: Vec<u64>,
 }
 
 impl Report {
@@ -109,6 +122,9 @@ impl Report {
 
     pub fn print(&self) {
         println!("chaos run: seed {} ({:.0} s)", self.seed, self.duration_s);
+        if self.members != [1, 2, 3] {
+            println!("  members at the end: nodes {:?}", self.members);
+        }
         println!(
             "  workload (NBD and direct iSCSI): {} writes acknowledged, {} failed, {} reads checked",
             self.writes_acked, self.writes_failed, self.reads_checked
@@ -219,7 +235,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// `raftsan status --json` through the first node in `order` that answers.
-fn status(c: &Cluster, order: &[u64]) -> Option<Value> {
+pub(crate) fn status(c: &Cluster, order: &[u64]) -> Option<Value> {
     for &id in order {
         if let Ok(out) = c.raftsan_on(id, &["status", "--json"])
             && out.success()
@@ -233,20 +249,20 @@ fn status(c: &Cluster, order: &[u64]) -> Option<Value> {
 
 /// The volume's leader as node `id` itself sees it (`raftsan status --local`: no fan-out, so a
 /// hung node does not slow the answer).
-fn local_leader(c: &Cluster, id: u64, group: u64) -> Option<u64> {
+pub(crate) fn local_leader(c: &Cluster, id: u64, group: u64) -> Option<u64> {
     let out = c.raftsan_on(id, &["status", "--json", "--local"]).ok()?;
     let v: Value = serde_json::from_str(&out.stdout).ok()?;
     group_leader(&v, group)
 }
 
-/// Waits until a leader exists, every node is a reachable voter and has applied everything.
-fn wait_healthy(c: &Cluster, group: u64, within: Duration) -> Result<()> {
+/// Waits until a leader exists, every member is reachable and has applied everything.
+fn wait_healthy(c: &Cluster, members: &[u64], group: u64, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
     loop {
-        if let Some(s) = status(c, &[1, 2, 3])
+        if let Some(s) = status(c, members)
             && let Some(leader) = group_leader(&s, group)
         {
-            let applied: Vec<Option<u64>> = (1..=3).map(|n| applied_index(&s, n, group)).collect();
+            let applied: Vec<Option<u64>> = members.iter().map(|&n| applied_index(&s, n, group)).collect();
             let reachable = s["nodes"]
                 .as_array()
                 .is_some_and(|a| a.iter().all(|n| n["reachable"] != false));
@@ -270,7 +286,11 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     );
     let mut c = Cluster::start_configured(3, "", crate::disk::NODE_TOML)?;
     let (group, target, lun) = c.create_volume("chaos", "64M")?;
-    wait_healthy(&c, group, Duration::from_secs(60))?;
+    // The members of the moment (replace-node changes them) and the next unused node id.
+    let original: Vec<u64> = c.nodes.iter().map(|n| n.id).collect();
+    let mut members = original.clone();
+    let mut next_id = original.iter().max().copied().unwrap_or(0) + 1;
+    wait_healthy(&c, &members, group, Duration::from_secs(60))?;
     let scratch = Scratch::new()?;
     let dir = scratch.path().to_path_buf();
     let icfg = write_config(
@@ -278,13 +298,18 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         "iqn.2026-11.org.raftsan.chaos:client",
         "[timeouts]\nnoop_interval = \"500ms\"\nnoop_timeout = \"1s\"\ncommand = \"5s\"\nno_path_retry = \"60s\"",
     )?;
-    let portal = c.node(1)?.portal().to_string();
+    // Every original portal: SendTargets through any of them finds the others (and nodes added
+    // later), so the client keeps a path when node 1 is replaced.
+    let portals: Vec<String> = original
+        .iter()
+        .map(|&n| Ok(c.node(n)?.portal().to_string()))
+        .collect::<Result<_>>()?;
     let lun_s = lun.to_string();
     let mut attach = Attach::start(
         &dir,
         &icfg,
         &target,
-        &[portal],
+        &portals,
         &["--lun", &lun_s],
         Duration::from_secs(30),
     )?;
@@ -313,8 +338,9 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     let direct_target = IscsiTarget {
         iqn: target.clone(),
         lun,
-        portals: (1..=3)
-            .map(|n| Ok(std::net::SocketAddr::V4(c.node(n)?.portal())))
+        portals: original
+            .iter()
+            .map(|&n| Ok(std::net::SocketAddr::V4(c.node(n)?.portal())))
             .collect::<Result<_>>()?,
         initiator_name: "iqn.2026-11.org.raftsan.chaos:direct".into(),
     };
@@ -325,33 +351,45 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     netem::set_seed(cfg.seed);
     let mut queue: Vec<FaultKind> = Vec::new();
+    let kinds = if cfg.kinds.is_empty() {
+        FaultKind::ALL.to_vec()
+    } else {
+        cfg.kinds.clone()
+    };
     if cfg.every_fault {
-        queue = FaultKind::ALL.to_vec();
+        queue = kinds.clone();
         queue.shuffle(&mut rng);
     }
     let mut injections = Vec::new();
     thread::sleep(Duration::from_secs(2));
     while !queue.is_empty() || t0.elapsed() < cfg.duration {
         let kind = if queue.is_empty() {
-            FaultKind::ALL[rng.random_range(0..FaultKind::ALL.len())]
+            kinds[rng.random_range(0..kinds.len())]
         } else {
             queue.remove(0)
         };
         let hold = faults::hold(kind, rng.random::<f64>());
-        let s = status(&c, &[1, 2, 3]).context("no node answers status")?;
+        let s = status(&c, &members).context("no node answers status")?;
         let leader = group_leader(&s, group).context("no leader before the fault")?;
-        let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+        let others: Vec<u64> = members.iter().copied().filter(|&n| n != leader).collect();
         let follower = others[rng.random_range(0..others.len())];
         if kind == FaultKind::KillTwoInTurn {
             // First the follower, healed, then the leader below.
             let first = faults::inject(&mut c, FaultKind::KillFollower, leader, follower)?;
             thread::sleep(hold / 2);
             first.heal(&mut c)?;
-            wait_healthy(&c, group, Duration::from_secs(60))?;
+            wait_healthy(&c, &members, group, Duration::from_secs(60))?;
         }
-        let victim = if kind.hits_follower() { follower } else { leader };
+        let victim = match kind {
+            FaultKind::ReplaceNode => {
+                crate::replace::choose_victim(&members, &original, leader, |n| rng.random_range(0..n))
+            }
+            _ if kind.hits_follower() => follower,
+            _ => leader,
+        };
         let who = match kind {
             FaultKind::KillAllAfterFlush => "every node".to_string(),
+            FaultKind::ReplaceNode => format!("node {victim} (by new node {next_id})"),
             _ => format!("node {victim}"),
         };
         println!(
@@ -363,15 +401,32 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         let flush = (kind == FaultKind::KillAllAfterFlush)
             .then(|| rt.block_on(durability::flush_point(&client, Some(&direct), &shared)));
         let at_ns = shared.now_ns();
-        let injected = if kind == FaultKind::DelayedStaleWrite {
-            let s = stale::StaleWrite::begin(&c, rt.handle(), &shared, &target, lun, group, leader)?;
-            faults::Injected::Stale(Box::new(s))
-        } else {
-            faults::inject(&mut c, kind, leader, follower)?
+        let mut added = None;
+        let mut resync_ms = None;
+        let injected = match kind {
+            FaultKind::DelayedStaleWrite => {
+                let s = stale::StaleWrite::begin(&c, &members, rt.handle(), &shared, &target, lun, group, leader)?;
+                faults::Injected::Stale(Box::new(s))
+            }
+            FaultKind::ReplaceNode => {
+                let r = crate::replace::Replacement::begin(&mut c, &members, next_id, victim, group)?;
+                next_id += 1;
+                added = Some(r.added);
+                resync_ms = Some(r.caught_up_ms);
+                members.push(r.added);
+                rt.block_on(direct.add_portal(std::net::SocketAddr::V4(c.node(r.added)?.portal())));
+                println!(
+                    "          node {} is a caught-up voter after {:.0} ms",
+                    r.added, r.caught_up_ms
+                );
+                faults::Injected::Replace(r)
+            }
+            _ => faults::inject(&mut c, kind, leader, follower)?,
         };
+        // replace-node: the hold (four members serving I/O) starts once the new node caught up.
         let t_inj = Instant::now();
         let mut new_leader_ms = None;
-        let survivors: Vec<u64> = (1..=3).filter(|&n| n != victim).collect();
+        let survivors: Vec<u64> = members.iter().copied().filter(|&n| n != victim).collect();
         while t_inj.elapsed() < hold {
             if kind.hits_leader()
                 && new_leader_ms.is_none()
@@ -383,15 +438,35 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        injected.heal(&mut c)?;
+        match injected {
+            faults::Injected::Replace(r) => {
+                let survivors = r.survivors().to_vec();
+                let removed = r.finish(&mut c)?;
+                rt.block_on(direct.retire_portal(std::net::SocketAddr::V4(c.node(victim)?.portal())));
+                members = survivors;
+                new_leader_ms = removed.new_leader_ms;
+                println!(
+                    "          node {victim} removed in {:.0} ms and stopped; members now {members:?}",
+                    removed.remove_ms
+                );
+            }
+            other => other.heal(&mut c)?,
+        }
         let healed_ns = shared.now_ns();
         let t_heal = Instant::now();
         if flush.is_some() {
-            new_leader_ms = durability::leader_after(&c, group, t_inj, Duration::from_secs(60));
+            new_leader_ms = durability::leader_after(&c, &members, group, t_inj, Duration::from_secs(60));
         }
-        let resync_ms = wait_healthy(&c, group, Duration::from_secs(90))
+        let healthy = wait_healthy(&c, &members, group, Duration::from_secs(90))
             .ok()
             .map(|()| t_heal.elapsed().as_secs_f64() * 1e3);
+        // replace-node's resync is the new node's catch-up (measured above); the run still
+        // waits for the members to converge.
+        let resync_ms = if kind == FaultKind::ReplaceNode {
+            resync_ms.filter(|_| healthy.is_some())
+        } else {
+            healthy
+        };
         // Let operations caught by the fault finish before measuring their stall: the client
         // must have completed an operation it started after the heal (an operation still stuck
         // is not in the record yet), then 2 s more.
@@ -428,6 +503,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             direct_stall_ms: direct_stall_ns as f64 / 1e6,
             new_leader_ms,
             resync_ms,
+            added,
         });
         println!(
             "          stall {:.0} ms, new leader {}, resync {}",
@@ -447,17 +523,20 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         let _ = workload.await;
         let _ = direct_workload.await;
     });
-    wait_healthy(&c, group, Duration::from_secs(90))?;
+    wait_healthy(&c, &members, group, Duration::from_secs(90))?;
     let verified = rt.block_on(workload::verify_all(&client, &shared));
     println!("chaos: read back {verified} written blocks");
     let on_portals = rt.block_on(direct.verify_all_portals(&shared));
-    println!("chaos: {on_portals} reads of the direct iSCSI range's written blocks, on each of the three portals");
+    println!(
+        "chaos: {on_portals} reads of the direct iSCSI range's written blocks, on each of the {} members' portals",
+        members.len()
+    );
     rt.block_on(direct.logout());
     rt.block_on(client.disconnect());
     attach.stop()?;
     thread::sleep(Duration::from_secs(1));
-    wait_healthy(&c, group, Duration::from_secs(60))?;
-    let shas: Vec<String> = (1..=3).map(|n| c.image_sha(n, group)).collect::<Result<_>>()?;
+    wait_healthy(&c, &members, group, Duration::from_secs(60))?;
+    let shas: Vec<String> = members.iter().map(|&n| c.image_sha(n, group)).collect::<Result<_>>()?;
     let replicas_identical = shas.windows(2).all(|w| w[0] == w[1]);
     let mut log_problems = Vec::new();
     for n in &mut c.nodes {
@@ -524,6 +603,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         stale_writes: stale::outcomes(),
         direct: Some(direct.figures()),
         flush_checks,
+        members: members.clone(),
     };
     if let Some(out) = &cfg.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)

@@ -280,6 +280,8 @@ pub struct StaleWrite {
     group: u64,
     target: String,
     leader: u64,
+    /// The cluster's members when the check began.
+    members: Vec<u64>,
     vol: Volume,
     block: u64,
     old_id: u64,
@@ -292,9 +294,11 @@ pub struct StaleWrite {
 
 impl StaleWrite {
     /// Opens S1 through the proxy to `leader`, writes w0, sends w_old (held) and cuts the
-    /// leader's cluster RPC.
+    /// leader's cluster RPC. `members` are the cluster's current nodes.
+    #[allow(clippy::too_many_arguments)]
     pub fn begin(
         c: &Cluster,
+        members: &[u64],
         rt: &Handle,
         shared: &Arc<Shared>,
         target: &str,
@@ -308,7 +312,7 @@ impl StaleWrite {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut agreed = (None, 0);
         while agreed.1 < 3 {
-            let views: Vec<Option<u64>> = c.nodes.iter().map(|n| local_leader(c, n.id, group)).collect();
+            let views: Vec<Option<u64>> = members.iter().map(|&n| local_leader(c, n, group)).collect();
             let first = views.first().copied().flatten();
             agreed = if first.is_some() && views.iter().all(|v| *v == first) {
                 (first, if agreed.0 == first { agreed.1 + 1 } else { 1 })
@@ -367,6 +371,7 @@ impl StaleWrite {
             group,
             target: target.to_string(),
             leader,
+            members: members.to_vec(),
             vol,
             block,
             old_id,
@@ -387,6 +392,7 @@ impl StaleWrite {
             group,
             target,
             leader,
+            members,
             vol,
             block,
             old_id,
@@ -398,7 +404,7 @@ impl StaleWrite {
         } = self;
         // The client gave up on w_old (its fate is unknown) and fails over.
         shared.oracle().end_write(block, old_id, false, shared.now_ns());
-        let others: Vec<u64> = c.nodes.iter().map(|n| n.id).filter(|&n| n != leader).collect();
+        let others: Vec<u64> = members.iter().copied().filter(|&n| n != leader).collect();
         let deadline = Instant::now() + Duration::from_secs(30);
         let new_leader = loop {
             if let Some(l) = others
