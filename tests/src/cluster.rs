@@ -34,6 +34,9 @@ pub const STORAGE_FAILURE_ERRORS: &[&str] = &[
     "IOFlushed error",
     "failed to send HeartbeatProgress",
     "failed earlier: ",
+    // openraft, when a call into the group (a client write, a vote) finds its core gone, which
+    // it is once the storage failure stopped it (chaos seed 1001, `disk-full-leader`).
+    "failed to receive from RaftCore",
 ];
 pub const METRICS_PORT: u16 = 9520;
 
