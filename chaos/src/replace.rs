@@ -29,7 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use raftsan_tests::cluster::{Cluster, applied_index, group_leader};
+use raftsan_tests::cluster::{Cluster, applied_index, group_field, group_leader};
 use serde_json::Value;
 
 use crate::run::{local_leader, status};
@@ -67,18 +67,6 @@ pub fn voters(s: &Value, group: u64) -> Vec<u64> {
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default()
-}
-
-fn group_field<'a>(s: &'a Value, node: u64, group: u64, field: &str) -> Option<&'a Value> {
-    s["nodes"]
-        .as_array()?
-        .iter()
-        .find(|n| n["id"] == node)?
-        .get("groups")?
-        .as_array()?
-        .iter()
-        .find(|g| g["group"] == group)?
-        .get(field)
 }
 
 /// Commit index of `group` as its leader reports it.

@@ -23,7 +23,7 @@ use raftsan_initiator::multipath::{Multipath, MultipathConfig, Request, fence};
 use raftsan_initiator::session::{Command, Session, SessionConfig};
 use raftsan_tests::cluster::{Cluster, group_leader};
 
-/// One-way delay on the hung path: longer than the client's patience (below), shorter than the
+/// Delay on the hung path, each way: longer than the client's patience (below), shorter than the
 /// target's NOP-In timeout, so the target still holds the session when the late write arrives.
 const HANG: Duration = Duration::from_millis(2000);
 
@@ -34,6 +34,18 @@ fn root() -> bool {
         eprintln!("skipped: needs root (iptables NFQUEUE)");
     }
     root
+}
+
+/// Delays the client's path to `ip`'s portal by [`HANG`] each way until dropped.
+fn hang(ip: std::net::Ipv4Addr) -> netem::Degraded {
+    netem::degrade_portal(
+        ip,
+        NetFault::Delay {
+            delay_ms: HANG.as_millis() as u32,
+            jitter_ms: 0,
+        },
+    )
+    .expect("delay")
 }
 
 fn session_ref(s: &Session) -> fence::SessionRef {
@@ -114,14 +126,7 @@ fn a_late_write_of_a_fenced_session_is_refused_and_an_unfenced_one_is_not() {
             let r = execute(s, vol.write(b, 1)).await.expect("w0");
             assert_eq!(r.status, 0, "w0: {}", describe(&r));
         }
-        let hung = netem::degrade_portal(
-            l_ip,
-            NetFault::Delay {
-                delay_ms: HANG.as_millis() as u32,
-                jitter_ms: 0,
-            },
-        )
-        .expect("delay");
+        let hung = hang(l_ip);
         let late: Vec<_> = [(&fenced, fenced_block), (&control, control_block)]
             .into_iter()
             .map(|(s, b)| {
@@ -240,14 +245,7 @@ fn the_multipath_initiator_fences_a_hung_path_before_re_sending_its_writes() {
         };
         let r = mp.execute(req(vol.write(block, 1))).await.expect("w0");
         assert_eq!(r.status, 0);
-        let hung = netem::degrade_portal(
-            l_ip,
-            NetFault::Delay {
-                delay_ms: HANG.as_millis() as u32,
-                jitter_ms: 0,
-            },
-        )
-        .expect("delay");
+        let hung = hang(l_ip);
         // In flight on the leader's path when it hangs; re-sent elsewhere after the fence.
         let r = mp.execute(req(vol.write(block, 2))).await.expect("w_old");
         assert_eq!(r.status, 0);

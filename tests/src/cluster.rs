@@ -466,6 +466,11 @@ pub fn group_voters(s: &Value, group: u64) -> usize {
 
 /// Applied index of `group` on node `node`.
 pub fn applied_index(s: &Value, node: u64, group: u64) -> Option<u64> {
+    group_field(s, node, group, "applied_index")?.as_u64()
+}
+
+/// A field of `group` in node `node`'s part of a `raftsan status --json` answer.
+pub fn group_field<'a>(s: &'a Value, node: u64, group: u64, field: &str) -> Option<&'a Value> {
     s["nodes"]
         .as_array()?
         .iter()
@@ -474,8 +479,7 @@ pub fn applied_index(s: &Value, node: u64, group: u64) -> Option<u64> {
         .as_array()?
         .iter()
         .find(|g| g["group"] == group)?
-        .get("applied_index")?
-        .as_u64()
+        .get(field)
 }
 
 fn groups(s: &Value) -> impl Iterator<Item = &Value> {

@@ -220,6 +220,8 @@ impl Node {
         let raft = openraft::Raft::new(self.id, self.raft_config.clone(), net, log, sm)
             .await
             .map_err(|e| anyhow!("starting Raft group {group}: {e}"))?;
+        #[cfg(feature = "raft-stats")]
+        log_runtime_stats(group, &raft);
         Ok(raft)
     }
 
@@ -628,6 +630,27 @@ impl GroupRegistry<GroupStateMachine> for Node {
     fn snapshot_base(&self, group: GroupId) -> Option<SnapshotBase> {
         self.group(group).map(|g| g.sm.snapshot_base())
     }
+}
+
+/// Diagnostics build only (`--features raft-stats`): logs openraft's runtime statistics of the
+/// group (batch sizes per stage, per-stage log latency) every `RAFTSAN_RAFT_STATS_SECS` seconds
+/// (default 10) while the group runs. Used to find where a replicated write spends its time.
+#[cfg(feature = "raft-stats")]
+fn log_runtime_stats(group: GroupId, raft: &RaftGroup) {
+    let every = std::env::var("RAFTSAN_RAFT_STATS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10u64);
+    let raft = raft.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(every)).await;
+            match raft.runtime_stats().await {
+                Ok(stats) => tracing::info!(group, "openraft runtime stats:\n{}", stats.display().human_readable()),
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 /// openraft settings of every group, from the node's `[raft]` section.

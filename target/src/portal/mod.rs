@@ -282,7 +282,10 @@ impl PortalServer {
             portal_addrs: Mutex::new(Vec::new()),
             peer_portals: Mutex::new(Vec::new()),
             sessions: Mutex::new(HashMap::new()),
-            next_tsih: AtomicU16::new(1),
+            // A random start: a restarted node does not hand out the TSIHs of its last run again
+            // at once, so a session key a FENCE SESSIONS named (initiator, ISID, TPGT, TSIH) is
+            // not met again by a new session of an initiator with a fixed ISID.
+            next_tsih: AtomicU16::new(rand::random::<u16>().max(1)),
             next_nexus: AtomicU64::new(1),
             metrics: PortalMetrics::new(),
             shutdown: watch::channel(false).0,
