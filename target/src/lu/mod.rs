@@ -62,6 +62,27 @@ pub struct TargetPort {
     pub port_group: u16,
 }
 
+/// What [`TargetLus::admit_plain_write`] decided.
+#[derive(Debug)]
+pub enum Admission {
+    /// Write `len` bytes of the Data-Out at byte `offset`, then
+    /// [`TargetLus::finish_plain_write`].
+    Write(PlainWrite),
+    /// Finished without writing (UNIT ATTENTION, RESERVATION CONFLICT).
+    Done(Outcome),
+    /// Not a plain write: [`TargetLus::execute_sync`] it.
+    Other,
+}
+
+/// An admitted plain write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlainWrite {
+    pub offset: u64,
+    pub len: usize,
+    /// The SCSI transfer length in bytes, for residuals (as `Outcome::scsi_transfer_len`).
+    pub transfer_len: Option<u32>,
+}
+
 /// One I_T nexus (an iSCSI session).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nexus {
@@ -404,6 +425,69 @@ impl TargetLus {
         };
         outcome.scsi_transfer_len = transfer_len;
         outcome
+    }
+
+    /// The fast path of a replicated target: admits a plain WRITE(10)/(16) (see
+    /// [`Admission`]) with the same checks, in the same order, as [`TargetLus::execute_sync`]:
+    /// a pending unit attention or a reservation conflict finishes it here; anything unusual is
+    /// left to `execute_sync`. The caller writes the data itself, excluding COMPARE AND WRITE,
+    /// ORWRITE and WRITE ATOMIC of the same LU meanwhile (they read, decide and write as one).
+    pub fn admit_plain_write(&self, nexus: &Nexus, cmd: &Command<'_>) -> Admission {
+        let Some(lu) = self.lu(cmd.lun) else {
+            return Admission::Other;
+        };
+        let Some(disk) = lu.disk() else {
+            return Admission::Other;
+        };
+        let opcode = cdb::u8_at(cmd.cdb, 0);
+        if cmd.cdb.len() < cdb::cdb_len(opcode) {
+            return Admission::Other;
+        }
+        let Some((offset, len)) = sbc::plain_write(lu, disk, cmd.cdb, cmd.data_out.len()) else {
+            return Admission::Other;
+        };
+        let transfer_len = sbc::data_out_len(cmd.cdb, disk.block_size);
+        let descriptor_format = lu.d_sense.load(Ordering::Relaxed);
+        if let Some(code) = lu.ua.pop(nexus.id) {
+            let mut o = Outcome::check(&Sense::from(code), descriptor_format);
+            o.scsi_transfer_len = transfer_len;
+            return Admission::Done(o);
+        }
+        if let Err(e) = disk.pr.check_access(&nexus.pr(), cmd.cdb) {
+            let mut o = match Fail::from(e) {
+                Fail::Check(s) => Outcome::check(&s, descriptor_format),
+                Fail::Conflict => Outcome {
+                    status: status::RESERVATION_CONFLICT,
+                    sense: None,
+                    data_in: Vec::new(),
+                    scsi_transfer_len: None,
+                },
+            };
+            o.scsi_transfer_len = transfer_len;
+            return Admission::Done(o);
+        }
+        Admission::Write(PlainWrite {
+            offset,
+            len,
+            transfer_len,
+        })
+    }
+
+    /// How an admitted plain write ends: GOOD, or the error of the ordinary path's write
+    /// (WRITE ERROR, logged and counted unless the store said the command was fenced).
+    pub fn finish_plain_write(&self, lun: u64, w: &PlainWrite, result: std::io::Result<()>) -> Outcome {
+        let Some((lu, disk)) = self.lu(lun).and_then(|lu| lu.disk().map(|d| (lu, d))) else {
+            return Outcome::check_code(sense::LOGICAL_UNIT_NOT_SUPPORTED, false);
+        };
+        let mut o = match result {
+            Ok(()) => Outcome::good(Vec::new()),
+            Err(e) => match sbc::write_error(disk, e, w.offset) {
+                Fail::Check(s) => Outcome::check(&s, lu.d_sense.load(Ordering::Relaxed)),
+                Fail::Conflict => Outcome::check_code(sense::WRITE_ERROR, false),
+            },
+        };
+        o.scsi_transfer_len = w.transfer_len;
+        o
     }
 
     fn dispatch(&self, lu: &LogicalUnit, nexus: &Nexus, cmd: &Command<'_>) -> CmdResult {

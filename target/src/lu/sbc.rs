@@ -169,7 +169,28 @@ fn read_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
     sense::UNRECOVERED_READ_ERROR.into()
 }
 
-fn write_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
+/// A plain WRITE(10)/(16) a caller may carry out itself ([`crate::lu::TargetLus::admit_plain_write`]):
+/// `Some((offset, bytes))` when it needs nothing but its data written at `offset` (no FUA, write
+/// cache on, no protection information, writable, in range, whole blocks of Data-Out); `None`
+/// for anything else, which the ordinary path executes and reports.
+pub(crate) fn plain_write(lu: &LogicalUnit, d: &Disk, c: &[u8], data_out_len: usize) -> Option<(u64, usize)> {
+    if !matches!(c.first(), Some(&op::WRITE_10) | Some(&op::WRITE_16)) {
+        return None;
+    }
+    let io = cdb::block_io(c)?;
+    if io.protect != 0 || io.fua || !lu.wce.load(Ordering::Relaxed) || d.def.read_only {
+        return None;
+    }
+    check_range(d, io.lba, u64::from(io.blocks)).ok()?;
+    check_transfer(d, io.blocks, transfer_len_byte(c[0])).ok()?;
+    let want = io.blocks as usize * d.block_size as usize;
+    if want == 0 || data_out_len < want {
+        return None;
+    }
+    Some((byte_offset(d, io.lba), want))
+}
+
+pub(crate) fn write_error(d: &Disk, e: std::io::Error, offset: u64) -> Fail {
     if crate::backing::Fenced::is(&e) {
         tracing::info!(lun = d.def.lun, offset, reason = %e, "write fenced");
     } else {
