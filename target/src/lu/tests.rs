@@ -1185,3 +1185,82 @@ mod fuzz {
         }
     }
 }
+
+fn admit(t: &TargetLus, n: &Nexus, lun: u64, cdb: &[u8], data_out: &[u8]) -> Admission {
+    t.admit_plain_write(
+        n,
+        &Command {
+            lun,
+            cdb,
+            data_out,
+            expected_transfer_len: data_out.len() as u32,
+            task_attr: 0,
+        },
+    )
+}
+
+/// The replicated fast path's admission: plain writes only, with the ordinary path's unit
+/// attention and reservation checks; everything unusual is left to `execute_sync`.
+#[test]
+fn plain_writes_are_admitted_with_the_ordinary_checks() {
+    let t = target();
+    let (a, b) = (nexus(1), nexus(2));
+    t.nexus_joined(&a);
+    t.nexus_joined(&b);
+    let data = vec![7u8; 2 * BS as usize];
+    // The pending 29/00 comes first, as in execute_sync, and only once.
+    let Admission::Done(o) = admit(&t, &a, 1, &write10(5, 2, 0), &data) else {
+        panic!("a pending unit attention must finish the command");
+    };
+    assert_eq!(sense_of(&o), (key::UNIT_ATTENTION, 0x29, 0));
+    assert_eq!(o.scsi_transfer_len, Some(2 * BS));
+    let w = match admit(&t, &a, 1, &write10(5, 2, 0), &data) {
+        Admission::Write(w) => w,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(
+        w,
+        PlainWrite {
+            offset: 5 * u64::from(BS),
+            len: 2 * BS as usize,
+            transfer_len: Some(2 * BS),
+        }
+    );
+    assert!(matches!(
+        admit(&t, &a, 1, &rw16(op::WRITE_16, 9, 1), &data),
+        Admission::Write(PlainWrite { offset, len, .. }) if offset == 9 * u64::from(BS) && len == BS as usize
+    ));
+    // Left to execute_sync: FUA, beyond the end, short Data-Out, WRITE(6), reads, LUN 0, unknown LUN.
+    for (lun, cdb, out) in [
+        (1, write10(5, 2, 0x08), &data[..]),
+        (1, write10(BLOCKS as u32 - 1, 2, 0), &data[..]),
+        (1, write10(5, 2, 0), &data[..BS as usize]),
+        (1, vec![op::WRITE_6, 0, 0, 5, 1, 0], &data[..]),
+        (1, read10(5, 2), &[][..]),
+        (0, write10(5, 2, 0), &data[..]),
+        (9, write10(5, 2, 0), &data[..]),
+    ] {
+        assert!(matches!(admit(&t, &a, lun, &cdb, out), Admission::Other), "{cdb:02x?}");
+    }
+    // A reservation held by another nexus: RESERVATION CONFLICT, as execute_sync answers.
+    assert_eq!(sense_of(&run(&t, &b, 1, &[0; 6], &[])), (key::UNIT_ATTENTION, 0x29, 0));
+    let (c, p) = prout(0x00, 0, 0, 0xbb);
+    good(&run(&t, &b, 1, &c, &p));
+    let (c, p) = prout(0x01, 0x01, 0xbb, 0); // Write Exclusive
+    good(&run(&t, &b, 1, &c, &p));
+    let Admission::Done(o) = admit(&t, &a, 1, &write10(5, 2, 0), &data) else {
+        panic!("a reservation conflict must finish the command");
+    };
+    assert_eq!(o.status, status::RESERVATION_CONFLICT);
+    assert_eq!(o.status, run(&t, &a, 1, &write10(5, 2, 0), &data).status);
+    assert!(matches!(
+        admit(&t, &b, 1, &write10(5, 2, 0), &data),
+        Admission::Write(_)
+    ));
+    // Finishing: GOOD with the transfer length, or WRITE ERROR.
+    let o = t.finish_plain_write(1, &w, Ok(()));
+    good(&o);
+    assert_eq!(o.scsi_transfer_len, Some(2 * BS));
+    let o = t.finish_plain_write(1, &w, Err(std::io::Error::other("disk gone")));
+    assert_eq!(sense_of(&o), (key::MEDIUM_ERROR, 0x0c, 0x00));
+}
