@@ -2,8 +2,9 @@
 # Quick replicated-write probe: starts `raftsan demo` (three nodes from FIRST_ADDR), then runs
 # 4 KiB sequential writes through the volume leader's portal at each queue depth given.
 #
-#   bench/cluster-write.sh [-a FIRST_ADDR] [-c COUNT] [-z SIZE] [-k] [DEPTH...]   (default depths: 1 32)
+#   bench/cluster-write.sh [-a FIRST_ADDR] [-c COUNT] [-z SIZE] [-f FSYNC] [-k] [DEPTH...]   (default depths: 1 32)
 #
+#   -f   the nodes' Raft log fsync policy: always (default) or on-flush
 #   -k   keep the cluster running after the runs (Ctrl-C stops it), e.g. to attach perf
 # Prints "depth N: IOPS, mean latency" per depth. Not a test; the figures are noisy.
 set -euo pipefail
@@ -12,13 +13,14 @@ FIRST=127.0.0.73
 COUNT=20000
 SIZE=256M
 KEEP=0
-while getopts "a:c:z:kh" opt; do
+while getopts "a:c:z:f:kh" opt; do
     case $opt in
+    f) export DEMO_FSYNC=$OPTARG ;;
     a) FIRST=$OPTARG ;;
     c) COUNT=$OPTARG ;;
     z) SIZE=$OPTARG ;;
     k) KEEP=1 ;;
-    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))

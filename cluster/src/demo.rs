@@ -67,6 +67,8 @@ pub struct Options {
     pub check_only: bool,
     /// While serving, write through the client's NBD export in the background and report stalls.
     pub client_writes: bool,
+    /// The `[raft] fsync` policy of the nodes ("always" or "on-flush").
+    pub fsync: &'static str,
 }
 
 pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, opts: Options) -> Result<()> {
@@ -97,7 +99,7 @@ pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, op
             rpc::issue_node_cert(&pki, id, &[ip], &pki)?;
         }
         let config = ndir.join("node.toml");
-        std::fs::write(&config, node_toml(id, ip, &ndir, &pki))?;
+        std::fs::write(&config, node_toml(id, ip, &ndir, &pki, opts.fsync))?;
         nodes.push(DemoNode {
             id,
             ip,
@@ -131,7 +133,7 @@ pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, op
     result
 }
 
-fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path) -> String {
+fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path, fsync: &str) -> String {
     format!(
         "# raftsan demo node {id}\n\
          [node]\n\
@@ -146,7 +148,7 @@ fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path) -> String {
          cert = \"{pki}/node-{id}.crt\"\n\
          key = \"{pki}/node-{id}.key\"\n\
          \n[raft]\n\
-         fsync = \"always\"\n\
+         fsync = \"{fsync}\"\n\
          heartbeat_ms = 50\n\
          election_timeout_ms = [150, 300]\n",
         data = dir.join("data").display(),

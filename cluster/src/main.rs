@@ -102,6 +102,11 @@ enum Cmd {
         /// export, reporting every write that stalls), e.g. when benchmarking the cluster.
         #[arg(long)]
         no_client_writes: bool,
+        /// The nodes' Raft log fsync policy: `always` (every append batch is durable before it
+        /// counts towards a quorum) or `on-flush` (durable on SYNCHRONIZE CACHE and FUA; see
+        /// docs/configuration.md).
+        #[arg(long, default_value = "always", value_parser = ["always", "on-flush"])]
+        fsync: String,
     },
 }
 
@@ -179,12 +184,14 @@ fn run() -> Result<()> {
             size,
             check_only,
             no_client_writes,
+            fsync,
         } => {
             let size = cli::parse_size(&size)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let opts = demo::Options {
                 check_only,
                 client_writes: !no_client_writes,
+                fsync: if fsync == "on-flush" { "on-flush" } else { "always" },
             };
             rt.block_on(demo::run(first_address, dir, size, opts))
         }
