@@ -267,3 +267,74 @@ fn the_multipath_initiator_fences_a_hung_path_before_re_sending_its_writes() {
     });
     drop(c);
 }
+
+/// FENCE SESSIONS itself, without a hung path (no root needed): malformed parameter lists are
+/// refused, an initiator's fence never touches another initiator's session (the key includes the
+/// sender's name) nor the session it is sent on, and a fenced session's writes are not executed.
+#[test]
+fn fence_sessions_checks_its_list_and_fences_only_the_senders_other_sessions() {
+    let Setup {
+        c,
+        target,
+        lun,
+        leader,
+        follower,
+    } = cluster();
+    let l_portal = SocketAddr::V4(c.node(leader).expect("node").portal());
+    let f_portal = SocketAddr::V4(c.node(follower).expect("node").portal());
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let named = |name: &str| SessionConfig {
+            initiator_name: name.into(),
+            ..session_config(&target)
+        };
+        let (x, y) = ("iqn.2026-11.org.raftsan.test:x", "iqn.2026-11.org.raftsan.test:y");
+        let a = Session::login(l_portal, named(x)).await.expect("login A (x)");
+        let b = Session::login(l_portal, named(y)).await.expect("login B (y)");
+        let s = Session::login(f_portal, named(x)).await.expect("login S (x)");
+        let vol = Volume::probe(&a, lun).await.expect("capacity");
+        // Every session past its first unit attentions, each block written once.
+        for (i, sess) in [&a, &b, &s].into_iter().enumerate() {
+            let r = execute(sess, vol.write(10 + i as u64, 1)).await.expect("w0");
+            assert_eq!(r.status, 0, "w0: {}", describe(&r));
+        }
+        let check = |r: &raftsan_initiator::session::CommandResult| {
+            let sense = r.sense.as_deref().and_then(raftsan_initiator::scsi::Sense::parse);
+            (r.status, sense.map(|s| (s.code.key, s.code.asc, s.code.ascq)))
+        };
+        // Malformed lists: ILLEGAL REQUEST, nothing fenced.
+        let mut short = fence_command(lun, &[session_ref(&a)]);
+        short.data_out = short.data_out.map(|d| d.slice(..11));
+        let mut dirty = fence_command(lun, &[session_ref(&a)]);
+        let mut bytes = dirty.data_out.take().expect("data").to_vec();
+        bytes[11] = 1;
+        dirty.data_out = Some(Bytes::from(bytes));
+        for (what, cmd) in [("short", short), ("reserved bytes set", dirty)] {
+            let r = execute(&s, cmd).await.expect("fence");
+            assert_eq!(check(&r).0, 2, "{what}: {}", describe(&r));
+            assert_eq!(check(&r).1.map(|k| k.0), Some(5), "{what}: {}", describe(&r));
+        }
+        // x names y's session and its own S: neither is fenced.
+        let r = execute(&s, fence_command(lun, &[session_ref(&b), session_ref(&s)]))
+            .await
+            .expect("fence");
+        assert_eq!(r.status, 0, "{}", describe(&r));
+        for (sess, block) in [(&b, 11), (&s, 12)] {
+            let r = sess.execute(vol.write(block, 2)).await.expect("write");
+            assert_eq!(r.status, 0, "a session the fence must not touch: {}", describe(&r));
+        }
+        // x fences its session A: A's next write is refused and not executed.
+        let r = execute(&s, fence_command(lun, &[session_ref(&a)]))
+            .await
+            .expect("fence");
+        assert_eq!(r.status, 0, "{}", describe(&r));
+        let r = a.execute(vol.write(10, 2)).await.expect("write");
+        assert_eq!(check(&r), (2, Some((6, 0x2a, 0x06))), "{}", describe(&r));
+        let r = execute(&s, vol.read(10)).await.expect("read");
+        assert_eq!(decode(&r.data), Content::Write { block: 10, id: 1 });
+        // A read on the fenced session still works (nothing to refuse).
+        let r = execute(&a, vol.read(11)).await.expect("read");
+        assert_eq!(decode(&r.data), Content::Write { block: 11, id: 2 });
+    });
+    drop(c);
+}
