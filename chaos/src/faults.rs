@@ -7,6 +7,8 @@
 //! | `kill-two-in-turn` | a follower is killed and restarted, then the leader | as above, twice |
 //! | `pause-leader` | SIGSTOP of the leader, SIGCONT after the hold: it wakes up believing it leads | its stale leadership is fenced (no stale read, no lost write) |
 //! | `partition-leader` | iptables drops the leader's cluster RPC both ways; its portal stays reachable | the majority elects a new leader; the old one stops serving |
+//! | `partition-follower` | iptables drops a follower's cluster RPC both ways | no leader change; the follower's portal says transitioning, it catches up after the heal |
+//! | `partition-leader-inbound` | asymmetric: nothing reaches the leader's cluster RPC listener (votes, forwarded commands), while its own connections to the followers (replication) keep working | no leader change needed; commands through the followers' portals fail over; nothing lost or stale |
 //! | `client-cut-from-leader` | iptables drops the client's packets to the leader's portal | the client fails over to the other portals |
 //! | `netem-delay` | 100-200 ms ±50 ms each way on the client's path to the leader's portal only ([`netem`]) | the client carries on, slower; nothing else is touched |
 //! | `netem-loss` | 5-20 % of the packets each way on that path are dropped ([`netem`]) | TCP or the client's failover hides it |
@@ -44,10 +46,12 @@ pub enum FaultKind {
     DiskFailFollower,
     DiskFullLeader,
     ReplaceNode,
+    PartitionFollower,
+    PartitionLeaderInbound,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 13] = [
+    pub const ALL: [FaultKind; 15] = [
         FaultKind::KillLeader,
         FaultKind::KillFollower,
         FaultKind::KillTwoInTurn,
@@ -61,6 +65,8 @@ impl FaultKind {
         FaultKind::DiskFailFollower,
         FaultKind::DiskFullLeader,
         FaultKind::ReplaceNode,
+        FaultKind::PartitionFollower,
+        FaultKind::PartitionLeaderInbound,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +84,8 @@ impl FaultKind {
             FaultKind::DiskFailFollower => "disk-fail-follower",
             FaultKind::DiskFullLeader => "disk-full-leader",
             FaultKind::ReplaceNode => "replace-node",
+            FaultKind::PartitionFollower => "partition-follower",
+            FaultKind::PartitionLeaderInbound => "partition-leader-inbound",
         }
     }
 
@@ -96,12 +104,17 @@ impl FaultKind {
                 | FaultKind::NetemLoss
                 | FaultKind::DiskFailFollower
                 | FaultKind::ReplaceNode
+                | FaultKind::PartitionFollower
+                | FaultKind::PartitionLeaderInbound
         )
     }
 
     /// Whether the fault's victim is a follower (else the leader).
     pub fn hits_follower(self) -> bool {
-        matches!(self, FaultKind::KillFollower | FaultKind::DiskFailFollower)
+        matches!(
+            self,
+            FaultKind::KillFollower | FaultKind::DiskFailFollower | FaultKind::PartitionFollower
+        )
     }
 }
 
@@ -150,6 +163,15 @@ pub fn isolate_rpc(ip: &str) -> Result<Rules> {
         rule(&["INPUT", "-d", ip, "-p", "tcp", "--dport", &port, "-j", "DROP"]),
         rule(&["INPUT", "-s", ip, "-p", "tcp", "--dport", &port, "-j", "DROP"]),
     ])
+}
+
+/// Drops what reaches `ip`'s cluster RPC listener; `ip`'s own connections to the other nodes'
+/// listeners (the leader's replication streams) and their answers still pass.
+pub fn cut_rpc_inbound(ip: &str) -> Result<Rules> {
+    let port = RPC_PORT.to_string();
+    Rules::insert(vec![rule(&[
+        "INPUT", "-d", ip, "-p", "tcp", "--dport", &port, "-j", "DROP",
+    ])])
 }
 
 /// Drops the packets to `ip`'s iSCSI portal.
@@ -213,6 +235,8 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
             Injected::Paused(leader)
         }
         FaultKind::PartitionLeader => Injected::Rules(isolate_rpc(&ip(c, leader)?)?),
+        FaultKind::PartitionFollower => Injected::Rules(isolate_rpc(&ip(c, follower)?)?),
+        FaultKind::PartitionLeaderInbound => Injected::Rules(cut_rpc_inbound(&ip(c, leader)?)?),
         FaultKind::ClientCutFromLeader => Injected::Rules(block_portal(&ip(c, leader)?)?),
         FaultKind::NetemDelay => Injected::Net(netem::degrade_portal(
             c.node(leader)?.ip,
@@ -240,7 +264,11 @@ pub fn inject(c: &mut Cluster, kind: FaultKind, leader: u64, follower: u64) -> R
 /// How long a fault is held, from the seeded schedule.
 pub fn hold(kind: FaultKind, r: f64) -> Duration {
     let base = match kind {
-        FaultKind::PauseLeader | FaultKind::PartitionLeader | FaultKind::DelayedStaleWrite => 4.0,
+        FaultKind::PauseLeader
+        | FaultKind::PartitionLeader
+        | FaultKind::PartitionFollower
+        | FaultKind::PartitionLeaderInbound
+        | FaultKind::DelayedStaleWrite => 4.0,
         // Four members serving I/O between the add and the removal.
         FaultKind::ReplaceNode => return Duration::from_secs_f64(1.0 + 2.0 * r),
         _ => 2.0,

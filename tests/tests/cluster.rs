@@ -516,6 +516,54 @@ fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8
     Ok(((status, code(2) & 0x0f, code(12), code(13)), took))
 }
 
+/// A command a follower forwarded to the leader, which is then cut off, is answered as soon as
+/// the follower learns the new leader (UNIT ATTENTION 2A/06: the initiator sends it again), not
+/// after the forwarding RPC's 15 s timeout. The chaos harness saw a 6.1 s client stall in a
+/// partition of a leader the client reached only through followers, before this.
+#[test]
+fn a_command_forwarded_to_a_leader_that_is_cut_off_ends_when_a_new_leader_is_known() -> Result<()> {
+    let mut c = Cluster::start(3)?;
+    let (volume, target, _lun) = c.create_volume("fwd", "16M")?;
+    let old = c.settled_leader(volume, Duration::from_secs(7))?;
+    let follower = (1..=3).find(|&n| n != old).expect("a follower");
+    let mut raw = raftsan_tests::raw::Raw::connect(c.node(follower)?.portal())?;
+    raw.login("iqn.2026-11.org.raftsan:forward-check", &target)?;
+    raw.clear_unit_attention()?;
+    let (answer, _) = test_unit_ready(&mut raw)?;
+    ensure!(answer.0 == 0x00, "forwarded TEST UNIT READY before the cut: {answer:?}");
+
+    let ip = c.node(old)?.ip.to_string();
+    let port = raftsan_tests::cluster::RPC_PORT.to_string();
+    let cut = raftsan_tests::Iptables::insert(&[
+        &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+        &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+    ])?;
+    // Forwarded into the cut at once: held until the follower learns of a new leader.
+    let (answer, took) = test_unit_ready(&mut raw)?;
+    ensure!(
+        answer == (0x02, 0x06, 0x2a, 0x06) || answer.0 == 0x00,
+        "a command forwarded into the cut: {answer:?} after {took:?}"
+    );
+    ensure!(
+        took < Duration::from_secs(5),
+        "a command forwarded to the cut-off leader was answered only after {took:?} ({answer:?})"
+    );
+    // The new leader serves through the same portal.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (answer, _) = test_unit_ready(&mut raw)?;
+        if answer.0 == 0x00 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "never served again: {answer:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = c.status()?;
+    ensure!(group_leader(&s, volume).is_some_and(|l| l != old), "no new leader: {s}");
+    drop(cut);
+    Ok(())
+}
+
 /// A leader cut off from its peers (cluster RPC dropped both ways, portal still reachable) tells
 /// the initiators on its portal NOT READY 04/0A (transitioning) as soon as it notices, instead of
 /// holding each command for TRANSITION_WAIT (3 s) waiting for a leader it cannot learn; the

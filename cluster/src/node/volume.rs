@@ -671,7 +671,24 @@ impl VolumeRuntime {
                 None => self.lost_leader(l).await,
             };
         }
-        match self.forward(leader, l.term, &nexus, cmd).await {
+        // The leader may vanish with the command (killed, paused, partitioned): stop waiting for
+        // it as soon as a newer leader is known, instead of the RPC's FORWARD_TIMEOUT. The
+        // command's fate is then unknown, as after a failed RPC; it ends as one that lost its
+        // leader and the initiator sends it again (a plain write rewrites the same data).
+        let mut rx = self.leadership.subscribe();
+        let moved = async {
+            let _ = rx
+                .wait_for(|now| now.term > l.term || (now.leader.is_some() && now.leader != l.leader))
+                .await;
+        };
+        let forwarded = tokio::select! {
+            r = self.forward(leader, l.term, &nexus, cmd) => r,
+            () = moved => {
+                tracing::debug!(volume = self.id, leader, "leadership moved while a forwarded command was out");
+                return self.lost_leader(l).await;
+            }
+        };
+        match forwarded {
             Ok(resp) if !resp.not_leader => Outcome {
                 status: u8::try_from(resp.status).unwrap_or(status::CHECK_CONDITION),
                 sense: resp.sense.map(|s| s.to_vec()),
