@@ -49,6 +49,7 @@ use raftsan_target::portal::{CommandRouter, OwnedCommand, Reset, TargetRuntime};
 use super::{Node, RaftGroup};
 use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo};
 use crate::raft::Request;
+use crate::raft::types::{WriteItem, WriteResult};
 use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
 
 /// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning): a few
@@ -97,7 +98,16 @@ async fn lost_quorum(raft: &RaftGroup, me: u64) {
 /// [`PROPOSE_TIMEOUT`]; a proposal refused while no other leader is known (a lapsed lease) is
 /// retried. `Err` says why the command is fenced (another leader, cut off, timed out).
 async fn propose(raft: RaftGroup, me: u64, req: Request) -> Result<crate::raft::Response, String> {
-    let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+    propose_until(raft, me, req, tokio::time::Instant::now() + PROPOSE_TIMEOUT).await
+}
+
+/// [`propose`] bounded by `deadline`.
+async fn propose_until(
+    raft: RaftGroup,
+    me: u64,
+    req: Request,
+    deadline: tokio::time::Instant,
+) -> Result<crate::raft::Response, String> {
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let attempt = tokio::select! {
@@ -124,6 +134,167 @@ async fn propose(raft: RaftGroup, me: u64, req: Request) -> Result<crate::raft::
                 tokio::time::sleep(PROPOSE_RETRY).await;
             }
         }
+    }
+}
+
+/// Coalesced plain-write proposals a volume's [`WriteBatcher`] keeps in flight at once. While all
+/// are in flight, new writes queue and go together into the next entry.
+pub const WRITE_PROPOSALS_IN_FLIGHT: usize = 4;
+/// At most this many writes share one log entry.
+pub const MAX_WRITES_PER_ENTRY: usize = 64;
+/// At most this many bytes of write data share one log entry (a single larger write is proposed
+/// alone).
+pub const MAX_ENTRY_WRITE_BYTES: usize = 1 << 20;
+/// Writes that may wait for a proposal slot, per volume: enough to fill every slot's next
+/// entry. A writer beyond it waits to enqueue (each waiting writer is an iSCSI command, already
+/// bounded by its session's command window), and that wait counts against its
+/// [`PROPOSE_TIMEOUT`].
+pub const WRITE_QUEUE_LEN: usize = WRITE_PROPOSALS_IN_FLIGHT * MAX_WRITES_PER_ENTRY;
+
+/// A plain write waiting for the batcher: the item, when it must have been answered, where its
+/// result goes, and the shared [`VolumeRuntime::atomic_gate`] it holds from before its admission
+/// until its result is known (so no COMPARE AND WRITE runs between them, even when the command
+/// that queued it is dropped).
+struct QueuedWrite {
+    item: WriteItem,
+    deadline: tokio::time::Instant,
+    done: tokio::sync::oneshot::Sender<WriteAnswer>,
+    _shared: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+/// What became of a queued write: applied with this result, or `Err` why it is fenced (the
+/// proposal failed: another leader, cut off, timed out), as [`propose`] says.
+type WriteAnswer = Result<WriteResult, String>;
+
+/// Coalesces the plain writes of one volume that are queued at the same moment into one log
+/// entry (one RaftCore round, log append and replication message per entry, not per write).
+///
+/// ```text
+/// plain_write ──(bounded queue, WRITE_QUEUE_LEN)──▶ batcher task
+///     a proposal slot is free (≤ WRITE_PROPOSALS_IN_FLIGHT in flight)?
+///         take everything queued, ≤ MAX_WRITES_PER_ENTRY writes and MAX_ENTRY_WRITE_BYTES:
+///         one write  → Request::Write   (as without batching; never waits for company)
+///         several    → Request::Writes  (items applied in order, one result each)
+///     entry applied → each write's own result;  proposal failed → every write of it fenced
+/// ```
+///
+/// The task ends when the volume is dropped, after its proposals in flight are answered.
+struct WriteBatcher {
+    queue: tokio::sync::mpsc::Sender<QueuedWrite>,
+}
+
+impl WriteBatcher {
+    fn spawn(raft: RaftGroup, me: u64, volume: u64) -> Self {
+        let (queue, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_LEN);
+        tokio::spawn(run_write_batcher(raft, me, volume, rx));
+        WriteBatcher { queue }
+    }
+}
+
+async fn run_write_batcher(raft: RaftGroup, me: u64, volume: u64, mut rx: tokio::sync::mpsc::Receiver<QueuedWrite>) {
+    use futures_util::StreamExt as _;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // A write taken from the queue that did not fit the previous entry: first of the next.
+    let mut carry: Option<QueuedWrite> = None;
+    let mut open = true;
+    loop {
+        if in_flight.len() < WRITE_PROPOSALS_IN_FLIGHT
+            && let Some(first) = carry.take()
+        {
+            let batch = take_batch(first, &mut rx, &mut carry);
+            in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+            continue;
+        }
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            w = rx.recv(), if open && in_flight.len() < WRITE_PROPOSALS_IN_FLIGHT => match w {
+                None => open = false,
+                Some(first) => {
+                    let batch = take_batch(first, &mut rx, &mut carry);
+                    in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+                }
+            },
+            else => break,
+        }
+    }
+}
+
+/// `first` and what is queued behind it, within the bounds of one entry; the first write that
+/// does not fit is left in `carry`.
+fn take_batch(
+    first: QueuedWrite,
+    rx: &mut tokio::sync::mpsc::Receiver<QueuedWrite>,
+    carry: &mut Option<QueuedWrite>,
+) -> Vec<QueuedWrite> {
+    let mut bytes = first.item.data.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_WRITES_PER_ENTRY {
+        let Ok(w) = rx.try_recv() else { break };
+        if bytes + w.item.data.len() > MAX_ENTRY_WRITE_BYTES {
+            *carry = Some(w);
+            break;
+        }
+        bytes += w.item.data.len();
+        batch.push(w);
+    }
+    batch
+}
+
+/// The request one entry of `items` is: a lone write as a plain `Write`.
+fn writes_request(mut items: Vec<WriteItem>) -> Request {
+    if items.len() == 1
+        && let Some(w) = items.pop()
+    {
+        return Request::Write {
+            offset_bytes: w.offset_bytes,
+            data: w.data,
+            origin: w.origin,
+        };
+    }
+    Request::Writes(items)
+}
+
+/// The result of each of `n` writes proposed together, from the entry's response.
+fn write_results(n: usize, r: crate::raft::Response) -> Vec<WriteAnswer> {
+    if r.items.len() == n {
+        return r.items.into_iter().map(Ok).collect();
+    }
+    let one = if r.fenced {
+        WriteResult::Fenced
+    } else if let Some(e) = r.error {
+        WriteResult::Refused(e)
+    } else if n == 1 && r.items.is_empty() {
+        WriteResult::Written
+    } else {
+        WriteResult::Refused(format!(
+            "entry {}: {} results for {n} writes",
+            r.applied_index,
+            r.items.len()
+        ))
+    };
+    vec![Ok(one); n]
+}
+
+/// Proposes `batch` as one entry and answers each of its writes.
+async fn propose_writes(raft: RaftGroup, me: u64, volume: u64, batch: Vec<QueuedWrite>) {
+    let n = batch.len();
+    let deadline = batch
+        .iter()
+        .map(|w| w.deadline)
+        .min()
+        .unwrap_or_else(|| tokio::time::Instant::now() + PROPOSE_TIMEOUT);
+    let req = writes_request(batch.iter().map(|w| w.item.clone()).collect());
+    let answers = match propose_until(raft, me, req, deadline).await {
+        Ok(r) => write_results(n, r),
+        Err(e) => {
+            tracing::debug!(volume, writes = n, "coalesced writes not committed: {e}");
+            vec![Err(e); n]
+        }
+    };
+    for (w, a) in batch.into_iter().zip(answers) {
+        // The command may be gone (its connection closed); its gate is released either way.
+        let _ = w.done.send(a);
     }
 }
 
@@ -270,9 +441,12 @@ pub struct VolumeRuntime {
     /// reservations and PR notifications for it live in this LU until it logs out or this node
     /// stops leading.
     known_nexuses: Mutex<HashMap<u64, Nexus>>,
-    /// Plain writes proposed from the async path hold it shared; COMPARE AND WRITE, ORWRITE
+    /// Plain writes proposed from the async path hold it shared, from before their admission
+    /// until their result (a queued write's [`QueuedWrite`] holds it); COMPARE AND WRITE, ORWRITE
     /// and WRITE ATOMIC exclusively.
-    atomic_gate: tokio::sync::RwLock<()>,
+    atomic_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Coalesces the plain writes into log entries.
+    writes: WriteBatcher,
     /// Term in which this node's LU last loaded the replicated PR state.
     pr_loaded_term: Mutex<u64>,
     leadership: tokio::sync::watch::Sender<Leadership>,
@@ -314,6 +488,7 @@ impl VolumeRuntime {
             write_cache: true,
         };
         let lus = Arc::new(TargetLus::with_stores(&info.target, vec![(def, Box::new(store))])?);
+        let writes = WriteBatcher::spawn(raft.clone(), node.id, info.id);
         let v = Arc::new(VolumeRuntime {
             node,
             id: info.id,
@@ -327,7 +502,8 @@ impl VolumeRuntime {
             nexus_epochs: Mutex::new(HashMap::new()),
             known_nexuses: Mutex::new(HashMap::new()),
             pr_loaded_term: Mutex::new(0),
-            atomic_gate: tokio::sync::RwLock::new(()),
+            atomic_gate: Arc::new(tokio::sync::RwLock::new(())),
+            writes,
             leadership: tokio::sync::watch::channel(Leadership { leader: None, term: 0 }).0,
         });
         v.lus.set_alua(Arc::new(VolumeAlua(Arc::downgrade(&v))));
@@ -483,6 +659,12 @@ impl VolumeRuntime {
         let origin = origin_of(&nexus);
         // A plain WRITE, the bulk of the traffic, is proposed from this task: no hop to the
         // blocking pool and back (thread switches were a third of the leader's CPU per write).
+        // It holds the shared gate from before its admission until its result, so no COMPARE
+        // AND WRITE runs between them.
+        let shared = match opcode {
+            op::WRITE_10 | op::WRITE_16 => Some(self.atomic_gate.clone().read_owned().await),
+            _ => None,
+        };
         let admission = self.lus.admit_plain_write(
             &nexus,
             &raftsan_target::lu::Command {
@@ -495,8 +677,14 @@ impl VolumeRuntime {
         );
         match admission {
             Admission::Done(o) => return Some(o),
-            Admission::Write(w) => return Some(self.plain_write(cmd.lun, w, cmd.data_out, origin).await),
-            Admission::Other => {}
+            Admission::Write(w) => {
+                let Some(shared) = shared else {
+                    tracing::error!(volume = self.id, opcode, "plain write admitted without the shared gate");
+                    return Some(Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false));
+                };
+                return Some(self.plain_write(cmd.lun, w, cmd.data_out, origin, shared).await);
+            }
+            Admission::Other => drop(shared),
         }
         // COMPARE AND WRITE, ORWRITE and WRITE ATOMIC read, decide and write as one: no plain
         // write of this volume runs meanwhile (the LU's own lock covers the other commands).
@@ -552,28 +740,43 @@ impl VolumeRuntime {
         }
     }
 
-    /// Replicates an admitted plain write (`Admission::Write`) and answers it.
-    async fn plain_write(&self, lun: u64, w: PlainWrite, data: Bytes, origin: u64) -> Outcome {
-        let _shared = self.atomic_gate.read().await;
-        let req = Request::Write {
-            offset_bytes: w.offset,
-            data: data.slice(..w.len),
-            origin,
-        };
+    /// Replicates an admitted plain write (`Admission::Write`) through the [`WriteBatcher`] and
+    /// answers it once its entry is applied. `shared` is the gate it was admitted under.
+    async fn plain_write(
+        &self,
+        lun: u64,
+        w: PlainWrite,
+        data: Bytes,
+        origin: u64,
+        shared: tokio::sync::OwnedRwLockReadGuard<()>,
+    ) -> Outcome {
         let fenced = |why: &str| {
             tracing::info!(volume = self.id, offset = w.offset, reason = why, "write fenced");
             Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false)
         };
-        match propose(self.raft.clone(), self.node.id, req).await {
-            Ok(r) if r.fenced => fenced("the initiator fenced this session (FENCE SESSIONS); not written"),
-            Ok(r) => {
-                let result = match r.error {
-                    None => Ok(()),
-                    Some(e) => Err(io::Error::other(format!("volume {}: {e}", self.id))),
-                };
-                self.lus.finish_plain_write(lun, &w, result)
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let queued = QueuedWrite {
+            item: WriteItem {
+                offset_bytes: w.offset,
+                data: data.slice(..w.len),
+                origin,
+            },
+            deadline: tokio::time::Instant::now() + PROPOSE_TIMEOUT,
+            done,
+            _shared: shared,
+        };
+        if self.writes.queue.send(queued).await.is_err() {
+            return fenced("the volume's write batcher has stopped");
+        }
+        match answer.await {
+            Err(_) => fenced("the volume's write batcher has stopped"),
+            Ok(Err(e)) => fenced(&e),
+            Ok(Ok(WriteResult::Fenced)) => fenced("the initiator fenced this session (FENCE SESSIONS); not written"),
+            Ok(Ok(WriteResult::Written)) => self.lus.finish_plain_write(lun, &w, Ok(())),
+            Ok(Ok(WriteResult::Refused(e))) => {
+                let e = io::Error::other(format!("volume {}: {e}", self.id));
+                self.lus.finish_plain_write(lun, &w, Err(e))
             }
-            Err(e) => fenced(&e),
         }
     }
 
