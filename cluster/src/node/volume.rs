@@ -49,8 +49,8 @@ use raftsan_target::portal::{CommandRouter, OwnedCommand, Reset, TargetRuntime};
 use super::{Node, RaftGroup};
 use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo};
 use crate::raft::Request;
-use crate::raft::types::{WriteItem, WriteResult};
 use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
+use crate::raft::types::{WriteItem, WriteResult};
 
 /// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning): a few
 /// election timeouts, so an ordinary failover is seen as UNIT ATTENTION 2A/06 (retried by every
@@ -1288,5 +1288,223 @@ mod tests {
         let mut bad = nexus_to_pb(&g);
         bad.isid = Bytes::from_static(b"abc");
         assert!(nexus_from_pb(&bad).is_none());
+    }
+
+    /// A write for the batcher holding `gate` shared, and where its answer arrives.
+    fn queued(
+        gate: &Arc<tokio::sync::RwLock<()>>,
+        offset_bytes: u64,
+        data: Vec<u8>,
+        origin: u64,
+    ) -> (QueuedWrite, tokio::sync::oneshot::Receiver<WriteAnswer>) {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let shared = gate
+            .clone()
+            .try_read_owned()
+            .expect("no exclusive holder in these tests");
+        let w = QueuedWrite {
+            item: WriteItem {
+                offset_bytes,
+                data: Bytes::from(data),
+                origin,
+            },
+            deadline: tokio::time::Instant::now() + PROPOSE_TIMEOUT,
+            done,
+            _shared: shared,
+        };
+        (w, answer)
+    }
+
+    #[tokio::test]
+    async fn an_entry_takes_what_is_queued_up_to_64_writes_or_1_mib() {
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_LEN);
+        let mut answers = Vec::new();
+        for i in 0..130u64 {
+            let (w, a) = queued(&gate, i * 512, vec![1; 512], 0);
+            tx.try_send(w).unwrap();
+            answers.push(a);
+        }
+        let mut carry = None;
+        let mut sizes = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let batch = take_batch(first, &mut rx, &mut carry);
+            assert!(carry.is_none());
+            // In queue order.
+            let offsets: Vec<u64> = batch.iter().map(|w| w.item.offset_bytes).collect();
+            assert!(offsets.windows(2).all(|p| p[0] + 512 == p[1]), "{offsets:?}");
+            sizes.push(batch.len());
+        }
+        assert_eq!(sizes, vec![64, 64, 2]);
+        // Bytes: three 400 KiB writes do not fit one entry; a lone 2 MiB write is its own entry.
+        for len in [400 << 10, 400 << 10, 400 << 10, 2 << 20, 10] {
+            tx.try_send(queued(&gate, 0, vec![2; len], 0).0).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let b = take_batch(first, &mut rx, &mut carry);
+        assert_eq!(b.len(), 2);
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!(b.len(), 1, "the third 400 KiB write and the 2 MiB one exceed 1 MiB");
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!(b.iter().map(|w| w.item.data.len()).collect::<Vec<_>>(), vec![2 << 20]);
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!((b.len(), carry.is_none()), (1, true));
+    }
+
+    #[test]
+    fn a_lone_write_is_a_plain_write_entry_and_results_map_per_item() {
+        let item = |o: u64| WriteItem {
+            offset_bytes: o,
+            data: Bytes::from_static(b"x"),
+            origin: 9,
+        };
+        assert_eq!(
+            writes_request(vec![item(4)]),
+            Request::Write {
+                offset_bytes: 4,
+                data: Bytes::from_static(b"x"),
+                origin: 9
+            }
+        );
+        assert_eq!(
+            writes_request(vec![item(4), item(5)]),
+            Request::Writes(vec![item(4), item(5)])
+        );
+        let resp = |fenced: bool, error: Option<&str>, items: Vec<WriteResult>| crate::raft::Response {
+            applied_index: 3,
+            error: error.map(String::from),
+            value: 0,
+            fenced,
+            items,
+        };
+        // A lone write answered as a plain Write.
+        assert_eq!(
+            write_results(1, resp(false, None, vec![])),
+            vec![Ok(WriteResult::Written)]
+        );
+        assert_eq!(
+            write_results(1, resp(true, None, vec![])),
+            vec![Ok(WriteResult::Fenced)]
+        );
+        assert_eq!(
+            write_results(1, resp(false, Some("beyond"), vec![])),
+            vec![Ok(WriteResult::Refused("beyond".into()))]
+        );
+        // Coalesced: one result per item, in order.
+        let items = vec![WriteResult::Fenced, WriteResult::Written];
+        assert_eq!(
+            write_results(2, resp(false, None, items)),
+            vec![Ok(WriteResult::Fenced), Ok(WriteResult::Written)]
+        );
+        // A response that does not fit (never from our state machine) acknowledges nothing.
+        let r = write_results(2, resp(false, None, vec![WriteResult::Written]));
+        assert!(r.iter().all(|a| matches!(a, Ok(WriteResult::Refused(_)))), "{r:?}");
+    }
+
+    /// A one-node volume group on the real log store and state machine.
+    async fn single_node_group(dir: &std::path::Path, size_bytes: u64) -> (RaftGroup, GroupStateMachine) {
+        let config = openraft::Config {
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().unwrap());
+        let channels = crate::rpc::Channels::new(None).unwrap();
+        let net = crate::rpc::NetworkFactory::new(7, channels, crate::rpc::SnapshotProgress::default());
+        let log = crate::raft::LogStore::open(dir.join("log"), crate::raft::LogStoreOptions::default()).unwrap();
+        let sm = GroupStateMachine::open_volume(&dir.join("sm"), size_bytes).unwrap();
+        let raft = openraft::Raft::new(1, config, net, log, sm.clone()).await.unwrap();
+        let members = std::collections::BTreeMap::from([(1u64, openraft::BasicNode::new("127.0.0.1:1"))]);
+        raft.initialize(members).await.unwrap();
+        raft.wait(Some(Duration::from_secs(20)))
+            .metrics(|m| m.current_leader == Some(1), "leader")
+            .await
+            .unwrap();
+        // A fresh leader refuses proposals until its lease is established.
+        for _ in 0..100 {
+            if raft.ensure_linearizable(ReadPolicy::ReadIndex).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (raft, sm)
+    }
+
+    /// Writes queued at one moment become few entries; each gets its own result (a fenced
+    /// session's write refused, an out-of-range one refused, the rest written in queue order),
+    /// and each holds the shared gate until its answer (DESIGN.md invariant 1: answered after
+    /// the entry is applied).
+    #[tokio::test]
+    async fn the_batcher_coalesces_queued_writes_and_answers_each() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (raft, sm) = single_node_group(dir.path(), SIZE).await;
+        let fenced_key = 0x99;
+        propose(raft.clone(), 1, Request::Fence { keys: vec![fenced_key] })
+            .await
+            .unwrap();
+        let before = sm.applied_index();
+        let batcher = WriteBatcher::spawn(raft.clone(), 1, 7);
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let mut answers = Vec::new();
+        let mut expected = vec![0u8; SIZE as usize];
+        // Queued without yielding (current-thread runtime): the batcher finds them all queued.
+        for i in 0..200u64 {
+            let origin = if i % 7 == 3 { fenced_key } else { 1 + i % 3 };
+            let offset = if i == 150 { SIZE - 100 } else { (i % 50) * 4096 + i };
+            let data = vec![i as u8 + 1; 4096];
+            if origin != fenced_key && offset + 4096 <= SIZE {
+                let o = offset as usize;
+                expected[o..o + 4096].copy_from_slice(&data);
+            }
+            let (w, a) = queued(&gate, offset, data, origin);
+            batcher.queue.try_send(w).unwrap();
+            answers.push((i, origin, offset, a));
+        }
+        assert!(gate.try_write().is_err(), "queued writes hold the gate shared");
+        for (i, origin, offset, a) in answers {
+            let got = tokio::time::timeout(Duration::from_secs(30), a).await.unwrap().unwrap();
+            let want = if origin == fenced_key {
+                WriteResult::Fenced
+            } else if offset + 4096 > SIZE {
+                WriteResult::Refused(String::new())
+            } else {
+                WriteResult::Written
+            };
+            match (&got, &want) {
+                (Ok(WriteResult::Refused(e)), WriteResult::Refused(_)) => assert!(e.contains("beyond the end"), "{e}"),
+                (Ok(g), w) => assert_eq!(g, w, "write {i}"),
+                (Err(e), _) => panic!("write {i} fenced: {e}"),
+            }
+        }
+        // 64 + 64 + 64 + 8: four entries, not 200.
+        assert_eq!(sm.applied_index() - before, 4);
+        let img = sm.image().unwrap();
+        let mut got = vec![0u8; SIZE as usize];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == expected, "image differs from the writes applied in queue order");
+        // Every answer released its gate: a COMPARE AND WRITE could run now.
+        assert!(gate.try_write().is_ok());
+
+        // A lone write is proposed at once, as one plain entry.
+        let (w, a) = queued(&gate, 0, vec![0xAB; 512], 0);
+        batcher.queue.send(w).await.unwrap();
+        assert_eq!(a.await.unwrap(), Ok(WriteResult::Written));
+        assert_eq!(sm.applied_index() - before, 5);
+
+        // The group is gone: every write of the failed proposal is fenced (never acknowledged).
+        raft.shutdown().await.unwrap();
+        let mut answers = Vec::new();
+        for i in 0..3 {
+            let (w, a) = queued(&gate, i * 4096, vec![1; 4096], 0);
+            batcher.queue.try_send(w).unwrap();
+            answers.push(a);
+        }
+        for a in answers {
+            let got = tokio::time::timeout(Duration::from_secs(30), a).await.unwrap().unwrap();
+            assert!(got.is_err(), "{got:?}");
+        }
+        assert!(gate.try_write().is_ok());
     }
 }

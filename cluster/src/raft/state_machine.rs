@@ -913,7 +913,9 @@ impl Inner {
             match &e.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(Request::Write { data, .. }) => bytes += data.len(),
-                EntryPayload::Normal(Request::Writes(items)) => bytes += items.iter().map(|w| w.data.len()).sum::<usize>(),
+                EntryPayload::Normal(Request::Writes(items)) => {
+                    bytes += items.iter().map(|w| w.data.len()).sum::<usize>()
+                }
                 EntryPayload::Normal(Request::Unmap { .. }) => {}
                 _ => return false,
             }

@@ -8,10 +8,10 @@ use openraft::{BasicNode, StorageError};
 use tempfile::TempDir;
 
 use super::*;
-use crate::raft::types::WriteItem;
 use crate::pb::cluster::meta_command::Cmd;
 use crate::pb::cluster::{CreateVolume, NodeInfo};
 use crate::raft::log_store::{LogStore, LogStoreOptions};
+use crate::raft::types::WriteItem;
 
 const KIB: u64 = 1024;
 
@@ -321,7 +321,10 @@ async fn coalesced_writes_apply_in_order_each_with_its_own_checks() {
     let r = &responses[2];
     assert_eq!((r.applied_index, r.fenced, r.error.clone()), (3, false, None));
     assert_eq!(r.items.len(), 6);
-    assert_eq!(&r.items[..3], &[WriteResult::Written, WriteResult::Written, WriteResult::Fenced]);
+    assert_eq!(
+        &r.items[..3],
+        &[WriteResult::Written, WriteResult::Written, WriteResult::Fenced]
+    );
     for i in [3, 4] {
         assert!(
             matches!(&r.items[i], WriteResult::Refused(e) if e.contains("beyond the end") && e.contains(&format!("item {i}"))),
@@ -335,7 +338,19 @@ async fn coalesced_writes_apply_in_order_each_with_its_own_checks() {
     assert!(responses[0].items.is_empty(), "a single Write reports no items");
     let mut b = [0u8; 1];
     let img = a.image().unwrap();
-    for (at, want) in [(0, 1), (2047, 1), (2048, 2), (4095, 2), (4096, 7), (4195, 7), (4196, 2), (6143, 2), (6144, 9), (8192, 9), (12288, 6)] {
+    for (at, want) in [
+        (0, 1),
+        (2047, 1),
+        (2048, 2),
+        (4095, 2),
+        (4096, 7),
+        (4195, 7),
+        (4196, 2),
+        (6143, 2),
+        (6144, 9),
+        (8192, 9),
+        (12288, 6),
+    ] {
         img.read_at(&mut b, at).unwrap();
         assert_eq!(b, [want], "byte {at}");
     }
@@ -355,13 +370,17 @@ async fn coalesced_writes_apply_in_order_each_with_its_own_checks() {
 fn coalesced_writes_up_to_the_inline_bound_are_cheap() {
     let dir = TempDir::new().unwrap();
     let sm = GroupStateMachine::open_volume(dir.path(), 4 << 20).unwrap();
-    let writes = |n: usize, len: usize| -> Vec<(Entry, Option<fn(Response)>)> {
+    type Batch = Vec<(Entry, Option<fn(Response)>)>;
+    let writes = |n: usize, len: usize| -> Batch {
         let items = (0..n).map(|i| item((i * len) as u64, 1, len, 0)).collect();
         vec![(normal(1, Request::Writes(items)), None)]
     };
     assert!(sm.inner.cheap(&writes(64, 4096)));
     assert!(sm.inner.cheap(&writes(16, INLINE_APPLY_BYTES / 16)));
-    assert!(!sm.inner.cheap(&writes(17, INLINE_APPLY_BYTES / 16)), "more data than the inline bound");
+    assert!(
+        !sm.inner.cheap(&writes(17, INLINE_APPLY_BYTES / 16)),
+        "more data than the inline bound"
+    );
 }
 
 #[test]
