@@ -7,6 +7,8 @@
 //!     INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS     ──▶ local LU (same identity everywhere)
 //!     this node leads the volume (term T)                  ──▶ LU on a blocking thread:
 //!          writes → Raft log (quorum) → applied → GOOD;  reads → lease read barrier → image
+//!          (plain WRITE(10)/(16) stay on the async task: the WriteBatcher coalesces those queued
+//!          at one moment into one log entry)
 //!     another node leads (term T)                          ──▶ Execute RPC {term T} to it
 //!     no leader known within TRANSITION_WAIT               ──▶ NOT READY 04/0A
 //! ```
