@@ -7,6 +7,8 @@
 //!     INQUIRY, REPORT LUNS, REPORT TARGET PORT GROUPS     ──▶ local LU (same identity everywhere)
 //!     this node leads the volume (term T)                  ──▶ LU on a blocking thread:
 //!          writes → Raft log (quorum) → applied → GOOD;  reads → lease read barrier → image
+//!          (plain WRITE(10)/(16) stay on the async task: the WriteBatcher coalesces those queued
+//!          at one moment into one log entry)
 //!     another node leads (term T)                          ──▶ Execute RPC {term T} to it
 //!     no leader known within TRANSITION_WAIT               ──▶ NOT READY 04/0A
 //! ```
@@ -50,6 +52,7 @@ use super::{Node, RaftGroup};
 use crate::pb::cluster::{ExecuteRequest, ExecuteResponse, TargetInfo, VolumeInfo};
 use crate::raft::Request;
 use crate::raft::state_machine::{GroupStateMachine, VolumeImage};
+use crate::raft::types::{WriteItem, WriteResult};
 
 /// How long a command waits for a leader before it gets NOT READY 04/0A (transitioning): a few
 /// election timeouts, so an ordinary failover is seen as UNIT ATTENTION 2A/06 (retried by every
@@ -97,7 +100,16 @@ async fn lost_quorum(raft: &RaftGroup, me: u64) {
 /// [`PROPOSE_TIMEOUT`]; a proposal refused while no other leader is known (a lapsed lease) is
 /// retried. `Err` says why the command is fenced (another leader, cut off, timed out).
 async fn propose(raft: RaftGroup, me: u64, req: Request) -> Result<crate::raft::Response, String> {
-    let deadline = tokio::time::Instant::now() + PROPOSE_TIMEOUT;
+    propose_until(raft, me, req, tokio::time::Instant::now() + PROPOSE_TIMEOUT).await
+}
+
+/// [`propose`] bounded by `deadline`.
+async fn propose_until(
+    raft: RaftGroup,
+    me: u64,
+    req: Request,
+    deadline: tokio::time::Instant,
+) -> Result<crate::raft::Response, String> {
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let attempt = tokio::select! {
@@ -124,6 +136,167 @@ async fn propose(raft: RaftGroup, me: u64, req: Request) -> Result<crate::raft::
                 tokio::time::sleep(PROPOSE_RETRY).await;
             }
         }
+    }
+}
+
+/// Coalesced plain-write proposals a volume's [`WriteBatcher`] keeps in flight at once. While all
+/// are in flight, new writes queue and go together into the next entry.
+pub const WRITE_PROPOSALS_IN_FLIGHT: usize = 4;
+/// At most this many writes share one log entry.
+pub const MAX_WRITES_PER_ENTRY: usize = 64;
+/// At most this many bytes of write data share one log entry (a single larger write is proposed
+/// alone).
+pub const MAX_ENTRY_WRITE_BYTES: usize = 1 << 20;
+/// Writes that may wait for a proposal slot, per volume: enough to fill every slot's next
+/// entry. A writer beyond it waits to enqueue (each waiting writer is an iSCSI command, already
+/// bounded by its session's command window), and that wait counts against its
+/// [`PROPOSE_TIMEOUT`].
+pub const WRITE_QUEUE_LEN: usize = WRITE_PROPOSALS_IN_FLIGHT * MAX_WRITES_PER_ENTRY;
+
+/// A plain write waiting for the batcher: the item, when it must have been answered, where its
+/// result goes, and the shared [`VolumeRuntime::atomic_gate`] it holds from before its admission
+/// until its result is known (so no COMPARE AND WRITE runs between them, even when the command
+/// that queued it is dropped).
+struct QueuedWrite {
+    item: WriteItem,
+    deadline: tokio::time::Instant,
+    done: tokio::sync::oneshot::Sender<WriteAnswer>,
+    _shared: tokio::sync::OwnedRwLockReadGuard<()>,
+}
+
+/// What became of a queued write: applied with this result, or `Err` why it is fenced (the
+/// proposal failed: another leader, cut off, timed out), as [`propose`] says.
+type WriteAnswer = Result<WriteResult, String>;
+
+/// Coalesces the plain writes of one volume that are queued at the same moment into one log
+/// entry (one RaftCore round, log append and replication message per entry, not per write).
+///
+/// ```text
+/// plain_write ──(bounded queue, WRITE_QUEUE_LEN)──▶ batcher task
+///     a proposal slot is free (≤ WRITE_PROPOSALS_IN_FLIGHT in flight)?
+///         take everything queued, ≤ MAX_WRITES_PER_ENTRY writes and MAX_ENTRY_WRITE_BYTES:
+///         one write  → Request::Write   (as without batching; never waits for company)
+///         several    → Request::Writes  (items applied in order, one result each)
+///     entry applied → each write's own result;  proposal failed → every write of it fenced
+/// ```
+///
+/// The task ends when the volume is dropped, after its proposals in flight are answered.
+struct WriteBatcher {
+    queue: tokio::sync::mpsc::Sender<QueuedWrite>,
+}
+
+impl WriteBatcher {
+    fn spawn(raft: RaftGroup, me: u64, volume: u64) -> Self {
+        let (queue, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_LEN);
+        tokio::spawn(run_write_batcher(raft, me, volume, rx));
+        WriteBatcher { queue }
+    }
+}
+
+async fn run_write_batcher(raft: RaftGroup, me: u64, volume: u64, mut rx: tokio::sync::mpsc::Receiver<QueuedWrite>) {
+    use futures_util::StreamExt as _;
+    let mut in_flight = futures_util::stream::FuturesUnordered::new();
+    // A write taken from the queue that did not fit the previous entry: first of the next.
+    let mut carry: Option<QueuedWrite> = None;
+    let mut open = true;
+    loop {
+        if in_flight.len() < WRITE_PROPOSALS_IN_FLIGHT
+            && let Some(first) = carry.take()
+        {
+            let batch = take_batch(first, &mut rx, &mut carry);
+            in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+            continue;
+        }
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            w = rx.recv(), if open && in_flight.len() < WRITE_PROPOSALS_IN_FLIGHT => match w {
+                None => open = false,
+                Some(first) => {
+                    let batch = take_batch(first, &mut rx, &mut carry);
+                    in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+                }
+            },
+            else => break,
+        }
+    }
+}
+
+/// `first` and what is queued behind it, within the bounds of one entry; the first write that
+/// does not fit is left in `carry`.
+fn take_batch(
+    first: QueuedWrite,
+    rx: &mut tokio::sync::mpsc::Receiver<QueuedWrite>,
+    carry: &mut Option<QueuedWrite>,
+) -> Vec<QueuedWrite> {
+    let mut bytes = first.item.data.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_WRITES_PER_ENTRY {
+        let Ok(w) = rx.try_recv() else { break };
+        if bytes + w.item.data.len() > MAX_ENTRY_WRITE_BYTES {
+            *carry = Some(w);
+            break;
+        }
+        bytes += w.item.data.len();
+        batch.push(w);
+    }
+    batch
+}
+
+/// The request one entry of `items` is: a lone write as a plain `Write`.
+fn writes_request(mut items: Vec<WriteItem>) -> Request {
+    if items.len() == 1
+        && let Some(w) = items.pop()
+    {
+        return Request::Write {
+            offset_bytes: w.offset_bytes,
+            data: w.data,
+            origin: w.origin,
+        };
+    }
+    Request::Writes(items)
+}
+
+/// The result of each of `n` writes proposed together, from the entry's response.
+fn write_results(n: usize, r: crate::raft::Response) -> Vec<WriteAnswer> {
+    if r.items.len() == n {
+        return r.items.into_iter().map(Ok).collect();
+    }
+    let one = if r.fenced {
+        WriteResult::Fenced
+    } else if let Some(e) = r.error {
+        WriteResult::Refused(e)
+    } else if n == 1 && r.items.is_empty() {
+        WriteResult::Written
+    } else {
+        WriteResult::Refused(format!(
+            "entry {}: {} results for {n} writes",
+            r.applied_index,
+            r.items.len()
+        ))
+    };
+    vec![Ok(one); n]
+}
+
+/// Proposes `batch` as one entry and answers each of its writes.
+async fn propose_writes(raft: RaftGroup, me: u64, volume: u64, batch: Vec<QueuedWrite>) {
+    let n = batch.len();
+    let deadline = batch
+        .iter()
+        .map(|w| w.deadline)
+        .min()
+        .unwrap_or_else(|| tokio::time::Instant::now() + PROPOSE_TIMEOUT);
+    let req = writes_request(batch.iter().map(|w| w.item.clone()).collect());
+    let answers = match propose_until(raft, me, req, deadline).await {
+        Ok(r) => write_results(n, r),
+        Err(e) => {
+            tracing::debug!(volume, writes = n, "coalesced writes not committed: {e}");
+            vec![Err(e); n]
+        }
+    };
+    for (w, a) in batch.into_iter().zip(answers) {
+        // The command may be gone (its connection closed); its gate is released either way.
+        let _ = w.done.send(a);
     }
 }
 
@@ -270,9 +443,12 @@ pub struct VolumeRuntime {
     /// reservations and PR notifications for it live in this LU until it logs out or this node
     /// stops leading.
     known_nexuses: Mutex<HashMap<u64, Nexus>>,
-    /// Plain writes proposed from the async path hold it shared; COMPARE AND WRITE, ORWRITE
+    /// Plain writes proposed from the async path hold it shared, from before their admission
+    /// until their result (a queued write's [`QueuedWrite`] holds it); COMPARE AND WRITE, ORWRITE
     /// and WRITE ATOMIC exclusively.
-    atomic_gate: tokio::sync::RwLock<()>,
+    atomic_gate: Arc<tokio::sync::RwLock<()>>,
+    /// Coalesces the plain writes into log entries.
+    writes: WriteBatcher,
     /// Term in which this node's LU last loaded the replicated PR state.
     pr_loaded_term: Mutex<u64>,
     leadership: tokio::sync::watch::Sender<Leadership>,
@@ -314,6 +490,7 @@ impl VolumeRuntime {
             write_cache: true,
         };
         let lus = Arc::new(TargetLus::with_stores(&info.target, vec![(def, Box::new(store))])?);
+        let writes = WriteBatcher::spawn(raft.clone(), node.id, info.id);
         let v = Arc::new(VolumeRuntime {
             node,
             id: info.id,
@@ -327,7 +504,8 @@ impl VolumeRuntime {
             nexus_epochs: Mutex::new(HashMap::new()),
             known_nexuses: Mutex::new(HashMap::new()),
             pr_loaded_term: Mutex::new(0),
-            atomic_gate: tokio::sync::RwLock::new(()),
+            atomic_gate: Arc::new(tokio::sync::RwLock::new(())),
+            writes,
             leadership: tokio::sync::watch::channel(Leadership { leader: None, term: 0 }).0,
         });
         v.lus.set_alua(Arc::new(VolumeAlua(Arc::downgrade(&v))));
@@ -483,6 +661,12 @@ impl VolumeRuntime {
         let origin = origin_of(&nexus);
         // A plain WRITE, the bulk of the traffic, is proposed from this task: no hop to the
         // blocking pool and back (thread switches were a third of the leader's CPU per write).
+        // It holds the shared gate from before its admission until its result, so no COMPARE
+        // AND WRITE runs between them.
+        let shared = match opcode {
+            op::WRITE_10 | op::WRITE_16 => Some(self.atomic_gate.clone().read_owned().await),
+            _ => None,
+        };
         let admission = self.lus.admit_plain_write(
             &nexus,
             &raftsan_target::lu::Command {
@@ -495,8 +679,14 @@ impl VolumeRuntime {
         );
         match admission {
             Admission::Done(o) => return Some(o),
-            Admission::Write(w) => return Some(self.plain_write(cmd.lun, w, cmd.data_out, origin).await),
-            Admission::Other => {}
+            Admission::Write(w) => {
+                let Some(shared) = shared else {
+                    tracing::error!(volume = self.id, opcode, "plain write admitted without the shared gate");
+                    return Some(Outcome::check_code(sense::INTERNAL_TARGET_FAILURE, false));
+                };
+                return Some(self.plain_write(cmd.lun, w, cmd.data_out, origin, shared).await);
+            }
+            Admission::Other => drop(shared),
         }
         // COMPARE AND WRITE, ORWRITE and WRITE ATOMIC read, decide and write as one: no plain
         // write of this volume runs meanwhile (the LU's own lock covers the other commands).
@@ -552,28 +742,43 @@ impl VolumeRuntime {
         }
     }
 
-    /// Replicates an admitted plain write (`Admission::Write`) and answers it.
-    async fn plain_write(&self, lun: u64, w: PlainWrite, data: Bytes, origin: u64) -> Outcome {
-        let _shared = self.atomic_gate.read().await;
-        let req = Request::Write {
-            offset_bytes: w.offset,
-            data: data.slice(..w.len),
-            origin,
-        };
+    /// Replicates an admitted plain write (`Admission::Write`) through the [`WriteBatcher`] and
+    /// answers it once its entry is applied. `shared` is the gate it was admitted under.
+    async fn plain_write(
+        &self,
+        lun: u64,
+        w: PlainWrite,
+        data: Bytes,
+        origin: u64,
+        shared: tokio::sync::OwnedRwLockReadGuard<()>,
+    ) -> Outcome {
         let fenced = |why: &str| {
             tracing::info!(volume = self.id, offset = w.offset, reason = why, "write fenced");
             Outcome::check_code(sense::ASYMMETRIC_ACCESS_STATE_CHANGED, false)
         };
-        match propose(self.raft.clone(), self.node.id, req).await {
-            Ok(r) if r.fenced => fenced("the initiator fenced this session (FENCE SESSIONS); not written"),
-            Ok(r) => {
-                let result = match r.error {
-                    None => Ok(()),
-                    Some(e) => Err(io::Error::other(format!("volume {}: {e}", self.id))),
-                };
-                self.lus.finish_plain_write(lun, &w, result)
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let queued = QueuedWrite {
+            item: WriteItem {
+                offset_bytes: w.offset,
+                data: data.slice(..w.len),
+                origin,
+            },
+            deadline: tokio::time::Instant::now() + PROPOSE_TIMEOUT,
+            done,
+            _shared: shared,
+        };
+        if self.writes.queue.send(queued).await.is_err() {
+            return fenced("the volume's write batcher has stopped");
+        }
+        match answer.await {
+            Err(_) => fenced("the volume's write batcher has stopped"),
+            Ok(Err(e)) => fenced(&e),
+            Ok(Ok(WriteResult::Fenced)) => fenced("the initiator fenced this session (FENCE SESSIONS); not written"),
+            Ok(Ok(WriteResult::Written)) => self.lus.finish_plain_write(lun, &w, Ok(())),
+            Ok(Ok(WriteResult::Refused(e))) => {
+                let e = io::Error::other(format!("volume {}: {e}", self.id));
+                self.lus.finish_plain_write(lun, &w, Err(e))
             }
-            Err(e) => fenced(&e),
         }
     }
 
@@ -1102,5 +1307,223 @@ mod tests {
         let mut bad = nexus_to_pb(&g);
         bad.isid = Bytes::from_static(b"abc");
         assert!(nexus_from_pb(&bad).is_none());
+    }
+
+    /// A write for the batcher holding `gate` shared, and where its answer arrives.
+    fn queued(
+        gate: &Arc<tokio::sync::RwLock<()>>,
+        offset_bytes: u64,
+        data: Vec<u8>,
+        origin: u64,
+    ) -> (QueuedWrite, tokio::sync::oneshot::Receiver<WriteAnswer>) {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let shared = gate
+            .clone()
+            .try_read_owned()
+            .expect("no exclusive holder in these tests");
+        let w = QueuedWrite {
+            item: WriteItem {
+                offset_bytes,
+                data: Bytes::from(data),
+                origin,
+            },
+            deadline: tokio::time::Instant::now() + PROPOSE_TIMEOUT,
+            done,
+            _shared: shared,
+        };
+        (w, answer)
+    }
+
+    #[tokio::test]
+    async fn an_entry_takes_what_is_queued_up_to_64_writes_or_1_mib() {
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_LEN);
+        let mut answers = Vec::new();
+        for i in 0..130u64 {
+            let (w, a) = queued(&gate, i * 512, vec![1; 512], 0);
+            tx.try_send(w).unwrap();
+            answers.push(a);
+        }
+        let mut carry = None;
+        let mut sizes = Vec::new();
+        while let Ok(first) = rx.try_recv() {
+            let batch = take_batch(first, &mut rx, &mut carry);
+            assert!(carry.is_none());
+            // In queue order.
+            let offsets: Vec<u64> = batch.iter().map(|w| w.item.offset_bytes).collect();
+            assert!(offsets.windows(2).all(|p| p[0] + 512 == p[1]), "{offsets:?}");
+            sizes.push(batch.len());
+        }
+        assert_eq!(sizes, vec![64, 64, 2]);
+        // Bytes: three 400 KiB writes do not fit one entry; a lone 2 MiB write is its own entry.
+        for len in [400 << 10, 400 << 10, 400 << 10, 2 << 20, 10] {
+            tx.try_send(queued(&gate, 0, vec![2; len], 0).0).unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let b = take_batch(first, &mut rx, &mut carry);
+        assert_eq!(b.len(), 2);
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!(b.len(), 1, "the third 400 KiB write and the 2 MiB one exceed 1 MiB");
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!(b.iter().map(|w| w.item.data.len()).collect::<Vec<_>>(), vec![2 << 20]);
+        let b = take_batch(carry.take().unwrap(), &mut rx, &mut carry);
+        assert_eq!((b.len(), carry.is_none()), (1, true));
+    }
+
+    #[test]
+    fn a_lone_write_is_a_plain_write_entry_and_results_map_per_item() {
+        let item = |o: u64| WriteItem {
+            offset_bytes: o,
+            data: Bytes::from_static(b"x"),
+            origin: 9,
+        };
+        assert_eq!(
+            writes_request(vec![item(4)]),
+            Request::Write {
+                offset_bytes: 4,
+                data: Bytes::from_static(b"x"),
+                origin: 9
+            }
+        );
+        assert_eq!(
+            writes_request(vec![item(4), item(5)]),
+            Request::Writes(vec![item(4), item(5)])
+        );
+        let resp = |fenced: bool, error: Option<&str>, items: Vec<WriteResult>| crate::raft::Response {
+            applied_index: 3,
+            error: error.map(String::from),
+            value: 0,
+            fenced,
+            items,
+        };
+        // A lone write answered as a plain Write.
+        assert_eq!(
+            write_results(1, resp(false, None, vec![])),
+            vec![Ok(WriteResult::Written)]
+        );
+        assert_eq!(
+            write_results(1, resp(true, None, vec![])),
+            vec![Ok(WriteResult::Fenced)]
+        );
+        assert_eq!(
+            write_results(1, resp(false, Some("beyond"), vec![])),
+            vec![Ok(WriteResult::Refused("beyond".into()))]
+        );
+        // Coalesced: one result per item, in order.
+        let items = vec![WriteResult::Fenced, WriteResult::Written];
+        assert_eq!(
+            write_results(2, resp(false, None, items)),
+            vec![Ok(WriteResult::Fenced), Ok(WriteResult::Written)]
+        );
+        // A response that does not fit (never from our state machine) acknowledges nothing.
+        let r = write_results(2, resp(false, None, vec![WriteResult::Written]));
+        assert!(r.iter().all(|a| matches!(a, Ok(WriteResult::Refused(_)))), "{r:?}");
+    }
+
+    /// A one-node volume group on the real log store and state machine.
+    async fn single_node_group(dir: &std::path::Path, size_bytes: u64) -> (RaftGroup, GroupStateMachine) {
+        let config = openraft::Config {
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().unwrap());
+        let channels = crate::rpc::Channels::new(None).unwrap();
+        let net = crate::rpc::NetworkFactory::new(7, channels, crate::rpc::SnapshotProgress::default());
+        let log = crate::raft::LogStore::open(dir.join("log"), crate::raft::LogStoreOptions::default()).unwrap();
+        let sm = GroupStateMachine::open_volume(&dir.join("sm"), size_bytes).unwrap();
+        let raft = openraft::Raft::new(1, config, net, log, sm.clone()).await.unwrap();
+        let members = std::collections::BTreeMap::from([(1u64, openraft::BasicNode::new("127.0.0.1:1"))]);
+        raft.initialize(members).await.unwrap();
+        raft.wait(Some(Duration::from_secs(20)))
+            .metrics(|m| m.current_leader == Some(1), "leader")
+            .await
+            .unwrap();
+        // A fresh leader refuses proposals until its lease is established.
+        for _ in 0..100 {
+            if raft.ensure_linearizable(ReadPolicy::ReadIndex).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (raft, sm)
+    }
+
+    /// Writes queued at one moment become few entries; each gets its own result (a fenced
+    /// session's write refused, an out-of-range one refused, the rest written in queue order),
+    /// and each holds the shared gate until its answer (DESIGN.md invariant 1: answered after
+    /// the entry is applied).
+    #[tokio::test]
+    async fn the_batcher_coalesces_queued_writes_and_answers_each() {
+        const SIZE: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let (raft, sm) = single_node_group(dir.path(), SIZE).await;
+        let fenced_key = 0x99;
+        propose(raft.clone(), 1, Request::Fence { keys: vec![fenced_key] })
+            .await
+            .unwrap();
+        let before = sm.applied_index();
+        let batcher = WriteBatcher::spawn(raft.clone(), 1, 7);
+        let gate = Arc::new(tokio::sync::RwLock::new(()));
+        let mut answers = Vec::new();
+        let mut expected = vec![0u8; SIZE as usize];
+        // Queued without yielding (current-thread runtime): the batcher finds them all queued.
+        for i in 0..200u64 {
+            let origin = if i % 7 == 3 { fenced_key } else { 1 + i % 3 };
+            let offset = if i == 150 { SIZE - 100 } else { (i % 50) * 4096 + i };
+            let data = vec![i as u8 + 1; 4096];
+            if origin != fenced_key && offset + 4096 <= SIZE {
+                let o = offset as usize;
+                expected[o..o + 4096].copy_from_slice(&data);
+            }
+            let (w, a) = queued(&gate, offset, data, origin);
+            batcher.queue.try_send(w).unwrap();
+            answers.push((i, origin, offset, a));
+        }
+        assert!(gate.try_write().is_err(), "queued writes hold the gate shared");
+        for (i, origin, offset, a) in answers {
+            let got = tokio::time::timeout(Duration::from_secs(30), a).await.unwrap().unwrap();
+            let want = if origin == fenced_key {
+                WriteResult::Fenced
+            } else if offset + 4096 > SIZE {
+                WriteResult::Refused(String::new())
+            } else {
+                WriteResult::Written
+            };
+            match (&got, &want) {
+                (Ok(WriteResult::Refused(e)), WriteResult::Refused(_)) => assert!(e.contains("beyond the end"), "{e}"),
+                (Ok(g), w) => assert_eq!(g, w, "write {i}"),
+                (Err(e), _) => panic!("write {i} fenced: {e}"),
+            }
+        }
+        // 64 + 64 + 64 + 8: four entries, not 200.
+        assert_eq!(sm.applied_index() - before, 4);
+        let img = sm.image().unwrap();
+        let mut got = vec![0u8; SIZE as usize];
+        img.read_at(&mut got, 0).unwrap();
+        assert!(got == expected, "image differs from the writes applied in queue order");
+        // Every answer released its gate: a COMPARE AND WRITE could run now.
+        assert!(gate.try_write().is_ok());
+
+        // A lone write is proposed at once, as one plain entry.
+        let (w, a) = queued(&gate, 0, vec![0xAB; 512], 0);
+        batcher.queue.send(w).await.unwrap();
+        assert_eq!(a.await.unwrap(), Ok(WriteResult::Written));
+        assert_eq!(sm.applied_index() - before, 5);
+
+        // The group is gone: every write of the failed proposal is fenced (never acknowledged).
+        raft.shutdown().await.unwrap();
+        let mut answers = Vec::new();
+        for i in 0..3 {
+            let (w, a) = queued(&gate, i * 4096, vec![1; 4096], 0);
+            batcher.queue.try_send(w).unwrap();
+            answers.push(a);
+        }
+        for a in answers {
+            let got = tokio::time::timeout(Duration::from_secs(30), a).await.unwrap().unwrap();
+            assert!(got.is_err(), "{got:?}");
+        }
+        assert!(gate.try_write().is_ok());
     }
 }

@@ -76,7 +76,7 @@ use tokio::sync::watch;
 
 use super::journal::{JournalReader, JournalWriter, MAX_CHUNK};
 use super::record::{self, LogIdRecord, MembershipRecord};
-use super::types::{Request, Response, SnapshotBase, SnapshotData, TypeConfig};
+use super::types::{Request, Response, SnapshotBase, SnapshotData, TypeConfig, WriteResult};
 use crate::pb::cluster::{Catalogue, MetaCommand};
 
 type C = TypeConfig;
@@ -791,6 +791,25 @@ impl Inner {
                         response.error = Some(self.out_of_range(index, req, img.size_bytes()));
                     }
                 }
+                (Kind::Volume(img), Request::Writes(items)) => {
+                    // In order, each as a `Write` of its own: a later item over an earlier one
+                    // wins, and every replica refuses the same items.
+                    response.items.reserve_exact(items.len());
+                    for (i, w) in items.iter().enumerate() {
+                        let fenced = w.origin != 0 && lock(&self.live).fenced.contains_key(&w.origin);
+                        let result = if fenced {
+                            tracing::debug!(dir = %self.dir.display(), index, item = i, "write of a fenced session refused");
+                            WriteResult::Fenced
+                        } else if img.in_range(w.offset_bytes, w.data.len() as u64) {
+                            img.write_at(&w.data, w.offset_bytes)?;
+                            WriteResult::Written
+                        } else {
+                            let what = format!("item {i} of {req}, write({}+{})", w.offset_bytes, w.data.len());
+                            WriteResult::Refused(self.out_of_range_msg(index, &what, img.size_bytes()))
+                        };
+                        response.items.push(result);
+                    }
+                }
                 (
                     Kind::Volume(img),
                     Request::Unmap {
@@ -876,7 +895,11 @@ impl Inner {
     }
 
     fn out_of_range(&self, index: u64, req: &Request, size: u64) -> String {
-        let msg = format!("entry {index}: {req} is beyond the end of the volume ({size} bytes); nothing written");
+        self.out_of_range_msg(index, &req.to_string(), size)
+    }
+
+    fn out_of_range_msg(&self, index: u64, what: &str, size: u64) -> String {
+        let msg = format!("entry {index}: {what} is beyond the end of the volume ({size} bytes); nothing written");
         tracing::error!(dir = %self.dir.display(), "{msg}");
         msg
     }
@@ -890,6 +913,9 @@ impl Inner {
             match &e.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(Request::Write { data, .. }) => bytes += data.len(),
+                EntryPayload::Normal(Request::Writes(items)) => {
+                    bytes += items.iter().map(|w| w.data.len()).sum::<usize>()
+                }
                 EntryPayload::Normal(Request::Unmap { .. }) => {}
                 _ => return false,
             }

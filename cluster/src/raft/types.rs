@@ -30,6 +30,11 @@ pub enum Request {
         data: Bytes,
         origin: u64,
     },
+    /// Several plain writes coalesced into one entry by the leader (they were queued at the same
+    /// moment), applied in order: each exactly as a `Write` of its own, with its own fenced and
+    /// range checks and its own [`WriteResult`] in [`Response::items`]; a later item that
+    /// overlaps an earlier one wins.
+    Writes(Vec<WriteItem>),
     /// Deallocate `len_bytes` bytes starting at `offset_bytes` (UNMAP, WRITE SAME with UNMAP);
     /// `origin` as for `Write`.
     Unmap {
@@ -51,10 +56,36 @@ pub enum Request {
     Meta(Bytes),
 }
 
+/// One write of a [`Request::Writes`] entry: the fields of a [`Request::Write`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteItem {
+    pub offset_bytes: u64,
+    pub data: Bytes,
+    /// Session key, as `Request::Write::origin`.
+    pub origin: u64,
+}
+
+/// What applying one item of a [`Request::Writes`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteResult {
+    /// In the image.
+    Written,
+    /// The item's session was fenced earlier in the log: nothing written.
+    Fenced,
+    /// Refused (beyond the end of the volume): nothing written; the reason.
+    Refused(String),
+}
+
 impl fmt::Display for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Write { offset_bytes, data, .. } => write!(f, "write({offset_bytes}+{})", data.len()),
+            Self::Writes(items) => write!(
+                f,
+                "writes({} items, {} bytes)",
+                items.len(),
+                items.iter().map(|w| w.data.len()).sum::<usize>()
+            ),
             Self::Unmap {
                 offset_bytes,
                 len_bytes,
@@ -80,6 +111,8 @@ pub struct Response {
     pub value: u64,
     /// A write or unmap of a fenced session: nothing was changed.
     pub fenced: bool,
+    /// A [`Request::Writes`]: one result per item, in order (empty for every other request).
+    pub items: Vec<WriteResult>,
 }
 
 /// A snapshot's data as openraft hands it between the state machine and the network.
