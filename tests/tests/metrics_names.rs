@@ -44,6 +44,8 @@ const RAFT: &[(&str, &str)] = &[
     ("raftsan_raft_snapshot_transfers_total", "counter"),
     ("raftsan_raft_snapshot_bytes_total", "counter"),
     ("raftsan_alua_state", "gauge"),
+    ("raftsan_volume_write_entries_total", "counter"),
+    ("raftsan_volume_coalesced_writes_total", "counter"),
 ];
 
 const INITIATOR: &[(&str, &str)] = &[

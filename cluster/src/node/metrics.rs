@@ -12,6 +12,10 @@
 //!   term is one election; terms skipped between two samples are counted too);
 //! * `raftsan_raft_snapshot_transfers_total{group,direction="sent"|"received"}` and
 //!   `raftsan_raft_snapshot_bytes_total{group,direction}` counters, see [`SnapshotCounts`];
+//! * `raftsan_volume_write_entries_total{volume}` and `raftsan_volume_coalesced_writes_total{volume}`
+//!   counters on a volume's leader: log entries its write batcher proposed and the plain writes
+//!   in them (counted per entry by the batcher in `node::volume`, not sampled; writes per entry
+//!   is their ratio);
 //! * `raftsan_alua_state{volume}`: this node's port group state for the volume (0 active/optimized,
 //!   1 active/non-optimized, 14 transitioning — the SPC-4 codes).
 //!
@@ -154,6 +158,14 @@ fn describe() {
     describe_counter!(
         "raftsan_raft_snapshot_bytes_total",
         "Snapshot bytes that travelled (estimated from chunks), by direction."
+    );
+    describe_counter!(
+        "raftsan_volume_write_entries_total",
+        "Log entries of coalesced plain writes proposed by this node while leading the volume."
+    );
+    describe_counter!(
+        "raftsan_volume_coalesced_writes_total",
+        "Plain writes proposed in those entries (writes per entry: ratio to write_entries_total)."
     );
     describe_gauge!(
         "raftsan_alua_state",

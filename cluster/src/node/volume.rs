@@ -185,16 +185,49 @@ struct WriteBatcher {
     queue: tokio::sync::mpsc::Sender<QueuedWrite>,
 }
 
+/// The batcher's counters (see `node::metrics`): entries it proposed and the writes in them, so
+/// writes per entry is their ratio.
+#[derive(Clone)]
+struct BatchCounts {
+    entries: metrics::Counter,
+    writes: metrics::Counter,
+}
+
+impl BatchCounts {
+    /// The volume's counters, exported from now on (at 0 until its first write here; never
+    /// reset when the volume's runtime is rebuilt).
+    fn new(volume_name: &str) -> Self {
+        let c = BatchCounts {
+            entries: metrics::counter!("raftsan_volume_write_entries_total", "volume" => volume_name.to_string()),
+            writes: metrics::counter!("raftsan_volume_coalesced_writes_total", "volume" => volume_name.to_string()),
+        };
+        c.entries.increment(0);
+        c.writes.increment(0);
+        c
+    }
+}
+
 impl WriteBatcher {
-    fn spawn(raft: RaftGroup, me: u64, volume: u64) -> Self {
+    fn spawn(raft: RaftGroup, me: u64, volume: u64, volume_name: &str) -> Self {
         let (queue, rx) = tokio::sync::mpsc::channel(WRITE_QUEUE_LEN);
-        tokio::spawn(run_write_batcher(raft, me, volume, rx));
+        tokio::spawn(run_write_batcher(raft, me, volume, BatchCounts::new(volume_name), rx));
         WriteBatcher { queue }
     }
 }
 
-async fn run_write_batcher(raft: RaftGroup, me: u64, volume: u64, mut rx: tokio::sync::mpsc::Receiver<QueuedWrite>) {
+async fn run_write_batcher(
+    raft: RaftGroup,
+    me: u64,
+    volume: u64,
+    counts: BatchCounts,
+    mut rx: tokio::sync::mpsc::Receiver<QueuedWrite>,
+) {
     use futures_util::StreamExt as _;
+    let propose = |batch: Vec<QueuedWrite>| {
+        counts.entries.increment(1);
+        counts.writes.increment(batch.len() as u64);
+        propose_writes(raft.clone(), me, volume, batch)
+    };
     let mut in_flight = futures_util::stream::FuturesUnordered::new();
     // A write taken from the queue that did not fit the previous entry: first of the next.
     let mut carry: Option<QueuedWrite> = None;
@@ -204,7 +237,7 @@ async fn run_write_batcher(raft: RaftGroup, me: u64, volume: u64, mut rx: tokio:
             && let Some(first) = carry.take()
         {
             let batch = take_batch(first, &mut rx, &mut carry);
-            in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+            in_flight.push(propose(batch));
             continue;
         }
         tokio::select! {
@@ -214,7 +247,7 @@ async fn run_write_batcher(raft: RaftGroup, me: u64, volume: u64, mut rx: tokio:
                 None => open = false,
                 Some(first) => {
                     let batch = take_batch(first, &mut rx, &mut carry);
-                    in_flight.push(propose_writes(raft.clone(), me, volume, batch));
+                    in_flight.push(propose(batch));
                 }
             },
             else => break,
@@ -490,7 +523,7 @@ impl VolumeRuntime {
             write_cache: true,
         };
         let lus = Arc::new(TargetLus::with_stores(&info.target, vec![(def, Box::new(store))])?);
-        let writes = WriteBatcher::spawn(raft.clone(), node.id, info.id);
+        let writes = WriteBatcher::spawn(raft.clone(), node.id, info.id, &info.name);
         let v = Arc::new(VolumeRuntime {
             node,
             id: info.id,
@@ -1464,7 +1497,7 @@ mod tests {
             .await
             .unwrap();
         let before = sm.applied_index();
-        let batcher = WriteBatcher::spawn(raft.clone(), 1, 7);
+        let batcher = WriteBatcher::spawn(raft.clone(), 1, 7, "test");
         let gate = Arc::new(tokio::sync::RwLock::new(()));
         let mut answers = Vec::new();
         let mut expected = vec![0u8; SIZE as usize];
