@@ -6,7 +6,7 @@
 #
 #   -f   the nodes' Raft log fsync policy: always (default) or on-flush
 #   -k   keep the cluster running after the runs (Ctrl-C stops it), e.g. to attach perf
-# Prints "depth N: IOPS, mean latency" per depth. Not a test; the figures are noisy.
+# Prints "depth N: IOPS, mean latency, writes per log entry" per depth. Not a test; the figures are noisy.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 FIRST=127.0.0.73
@@ -47,14 +47,25 @@ leader() {
 sleep 6 # leadership moves to the preferred node 5 s after the election
 read -r node addr < <(leader) || die "no leader"
 log "leader: node $node at $addr; pids: $(pgrep -f "serve --config $WORK/c/node" | tr '\n' ' ')"
+# Writes and log entries the leader's write batcher proposed so far: "WRITES ENTRIES".
+batched() {
+    local m
+    m=$(sed -n 's/^metrics = "\(.*\)"$/\1/p' "$WORK/c/node$1/node.toml")
+    curl -s "http://$m/metrics" | awk '
+        /^raftsan_volume_coalesced_writes_total\{volume="demo"\}/ { w = $2 }
+        /^raftsan_volume_write_entries_total\{volume="demo"\}/ { e = $2 }
+        END { printf "%d %d\n", w, e }'
+}
 for d in "${DEPTHS[@]}"; do
     read -r node addr < <(leader) || die "no leader"
+    read -r w0 e0 < <(batched "$node")
     t0=$(date +%s.%N)
     qemu-img bench -f raw -w --pattern 0xa5 -d "$d" -s 4096 -c "$COUNT" -t none \
         "json:{\"driver\":\"raw\",\"file\":{\"driver\":\"iscsi\",\"transport\":\"tcp\",\"portal\":\"$addr:3260\",\"target\":\"iqn.2026-11.org.raftsan:demo\",\"lun\":1}}" >/dev/null
     t1=$(date +%s.%N)
-    awk -v d="$d" -v n="$COUNT" -v a="$t0" -v b="$t1" -v l="$node" \
-        'BEGIN { s = b - a; printf "depth %d: %.0f IOPS, %.3f ms per write (%d writes in %.2f s, leader node %s)\n", d, n / s, s * 1000 * d / n, n, s, l }'
+    read -r w1 e1 < <(batched "$node")
+    awk -v d="$d" -v n="$COUNT" -v a="$t0" -v b="$t1" -v l="$node" -v w=$((w1 - w0)) -v e=$((e1 - e0)) \
+        'BEGIN { s = b - a; printf "depth %d: %.0f IOPS, %.3f ms per write (%d writes in %.2f s, leader node %s, %.1f writes per log entry)\n", d, n / s, s * 1000 * d / n, n, s, l, e ? w / e : 0 }'
 done
 if [[ $KEEP == 1 ]]; then
     log "cluster kept running in $WORK/c (Ctrl-C stops it)"
