@@ -187,6 +187,16 @@ if [[ $SUBJECT != tgtd && -z "$TEST_RE" ]]; then
     [[ -n "$FLOOR" ]] || die "no floor for $SUBJECT in $FLOOR_FILE"
     if [[ $PASSED -lt $FLOOR ]]; then
         echo "FAIL: $SUBJECT passed $PASSED, below the floor of $FLOOR ($FLOOR_FILE)"
+        # CI keeps no files: show why here. The assertion of each failed test, then the
+        # daemons' last warnings and errors (expected ones included: the protocol tests
+        # provoke some), by time.
+        awk '/<CONDITION>/ { sub(/^[ \t]*<CONDITION> */, ""); sub(/ *<\/CONDITION>.*/, ""); print "  assertion: " $0 }' \
+            "$RESULTS" | head -20
+        echo "last WARN/ERROR lines of the $SUBJECT logs:"
+        for f in "$DAEMON_LOG" "$WORK"/cluster/node*/serve.log; do
+            [[ -f $f ]] || continue
+            grep -E '^[0-9TZ:.-]+ +(WARN|ERROR) ' "$f" | sed "s|^|$(basename "$(dirname "$f")") |"
+        done | sort -k2,2 | tail -40 | cut -c1-300
         exit 1
     fi
     echo "ok: $PASSED >= floor $FLOOR"

@@ -109,8 +109,9 @@ fn write_one_portal_read_all_kill_leader_restart_converge() -> Result<()> {
     Ok(())
 }
 
-/// Many small writes (one log entry each) with qemu-img bench.
-fn bench_writes(url: &str, count: u32, offset: u64) -> Result<()> {
+/// Many small 4 KiB writes with qemu-img bench at `depth` (at depth 1 one log entry each; deeper,
+/// the leader coalesces the writes queued at one moment into one entry).
+fn bench_writes(url: &str, count: u32, depth: u32, offset: u64) -> Result<()> {
     let out = run(
         Command::new("qemu-img").args([
             "bench",
@@ -122,7 +123,7 @@ fn bench_writes(url: &str, count: u32, offset: u64) -> Result<()> {
             "-c",
             &count.to_string(),
             "-d",
-            "16",
+            &depth.to_string(),
             "-s",
             "4096",
             "-o",
@@ -144,10 +145,11 @@ fn node_behind_the_purged_log_is_rebuilt_from_the_image_stream() -> Result<()> {
     let l = leader(&mut c, vol)?;
     let down = [1u64, 2, 3].into_iter().find(|n| *n != l).unwrap_or(3);
     let via = [1u64, 2, 3].into_iter().find(|n| *n != l && *n != down).unwrap_or(l);
-    bench_writes(&url(&c, via, &target, lun)?, 300, 0)?;
+    bench_writes(&url(&c, via, &target, lun)?, 300, 16, 0)?;
     c.signal(down, libc::SIGKILL)?;
-    // Far more entries than the log keeps: the follower can only come back through a snapshot.
-    bench_writes(&url(&c, via, &target, lun)?, 2000, 1 << 20)?;
+    // Far more entries than the log keeps (depth 1: one entry per write, none coalesced): the
+    // follower can only come back through a snapshot.
+    bench_writes(&url(&c, via, &target, lun)?, 2000, 1, 1 << 20)?;
     c.spawn(down)?;
     let shas = converged_images(&mut c, vol, &[1, 2, 3])?;
     ensure!(
@@ -220,7 +222,7 @@ fn torn_log_tail_after_kill_is_recovered() -> Result<()> {
     let (vol, target, lun) = c.create_volume("v4", "32M")?;
     let l = leader(&mut c, vol)?;
     let victim = [1u64, 2, 3].into_iter().find(|n| *n != l).unwrap_or(3);
-    bench_writes(&url(&c, l, &target, lun)?, 200, 0)?;
+    bench_writes(&url(&c, l, &target, lun)?, 200, 16, 0)?;
     c.signal(victim, libc::SIGKILL)?;
     // A torn record at the end of the newest log segment, as a crash mid-append leaves.
     let log_dir = c
@@ -241,7 +243,7 @@ fn torn_log_tail_after_kill_is_recovered() -> Result<()> {
     bytes.extend_from_slice(&[0x52, 0x4c, 0x53, 0x47, 0xff, 0x00, 0x00, 0x00, 1, 2, 3]);
     fs::write(last, &bytes)?;
     c.spawn(victim)?;
-    bench_writes(&url(&c, l, &target, lun)?, 100, 4 << 20)?;
+    bench_writes(&url(&c, l, &target, lun)?, 100, 16, 4 << 20)?;
     let shas = converged_images(&mut c, vol, &[1, 2, 3])?;
     ensure!(shas.iter().all(|s| *s == shas[0]), "replica images differ: {shas:?}");
     for l in c.node(victim)?.log_text().lines().filter(|l| l.contains("torn")) {
