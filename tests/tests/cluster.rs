@@ -518,6 +518,81 @@ fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8
     Ok(((status, code(2) & 0x0f, code(12), code(13)), took))
 }
 
+/// Writes that queue on a leader which is then cut off all end once it notices (about 1 s,
+/// `ISOLATION_AFTER`), not in waves: the write batcher keeps 4 proposals in flight and proposes
+/// the queued writes when those end, and each such turn used to restart the 1 s cut-off clock
+/// (the chaos run of the batcher saw 6 s client stalls partitioning a leader, 1.1 s before it).
+#[test]
+fn writes_queued_on_a_leader_that_is_cut_off_all_end_when_it_notices() -> Result<()> {
+    use raftsan_proto::pdu::{ScsiCommand, ScsiResponse};
+    let mut c = Cluster::start(3)?;
+    let (volume, target, _lun) = c.create_volume("queued", "16M")?;
+    let old = c.settled_leader(volume, Duration::from_secs(7))?;
+    let portal = c.node(old)?.portal();
+    let ip = portal.ip().to_string();
+    let mut raw = raftsan_tests::raw::Raw::connect(portal)?;
+    raw.login("iqn.2026-11.org.raftsan:queued-check", &target)?;
+    raw.clear_unit_attention()?;
+
+    let port = raftsan_tests::cluster::RPC_PORT.to_string();
+    let cut = raftsan_tests::Iptables::insert(&[
+        &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+        &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+    ])?;
+    let cut_at = Instant::now();
+    // One WRITE(10) of one block every 40 ms for 0.6 s, before the node can notice (1 s): the
+    // first four take the proposal slots, the rest queue behind them.
+    const WRITES: u32 = 16;
+    for lba in 0..WRITES {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[8] = 1;
+        let itt = raw.next_itt();
+        let cmd = ScsiCommand {
+            immediate: false,
+            final_: true,
+            read: false,
+            write: true,
+            attr: 1,
+            lun: 1,
+            itt,
+            expected_data_len: 512,
+            cmdsn: raw.cmdsn,
+            exp_statsn: raw.statsn,
+            cdb,
+        };
+        raw.cmdsn += 1;
+        raw.send(cmd.to_bhs(), &[0x5a; 512])?;
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let mut answers = Vec::new();
+    for _ in 0..WRITES {
+        let p = raw.response()?;
+        let status = ScsiResponse::parse(&p.bhs).status;
+        let sense = p.data.get(2..).unwrap_or(&[]);
+        let code = |i: usize| sense.get(i).copied().unwrap_or(0);
+        answers.push(((status, code(2) & 0x0f, code(12), code(13)), cut_at.elapsed()));
+    }
+    drop(cut);
+    // None can have committed (no quorum); each ends fenced: UNIT ATTENTION 2A/06 or NOT READY
+    // 04/0A.
+    ensure!(
+        answers
+            .iter()
+            .all(|(a, _)| *a == (0x02, 0x06, 0x2a, 0x06) || *a == (0x02, 0x02, 0x04, 0x0a)),
+        "answers from the cut-off leader: {answers:?}"
+    );
+    // All by about 1 s after the cut (the last one waited since 0.6 s): a second wave would end
+    // at about 2 s.
+    let last = answers.iter().map(|(_, t)| *t).max().unwrap_or_default();
+    ensure!(
+        last < Duration::from_millis(1700),
+        "the last queued write ended {last:?} after the cut (answers: {answers:?})"
+    );
+    Ok(())
+}
+
 /// A command a follower forwarded to the leader, which is then cut off, is answered as soon as
 /// the follower learns the new leader (UNIT ATTENTION 2A/06: the initiator sends it again), not
 /// after the forwarding RPC's 15 s timeout. The chaos harness saw a 6.1 s client stall in a
