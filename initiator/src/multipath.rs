@@ -147,8 +147,10 @@ pub struct MultipathConfig {
     pub relogin_backoff: (Duration, Duration),
     /// Interval of the ALUA state poll (also refreshed on every 2A/06 and state sense).
     pub alua_refresh: Duration,
-    /// How many times one command is re-sent before its last answer is returned as is (also
-    /// bounded in time by `no_path_retry`).
+    /// How many failed paths one command may meet (connection lost, timeouts) before it fails.
+    /// Re-sends after answers that say the command was not executed (unit attention,
+    /// transitioning, busy) are not counted; they, and the whole command, are bounded in time
+    /// by `no_path_retry`, after which the last answer is returned as is.
     pub max_retries: u32,
 }
 
@@ -176,7 +178,7 @@ pub enum MultipathError {
         waited: Duration,
         paths: String,
     },
-    #[error("command failed on {tries} paths in a row; last failure: {last}")]
+    #[error("command sent {tries} times without success; last failure: {last}")]
     TooManyRetries { tries: u32, last: String },
     #[error("the multipath device is shut down")]
     ShutDown,
@@ -611,9 +613,15 @@ impl<C: Connector> Multipath<C> {
         let mut rx = self.shared.changed.subscribe();
         let mut no_path_since: Option<Instant> = None;
         let mut tries = 0u32;
+        // Paths that failed under this command, in a row: bounded by `max_retries`.
+        let mut failures = 0u32;
         let started = Instant::now();
-        // Retries of commands the target keeps refusing are bounded in count and in time.
-        let exhausted = |tries: u32| tries > cfg.max_retries || started.elapsed() > cfg.no_path_retry;
+        // A command is re-sent for at most `no_path_retry`. Answers that say it was not executed
+        // (unit attention, transitioning, busy) count only against that time, however many there
+        // are: a leadership move on a loaded cluster can answer 04/0A for seconds at 50 ms a
+        // try and end with a unit attention, and that must not fail the command.
+        let timed_out = || started.elapsed() > cfg.no_path_retry;
+        let too_many_failures = |failures: u32| failures > cfg.max_retries || timed_out();
         loop {
             if self.stopped() {
                 return Err(MultipathError::ShutDown);
@@ -647,7 +655,8 @@ impl<C: Connector> Multipath<C> {
                     drop(guard);
                     *stalled = true;
                     self.path_failed(picked.index, picked.generation, &failure);
-                    if exhausted(tries) {
+                    failures += 1;
+                    if too_many_failures(failures) {
                         return Err(MultipathError::TooManyRetries { tries, last: failure.0 });
                     }
                     continue;
@@ -655,7 +664,7 @@ impl<C: Connector> Multipath<C> {
                 Err(FenceHold::Retry(pause)) => {
                     drop(guard);
                     *stalled = true;
-                    if exhausted(tries) {
+                    if timed_out() {
                         return Err(MultipathError::TooManyRetries {
                             tries,
                             last: "the target did not accept FENCE SESSIONS".into(),
@@ -674,13 +683,14 @@ impl<C: Connector> Multipath<C> {
                     // Its fate is unknown: the session must be fenced before anything else runs.
                     self.abandoned(&picked.conn);
                     self.path_failed(picked.index, picked.generation, &failure);
-                    if exhausted(tries) {
+                    failures += 1;
+                    if too_many_failures(failures) {
                         return Err(MultipathError::TooManyRetries { tries, last: failure.0 });
                     }
                     continue;
                 }
             };
-            if exhausted(tries) {
+            if timed_out() {
                 return Ok(reply);
             }
             match verdict(&reply) {

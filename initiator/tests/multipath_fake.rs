@@ -558,3 +558,42 @@ async fn a_path_lost_while_idle_needs_no_fence_and_a_target_without_fencing_is_a
     assert_eq!(events[3..], ["write@b:1"], "{events:?}");
     mp.shutdown().await;
 }
+
+/// A leadership move can keep every path Transitioning for seconds on a loaded cluster, then
+/// greet the command with a unit attention. Answers that say "not executed" are retried for
+/// `no_path_retry`, however many there are; only failed paths count against `max_retries`.
+#[tokio::test]
+async fn a_long_transition_ending_in_a_unit_attention_does_not_fail_the_command() {
+    let fake = three_nodes();
+    let mut cfg = config(&["a:1", "b:1"]);
+    cfg.no_path_retry = Duration::from_secs(20);
+    cfg.max_retries = 8;
+    let mp = Multipath::start(fake.clone(), cfg);
+    all_up(&mp, 2).await;
+    for p in ["a:1", "b:1"] {
+        fake.world().nodes.get_mut(p).unwrap().sense = Some((2, 4, 0x0a));
+    }
+    let pending = {
+        let mp = mp.clone();
+        tokio::spawn(async move { mp.execute(write()).await })
+    };
+    // Far more than max_retries answers of 04/0A (one each 50 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!pending.is_finished(), "{:?}", pending.await);
+    {
+        let mut w = fake.world();
+        for p in ["a:1", "b:1"] {
+            w.nodes.get_mut(p).unwrap().sense = None;
+            w.ua.insert(p.into(), (0x2a, 0x06));
+        }
+        w.leader = 2;
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("the command ends once a leader serves it")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply.status, 0, "{:?}", reply.clone().good());
+    assert!(mp.view().retried_commands >= 20, "{}", mp.view().retried_commands);
+    mp.shutdown().await;
+}
