@@ -109,6 +109,30 @@ impl FaultKind {
         )
     }
 
+    /// The longest client stall the fault may cause by raftsan's claim: under a second when a
+    /// node dies (its connections close, its own storage error takes it out, or a planned
+    /// membership change), under three when it hangs or is cut off (found by timeouts) or the
+    /// path is degraded. None for `kill-all-after-flush`: the whole cluster is down by design.
+    pub fn stall_budget(self) -> Option<Duration> {
+        match self {
+            FaultKind::KillLeader
+            | FaultKind::KillFollower
+            | FaultKind::KillTwoInTurn
+            | FaultKind::DiskFailFollower
+            | FaultKind::DiskFullLeader
+            | FaultKind::ReplaceNode => Some(Duration::from_secs(1)),
+            FaultKind::PauseLeader
+            | FaultKind::PartitionLeader
+            | FaultKind::PartitionFollower
+            | FaultKind::PartitionLeaderInbound
+            | FaultKind::ClientCutFromLeader
+            | FaultKind::NetemDelay
+            | FaultKind::NetemLoss
+            | FaultKind::DelayedStaleWrite => Some(Duration::from_secs(3)),
+            FaultKind::KillAllAfterFlush => None,
+        }
+    }
+
     /// Whether the fault's victim is a follower (else the leader).
     pub fn hits_follower(self) -> bool {
         matches!(

@@ -39,6 +39,10 @@ enum Cmd {
         /// every kind by default.
         #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
         only: Vec<FaultKind>,
+        /// Fail the run when a client stall exceeds its fault kind's budget (1 s for a node
+        /// killed, 3 s for one hung or cut off); by default stalls are reported only.
+        #[arg(long)]
+        enforce_stall_budgets: bool,
     },
     /// Random faults for hours (no every-kind-first pass).
     Soak {
@@ -51,6 +55,10 @@ enum Cmd {
         /// Only these fault kinds (comma-separated or repeated); every kind by default.
         #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
         only: Vec<FaultKind>,
+        /// Fail the run when a client stall exceeds its fault kind's budget (1 s for a node
+        /// killed, 3 s for one hung or cut off); by default stalls are reported only.
+        #[arg(long)]
+        enforce_stall_budgets: bool,
     },
 }
 
@@ -88,6 +96,7 @@ fn main() -> ExitCode {
             duration,
             out,
             only,
+            enforce_stall_budgets,
         } => RunConfig {
             seed: seed.unwrap_or_else(random_seed),
             duration,
@@ -95,12 +104,14 @@ fn main() -> ExitCode {
             kinds: only,
             workload: WorkloadConfig::default(),
             out: Some(out),
+            enforce_stall_budgets,
         },
         Cmd::Soak {
             seed,
             duration,
             out,
             only,
+            enforce_stall_budgets,
         } => RunConfig {
             seed: seed.unwrap_or_else(random_seed),
             duration,
@@ -108,6 +119,7 @@ fn main() -> ExitCode {
             kinds: only,
             workload: WorkloadConfig::default(),
             out: Some(out),
+            enforce_stall_budgets,
         },
     };
     match run::run(cfg) {

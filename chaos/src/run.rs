@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub workload: WorkloadConfig,
     /// JSON report.
     pub out: Option<PathBuf>,
+    /// A stall over its kind's budget fails the run (otherwise it is reported only).
+    pub enforce_stall_budgets: bool,
 }
 
 /// One injection and what it cost.
@@ -79,6 +81,10 @@ pub struct KindFigures {
     pub direct_stall_max_ms: f64,
     pub new_leader_max_ms: Option<f64>,
     pub resync_max_ms: Option<f64>,
+    /// [`FaultKind::stall_budget`] (None: no budget).
+    pub stall_budget_ms: Option<f64>,
+    /// Injections whose client stall exceeded the budget.
+    pub over_budget: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -104,6 +110,8 @@ pub struct Report {
     pub flush_checks: Vec<FlushCheck>,
     /// The cluster's members at the end (nodes 1-3 unless `replace-node` ran).
     pub members: Vec<u64>,
+    /// Whether a stall over budget fails the run ([`RunConfig::enforce_stall_budgets`]).
+    pub stall_budgets_enforced: bool,
 }
 
 impl Report {
@@ -118,6 +126,12 @@ impl Report {
             && self.client_errors.is_empty()
             && self.replicas_identical
             && self.log_problems.is_empty()
+            && (!self.stall_budgets_enforced || self.stalls_within_budget())
+    }
+
+    /// Every injection's client stall within its kind's budget.
+    pub fn stalls_within_budget(&self) -> bool {
+        self.by_kind.values().all(|f| f.over_budget == 0)
     }
 
     pub fn print(&self) {
@@ -147,13 +161,17 @@ impl Report {
             );
         }
         println!(
-            "  {:<24} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10}",
-            "fault", "n", "stall p50", "p99", "max", "iscsi max", "new leader", "resync"
+            "  {:<24} {:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>8} {:>6}",
+            "fault", "n", "stall p50", "p99", "max", "iscsi max", "new leader", "resync", "budget", "over"
         );
         for (k, f) in &self.by_kind {
             let opt = |v: Option<f64>| v.map(|v| format!("{v:.0} ms")).unwrap_or_else(|| "-".into());
+            let budget = f
+                .stall_budget_ms
+                .map(|b| format!("{:.0} s", b / 1000.0))
+                .unwrap_or_else(|| "-".into());
             println!(
-                "  {:<24} {:>5} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>12} {:>10}",
+                "  {:<24} {:>5} {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>7.0} ms {:>12} {:>10} {:>8} {:>6}",
                 k,
                 f.injections,
                 f.stall_p50_ms,
@@ -161,10 +179,32 @@ impl Report {
                 f.stall_max_ms,
                 f.direct_stall_max_ms,
                 opt(f.new_leader_max_ms),
-                opt(f.resync_max_ms)
+                opt(f.resync_max_ms),
+                budget,
+                f.over_budget
             );
         }
         let verdict = |ok: bool| if ok { "ok" } else { "VIOLATED" };
+        let over: Vec<String> = self
+            .by_kind
+            .iter()
+            .filter(|(_, f)| f.over_budget > 0)
+            .map(|(k, f)| format!("{k} {} of {}", f.over_budget, f.injections))
+            .collect();
+        println!(
+            "  client stall within budget (1 s kill, 3 s hang or cut) {} ({}){}",
+            if over.is_empty() { "ok" } else { "OVER" },
+            if over.is_empty() {
+                "every injection".to_string()
+            } else {
+                over.join(", ")
+            },
+            if self.stall_budgets_enforced {
+                ""
+            } else {
+                "; reported, not enforced"
+            }
+        );
         if !self.flush_checks.is_empty() {
             let promised: usize = self.flush_checks.iter().map(|c| c.promised).sum();
             let checked: usize = self.flush_checks.iter().map(|c| c.checked).sum();
@@ -224,6 +264,38 @@ impl Report {
             self.duration_s.round()
         );
     }
+}
+
+/// Per fault kind: injections, stall percentiles, the longest direct stall, leader and resync
+/// times, and how many stalls were over the kind's budget.
+fn figures_by_kind(injections: &[Injection]) -> BTreeMap<String, KindFigures> {
+    let mut by_kind = BTreeMap::new();
+    for kind in FaultKind::ALL {
+        let of: Vec<&Injection> = injections.iter().filter(|i| i.kind == kind).collect();
+        if of.is_empty() {
+            continue;
+        }
+        let direct_stall_max_ms = of.iter().map(|i| i.direct_stall_ms).fold(0.0, f64::max);
+        let mut stalls: Vec<f64> = of.iter().map(|i| i.stall_ms).collect();
+        stalls.sort_by(f64::total_cmp);
+        let max_of = |f: &dyn Fn(&Injection) -> Option<f64>| of.iter().filter_map(|i| f(i)).reduce(f64::max);
+        let budget = kind.stall_budget().map(|b| b.as_secs_f64() * 1000.0);
+        by_kind.insert(
+            kind.name().to_string(),
+            KindFigures {
+                injections: of.len(),
+                stall_p50_ms: percentile(&stalls, 0.5),
+                stall_p99_ms: percentile(&stalls, 0.99),
+                stall_max_ms: stalls.last().copied().unwrap_or(0.0),
+                direct_stall_max_ms,
+                new_leader_max_ms: max_of(&|i| i.new_leader_ms),
+                resync_max_ms: max_of(&|i| i.resync_ms),
+                stall_budget_ms: budget,
+                over_budget: budget.map_or(0, |b| stalls.iter().filter(|&&s| s > b).count()),
+            },
+        );
+    }
+    by_kind
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -564,29 +636,7 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
             let _ = std::fs::write(out.with_extension(format!("node{}.log", n.id)), n.log_text());
         }
     }
-    let mut by_kind = BTreeMap::new();
-    for kind in FaultKind::ALL {
-        let of: Vec<&Injection> = injections.iter().filter(|i| i.kind == kind).collect();
-        if of.is_empty() {
-            continue;
-        }
-        let direct_stall_max_ms = of.iter().map(|i| i.direct_stall_ms).fold(0.0, f64::max);
-        let mut stalls: Vec<f64> = of.iter().map(|i| i.stall_ms).collect();
-        stalls.sort_by(f64::total_cmp);
-        let max_of = |f: &dyn Fn(&Injection) -> Option<f64>| of.iter().filter_map(|i| f(i)).reduce(f64::max);
-        by_kind.insert(
-            kind.name().to_string(),
-            KindFigures {
-                injections: of.len(),
-                stall_p50_ms: percentile(&stalls, 0.5),
-                stall_p99_ms: percentile(&stalls, 0.99),
-                stall_max_ms: stalls.last().copied().unwrap_or(0.0),
-                direct_stall_max_ms,
-                new_leader_max_ms: max_of(&|i| i.new_leader_ms),
-                resync_max_ms: max_of(&|i| i.resync_ms),
-            },
-        );
-    }
+    let by_kind = figures_by_kind(&injections);
     let report = Report {
         seed: cfg.seed,
         duration_s: t0.elapsed().as_secs_f64(),
@@ -604,10 +654,83 @@ pub fn run(cfg: RunConfig) -> Result<Report> {
         direct: Some(direct.figures()),
         flush_checks,
         members: members.clone(),
+        stall_budgets_enforced: cfg.enforce_stall_budgets,
     };
     if let Some(out) = &cfg.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn injection(kind: FaultKind, stall_ms: f64) -> Injection {
+        Injection {
+            kind,
+            victim: 1,
+            at_s: 0.0,
+            hold_s: 1.0,
+            stall_ms,
+            direct_stall_ms: 0.0,
+            new_leader_ms: None,
+            resync_ms: None,
+            added: None,
+        }
+    }
+
+    fn report(injections: Vec<Injection>, enforced: bool) -> Report {
+        Report {
+            seed: 1,
+            duration_s: 1.0,
+            writes_acked: 1,
+            writes_failed: 0,
+            reads_checked: 1,
+            client_errors: Vec::new(),
+            violations: Vec::new(),
+            replicas_identical: true,
+            log_problems: Vec::new(),
+            by_kind: figures_by_kind(&injections),
+            injections,
+            netem_backend: Backend::Iptables,
+            stale_writes: Vec::new(),
+            direct: None,
+            flush_checks: Vec::new(),
+            members: vec![1, 2, 3],
+            stall_budgets_enforced: enforced,
+        }
+    }
+
+    #[test]
+    fn stalls_over_their_kinds_budget_are_counted_and_fail_only_an_enforcing_run() {
+        let within = vec![
+            injection(FaultKind::KillLeader, 900.0),
+            injection(FaultKind::PartitionLeader, 2900.0),
+            // No budget: the whole cluster is down by design.
+            injection(FaultKind::KillAllAfterFlush, 9000.0),
+        ];
+        for enforced in [false, true] {
+            let r = report(within.clone(), enforced);
+            assert!(r.stalls_within_budget());
+            assert!(r.passed());
+        }
+
+        let over = vec![
+            injection(FaultKind::KillLeader, 900.0),
+            injection(FaultKind::KillLeader, 1100.0),
+            injection(FaultKind::PartitionLeader, 1100.0),
+        ];
+        let r = report(over.clone(), false);
+        let kill = &r.by_kind["kill-leader"];
+        assert_eq!(
+            (kill.injections, kill.over_budget, kill.stall_budget_ms),
+            (2, 1, Some(1000.0))
+        );
+        assert_eq!(r.by_kind["partition-leader"].over_budget, 0);
+        assert!(!r.stalls_within_budget());
+        assert!(r.passed(), "reported, not enforced");
+        assert!(!report(over, true).passed());
+    }
 }
