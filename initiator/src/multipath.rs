@@ -715,6 +715,11 @@ impl<C: Connector> Multipath<C> {
                     if state == AluaState::Transitioning {
                         // Every path may be transitioning (no leader yet): do not spin.
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                    } else if tries > 2 {
+                        // Standby or unavailable while its ALUA report says otherwise: the
+                        // refresh puts it back and it answers the same; back off as above.
+                        let pause = Duration::from_millis(10 * u64::from(tries - 2)).min(Duration::from_millis(200));
+                        tokio::time::sleep(pause).await;
                     }
                 }
                 Verdict::Backoff => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -597,3 +597,27 @@ async fn a_long_transition_ending_in_a_unit_attention_does_not_fail_the_command(
     assert!(mp.view().retried_commands >= 20, "{}", mp.view().retried_commands);
     mp.shutdown().await;
 }
+
+/// Paths that answer "unavailable" (04/0C) to every command while their ALUA report keeps
+/// saying active: the command is re-sent with a growing pause, not in a tight loop, and ends
+/// with the target's answer after `no_path_retry`.
+#[tokio::test]
+async fn paths_that_keep_answering_unavailable_are_retried_with_backoff_until_no_path_retry() {
+    let fake = three_nodes();
+    let mp = Multipath::start(fake.clone(), config(&["a:1", "b:1"]));
+    all_up(&mp, 2).await;
+    for p in ["a:1", "b:1"] {
+        fake.world().nodes.get_mut(p).unwrap().sense = Some((2, 4, 0x0c));
+    }
+    let before = mp.view().retried_commands;
+    let t = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), mp.execute(write()))
+        .await
+        .unwrap()
+        .unwrap();
+    let (took, resent) = (t.elapsed(), mp.view().retried_commands - before);
+    assert!(reply.good().unwrap_err().contains("04h/0ch"));
+    assert!(took >= Duration::from_millis(800), "{took:?}");
+    assert!((3..=60).contains(&resent), "re-sent {resent} times in {took:?}");
+    mp.shutdown().await;
+}
