@@ -23,7 +23,11 @@
 //!
 //! While no path is usable, commands wait for one for at most `no_path_retry` (dm-multipath's
 //! `no_path_retry` as a time), then fail with [`MultipathError::NoPath`]. A better path that
-//! comes back is used by the next command (immediate failback).
+//! comes back is used by the next command (immediate failback). A failed path logs in again
+//! with a growing backoff (up to 5 s), but when a path fails or commands have none, the failed
+//! ones are told to try at once (at most every 250 ms) and SendTargets runs again (at most each
+//! second, through any known portal), so a restarted node or one that joined since is used as
+//! soon as it answers.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -268,6 +272,8 @@ struct Path<P> {
     disabled: bool,
     /// Wakes the path's task (failure reported, disabled or enabled).
     kick: Arc<Notify>,
+    /// Wakes the path task from a relogin backoff ([`Multipath::kick_failed_paths`]).
+    relogin: Arc<Notify>,
 }
 
 impl<P> Path<P> {
@@ -297,7 +303,18 @@ struct Shared<C: Connector> {
     fencing: tokio::sync::Mutex<()>,
     /// The target answered FENCE SESSIONS with INVALID COMMAND OPERATION CODE.
     fence_unsupported: AtomicBool,
+    /// When failed paths were last told to log in again at once ([`Multipath::kick_failed_paths`]).
+    relogin_kicked: Mutex<Option<Instant>>,
+    /// Asks the discovery task for a SendTargets round now (rate-limited there).
+    rediscover: Notify,
 }
+
+/// Failed paths are told to log in again at once at most this often while commands have no
+/// usable path or a path has just failed; otherwise each waits out its own backoff.
+const RELOGIN_KICK_EVERY: Duration = Duration::from_millis(250);
+
+/// Discovery rounds asked for by path failures are at least this far apart.
+const REDISCOVER_EVERY: Duration = Duration::from_secs(1);
 
 /// A multipath logical unit. Cheap to clone.
 pub struct Multipath<C: Connector> {
@@ -411,6 +428,8 @@ impl<C: Connector> Multipath<C> {
             unfenced: Mutex::new(Vec::new()),
             fencing: tokio::sync::Mutex::new(()),
             fence_unsupported: AtomicBool::new(false),
+            relogin_kicked: Mutex::new(None),
+            rediscover: Notify::new(),
         });
         let mp = Multipath { shared };
         for portal in mp.shared.cfg.portals.clone() {
@@ -448,6 +467,7 @@ impl<C: Connector> Multipath<C> {
     /// Adds a portal (no-op when known) and starts its path task.
     pub fn add_portal(&self, portal: &str, tpgt: Option<u16>) -> bool {
         let kick = Arc::new(Notify::new());
+        let relogin = Arc::new(Notify::new());
         {
             let mut paths = self.paths();
             if let Some(p) = paths.iter_mut().find(|p| p.portal == portal) {
@@ -470,12 +490,13 @@ impl<C: Connector> Multipath<C> {
                 last_error: None,
                 disabled: false,
                 kick: kick.clone(),
+                relogin: relogin.clone(),
             });
         }
         info!(target = %self.shared.cfg.target, portal, "path added");
         let mp = self.clone();
         let portal = portal.to_string();
-        tokio::spawn(async move { mp.path_task(portal, kick).await });
+        tokio::spawn(async move { mp.path_task(portal, kick, relogin).await });
         self.bump();
         true
     }
@@ -576,7 +597,29 @@ impl<C: Connector> Multipath<C> {
         if let Some(c) = conn {
             c.close_hard();
         }
+        // One path fewer: the others that failed earlier may be back by now (a restarted node
+        // waits out a backoff of up to 5 s otherwise), and a node that joined since the last
+        // discovery may be the one to use.
+        self.kick_failed_paths(Some(index));
+        self.shared.rediscover.notify_one();
         self.bump();
+    }
+
+    /// Tells every failed (not disabled) path but `except` to try its login now instead of at
+    /// the end of its backoff, at most once per [`RELOGIN_KICK_EVERY`].
+    fn kick_failed_paths(&self, except: Option<usize>) {
+        {
+            let mut last = self.shared.relogin_kicked.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RELOGIN_KICK_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        for (i, p) in self.paths().iter().enumerate() {
+            if p.status == PathStatus::Failed && !p.disabled && Some(i) != except {
+                p.relogin.notify_one();
+            }
+        }
     }
 
     fn set_alua(&self, index: usize, generation: u64, state: AluaState) {
@@ -637,8 +680,12 @@ impl<C: Connector> Multipath<C> {
                     });
                 };
                 *stalled = true;
+                // Nothing usable: failed paths log in again now (and again every
+                // RELOGIN_KICK_EVERY while this lasts), and discovery looks for new portals.
+                self.kick_failed_paths(None);
+                self.shared.rediscover.notify_one();
                 let queued = Queued::new(&self.shared);
-                let _ = tokio::time::timeout(left, rx.changed()).await;
+                let _ = tokio::time::timeout(left.min(RELOGIN_KICK_EVERY), rx.changed()).await;
                 drop(queued);
                 continue;
             };
@@ -878,8 +925,17 @@ impl<C: Connector> Multipath<C> {
         let mut stop = self.shared.stop.subscribe();
         let mut interval = Duration::from_millis(500);
         loop {
+            let round = Instant::now();
             let mut found_any = false;
-            for portal in self.shared.cfg.portals.clone() {
+            // The configured portals first, then any other known one (the configured ones may
+            // all be down while a node that joined later is up).
+            let mut portals = self.shared.cfg.portals.clone();
+            for p in self.paths().iter() {
+                if !portals.contains(&p.portal) {
+                    portals.push(p.portal.clone());
+                }
+            }
+            for portal in portals {
                 match self.shared.connector.discover(&portal).await {
                     Ok(targets) => {
                         found_any = true;
@@ -894,20 +950,28 @@ impl<C: Connector> Multipath<C> {
                     Err(e) => debug!(portal, error = %e, "SendTargets failed"),
                 }
             }
-            // Retry soon until one discovery worked, then refresh now and then.
+            // Retry soon until one discovery worked, then refresh now and then, and when a path
+            // fails or no path is usable (at most once per REDISCOVER_EVERY).
             interval = if found_any {
                 Duration::from_secs(60)
             } else {
                 (interval * 2).min(Duration::from_secs(10))
             };
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+            let asked = tokio::select! {
+                _ = tokio::time::sleep(interval) => false,
+                _ = self.shared.rediscover.notified() => true,
                 _ = stop.wait_for(|s| *s) => return,
+            };
+            if asked {
+                tokio::select! {
+                    _ = tokio::time::sleep_until((round + REDISCOVER_EVERY).into()) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         }
     }
 
-    async fn path_task(&self, portal: String, kick: Arc<Notify>) {
+    async fn path_task(&self, portal: String, kick: Arc<Notify>, relogin: Arc<Notify>) {
         let target = self.shared.cfg.target.clone();
         let (min, max) = self.shared.cfg.relogin_backoff;
         let mut backoff = min;
@@ -955,6 +1019,7 @@ impl<C: Connector> Multipath<C> {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = kick.notified() => {}
+                        _ = relogin.notified() => {}
                         _ = stop.wait_for(|s| *s) => return,
                     }
                     backoff = (backoff * 2).min(max);
@@ -1016,9 +1081,11 @@ impl<C: Connector> Multipath<C> {
                     }
                 }
             }
-            // Wait a little before the next login, so a flapping portal cannot spin.
+            // Wait a little before the next login, so a flapping portal cannot spin (a kick, rate
+            // limited, cuts it short when the path is needed).
             tokio::select! {
                 _ = tokio::time::sleep(min) => {}
+                _ = relogin.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
         }

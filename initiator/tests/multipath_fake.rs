@@ -621,3 +621,78 @@ async fn paths_that_keep_answering_unavailable_are_retried_with_backoff_until_no
     assert!((3..=60).contains(&resent), "re-sent {resent} times in {took:?}");
     mp.shutdown().await;
 }
+
+/// The only other path failed earlier and waits out a long relogin backoff; its node is back.
+/// When the working path dies, that path logs in again at once instead of at the end of its
+/// backoff (chaos: a restarted node left unused for 2 s while commands had no path).
+#[tokio::test]
+async fn a_failed_path_logs_in_again_at_once_when_commands_have_no_other() {
+    let fake = three_nodes();
+    let mut cfg = config(&["a:1", "b:1"]);
+    cfg.relogin_backoff = (Duration::from_secs(6), Duration::from_secs(6));
+    cfg.no_path_retry = Duration::from_secs(20);
+    let mp = Multipath::start(fake.clone(), cfg);
+    all_up(&mp, 2).await;
+    fake.kill("b:1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let failed = |mp: &Multipath<Fake>| {
+        mp.view()
+            .paths
+            .iter()
+            .any(|p| p.portal == "b:1" && p.status == PathStatus::Failed)
+    };
+    while !failed(&mp) {
+        assert!(Instant::now() < deadline, "{:?}", mp.view().paths);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // b's login failed and it sleeps 6 s; past the rate limit of the kicks, b comes back and
+    // a dies.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.revive("b:1");
+    fake.kill("a:1");
+    fake.world().leader = 2;
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(15), mp.execute(write()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the command waited {:?}, b's backoff is 6 s",
+        t.elapsed()
+    );
+    assert_eq!(fake.world().writes.last().map(String::as_str), Some("b:1"));
+    mp.shutdown().await;
+}
+
+/// A node that joined after the last SendTargets round is found when a path fails, not at the
+/// next periodic round (60 s).
+#[tokio::test]
+async fn a_path_failure_looks_for_portals_that_joined_since() {
+    let fake = Fake::default();
+    fake.add("a:1", 9, 1);
+    fake.add("b:1", 9, 2);
+    fake.world().leader = 1;
+    let mut cfg = config(&["a:1"]);
+    cfg.discover = true;
+    cfg.no_path_retry = Duration::from_secs(20);
+    let mp = Multipath::start(fake.clone(), cfg);
+    all_up(&mp, 2).await;
+    // Past REDISCOVER_EVERY since the first round.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    fake.add("c:1", 9, 3);
+    fake.kill("a:1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mp
+        .view()
+        .paths
+        .iter()
+        .any(|p| p.portal == "c:1" && p.status == PathStatus::Up)
+    {
+        assert!(Instant::now() < deadline, "c:1 not found: {:?}", mp.view().paths);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The configured portal is down: later rounds ask the others.
+    mp.execute(write()).await.unwrap();
+    mp.shutdown().await;
+}
