@@ -807,12 +807,14 @@ impl Session {
 
     /// Drops the connection now; every command in flight fails with [`SessionError::Closed`].
     pub fn close_hard(&self) {
+        // The driver must see the close before the I/O tasks' ends: otherwise, on another
+        // worker thread, it can take the cancelled writer for a lost connection.
+        self.inner.close.send_replace(true);
         if let Ok(tasks) = self.inner.io_tasks.lock() {
             for t in tasks.iter() {
                 t.abort();
             }
         }
-        self.inner.close.send_replace(true);
     }
 
     /// ABORT TASK (RFC 7143 §11.5.1) for the task with `task_tag` on `lun`.
