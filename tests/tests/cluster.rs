@@ -518,6 +518,29 @@ fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8
     Ok(((status, code(2) & 0x0f, code(12), code(13)), took))
 }
 
+/// Creates volume `name`, logs `initiator` in to its settled leader's portal (unit attentions
+/// cleared), then drops the leader's cluster RPC both ways with iptables (rules removed when the
+/// returned guard drops). Returns the volume's group, the old leader, the session and the guard.
+fn cut_off_leader(
+    c: &mut Cluster,
+    name: &str,
+    initiator: &str,
+) -> Result<(u64, u64, raftsan_tests::raw::Raw, raftsan_tests::Iptables)> {
+    let (volume, target, _lun) = c.create_volume(name, "16M")?;
+    let old = c.settled_leader(volume, Duration::from_secs(7))?;
+    let portal = c.node(old)?.portal();
+    let ip = portal.ip().to_string();
+    let mut raw = raftsan_tests::raw::Raw::connect(portal)?;
+    raw.login(initiator, &target)?;
+    raw.clear_unit_attention()?;
+    let port = raftsan_tests::cluster::RPC_PORT.to_string();
+    let cut = raftsan_tests::Iptables::insert(&[
+        &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+        &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
+    ])?;
+    Ok((volume, old, raw, cut))
+}
+
 /// Writes that queue on a leader which is then cut off all end once it notices (about 1 s,
 /// `ISOLATION_AFTER`), not in waves: the write batcher keeps 4 proposals in flight and proposes
 /// the queued writes when those end, and each such turn used to restart the 1 s cut-off clock
@@ -526,19 +549,7 @@ fn test_unit_ready(raw: &mut raftsan_tests::raw::Raw) -> Result<((u8, u8, u8, u8
 fn writes_queued_on_a_leader_that_is_cut_off_all_end_when_it_notices() -> Result<()> {
     use raftsan_proto::pdu::{ScsiCommand, ScsiResponse};
     let mut c = Cluster::start(3)?;
-    let (volume, target, _lun) = c.create_volume("queued", "16M")?;
-    let old = c.settled_leader(volume, Duration::from_secs(7))?;
-    let portal = c.node(old)?.portal();
-    let ip = portal.ip().to_string();
-    let mut raw = raftsan_tests::raw::Raw::connect(portal)?;
-    raw.login("iqn.2026-11.org.raftsan:queued-check", &target)?;
-    raw.clear_unit_attention()?;
-
-    let port = raftsan_tests::cluster::RPC_PORT.to_string();
-    let cut = raftsan_tests::Iptables::insert(&[
-        &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
-        &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
-    ])?;
+    let (_volume, _old, mut raw, cut) = cut_off_leader(&mut c, "queued", "iqn.2026-11.org.raftsan:queued-check")?;
     let cut_at = Instant::now();
     // One WRITE(10) of one block every 40 ms for 0.6 s, before the node can notice (1 s): the
     // first four take the proposal slots, the rest queue behind them.
@@ -649,19 +660,7 @@ fn a_command_forwarded_to_a_leader_that_is_cut_off_ends_when_a_new_leader_is_kno
 #[test]
 fn a_leader_cut_off_from_its_peers_says_transitioning_at_once() -> Result<()> {
     let mut c = Cluster::start(3)?;
-    let (volume, target, _lun) = c.create_volume("cut", "16M")?;
-    let old = c.settled_leader(volume, Duration::from_secs(7))?;
-    let portal = c.node(old)?.portal();
-    let ip = portal.ip().to_string();
-    let mut raw = raftsan_tests::raw::Raw::connect(portal)?;
-    raw.login("iqn.2026-11.org.raftsan:cut-off-check", &target)?;
-    raw.clear_unit_attention()?;
-
-    let port = raftsan_tests::cluster::RPC_PORT.to_string();
-    let cut = raftsan_tests::Iptables::insert(&[
-        &["INPUT", "-d", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
-        &["INPUT", "-s", &ip, "-p", "tcp", "--dport", &port, "-j", "DROP"],
-    ])?;
+    let (volume, old, mut raw, cut) = cut_off_leader(&mut c, "cut", "iqn.2026-11.org.raftsan:cut-off-check")?;
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut seen = Vec::new();
     loop {
