@@ -18,7 +18,7 @@ use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use raftsan_cluster::raft::record::{
-    AppDataRecord, EntryRecord, KIND_NORMAL, LogIdRecord, OP_WRITES, WriteItemRecord, decode_entry, decode_records,
+    AppDataRecord, EntryRecord, KIND_NORMAL, LogIdRecord, OP_WRITES, WriteItemRecord, decode_entry, decode_log_records, decode_records,
     encode_entry, encode_record, entry_to_record,
 };
 
@@ -87,6 +87,12 @@ fuzz_target!(|data: &[u8]| {
     for r in records.iter().map(|r| r.payload).chain(std::iter::once(data)) {
         check_entry(r);
     }
+    // A log segment's view: the same records up to the first empty one.
+    let (log_records, log_valid, log_tail) = decode_log_records(data);
+    let empty = records.iter().position(|r| r.payload.is_empty());
+    assert_eq!(log_records[..], records[..empty.unwrap_or(records.len())]);
+    assert_eq!(log_valid, empty.map_or(valid, |i| records[i].offset));
+    assert_eq!(log_tail.is_none(), tail.is_none() && empty.is_none());
 
     let rec = writes_record(data);
     let payload = rec.encode_to_vec();

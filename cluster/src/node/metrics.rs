@@ -1,5 +1,5 @@
 //! Raft and ALUA metrics of a cluster node, sampled once a second from openraft's metrics, the
-//! group's log directory and the node's snapshot-transfer progress (off the I/O path: nothing
+//! group's log store and the node's snapshot-transfer progress (off the I/O path: nothing
 //! here runs per command). `group` is "metadata" or the volume name.
 //!
 //! * `raftsan_raft_term{group}`, `raftsan_raft_is_leader{group}`, `raftsan_raft_commit_index{group}`,
@@ -22,7 +22,6 @@
 //! The counters of a group are registered at 0 when the sampler first sees the group.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,7 +30,6 @@ use openraft::async_runtime::watch::WatchReceiver;
 
 use super::Node;
 use crate::raft::GroupId;
-use crate::raft::log_store::SEGMENT_SUFFIX;
 use crate::rpc::snapshot::{SnapshotDirection, SnapshotTransfer};
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -205,7 +203,7 @@ fn sample(node: &Node, state: &mut HashMap<GroupId, GroupState>) {
         if let Some(r) = &m.replication {
             let last = m.last_log_index.unwrap_or(0);
             let first = m.purged.as_ref().map(|l| l.index + 1).unwrap_or(0);
-            let avg = average_entry_bytes(&g.dir.join("log"), last.saturating_add(1).saturating_sub(first));
+            let avg = average_entry_bytes(g.log.record_bytes(), last.saturating_add(1).saturating_sub(first));
             for (id, matched) in r.iter().filter(|(id, _)| **id != node.id) {
                 let lag = last.saturating_sub(matched.as_ref().map(|l| l.index).unwrap_or(0));
                 let follower = id.to_string();
@@ -245,24 +243,16 @@ fn sample(node: &Node, state: &mut HashMap<GroupId, GroupState>) {
     }
 }
 
-/// The group's average log entry size in bytes: the size of its log segment files over the
+/// The group's average log entry size in bytes: the bytes of records in its log segments
+/// ([`LogStore::record_bytes`](crate::raft::log_store::LogStore::record_bytes)) over the
 /// `entries` openraft still holds (last log index − purged index). An estimate: segments may
 /// still contain purged entries until they are deleted, and framing is included, so it errs on
-/// the high side. 0 when the directory cannot be read or holds no entry.
-fn average_entry_bytes(log_dir: &Path, entries: u64) -> f64 {
+/// the high side. 0 when no entry is held.
+fn average_entry_bytes(record_bytes: u64, entries: u64) -> f64 {
     if entries == 0 {
         return 0.0;
     }
-    let Ok(dir) = std::fs::read_dir(log_dir) else {
-        return 0.0;
-    };
-    let bytes: u64 = dir
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(SEGMENT_SUFFIX)))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
-    bytes as f64 / entries as f64
+    record_bytes as f64 / entries as f64
 }
 
 #[cfg(test)]
@@ -303,21 +293,8 @@ mod tests {
     }
 
     #[test]
-    fn average_entry_size_from_segment_files() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(format!("0000000000000001{SEGMENT_SUFFIX}")),
-            vec![0u8; 1000],
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join(format!("0000000000000002{SEGMENT_SUFFIX}")),
-            vec![0u8; 500],
-        )
-        .unwrap();
-        std::fs::write(dir.path().join("meta"), vec![0u8; 7000]).unwrap();
-        assert_eq!(average_entry_bytes(dir.path(), 10), 150.0);
-        assert_eq!(average_entry_bytes(dir.path(), 0), 0.0);
-        assert_eq!(average_entry_bytes(&dir.path().join("missing"), 10), 0.0);
+    fn average_entry_size_is_record_bytes_over_entries_held() {
+        assert_eq!(average_entry_bytes(1500, 10), 150.0);
+        assert_eq!(average_entry_bytes(1500, 0), 0.0);
     }
 }

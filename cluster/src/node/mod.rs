@@ -81,6 +81,8 @@ pub(crate) struct Group {
     pub raft: RaftGroup,
     pub sm: GroupStateMachine,
     pub dir: PathBuf,
+    /// The group's log store (a clone of the one openraft owns), for its size.
+    pub log: LogStore,
     /// Volume groups: the SCSI side.
     pub volume: Option<Arc<VolumeRuntime>>,
     /// The switches of this group's storage faults (testing only: armed through the `Testing`
@@ -213,16 +215,16 @@ impl Node {
         sm: GroupStateMachine,
         dir: &Path,
         faults: &GroupFaults,
-    ) -> Result<RaftGroup> {
+    ) -> Result<(RaftGroup, LogStore)> {
         let log = LogStore::open(dir.join("log"), self.log_options(faults))
             .with_context(|| format!("opening the Raft log of group {group} in {}", dir.display()))?;
         let net = NetworkFactory::new(group, self.channels.clone(), self.progress.clone());
-        let raft = openraft::Raft::new(self.id, self.raft_config.clone(), net, log, sm)
+        let raft = openraft::Raft::new(self.id, self.raft_config.clone(), net, log.clone(), sm)
             .await
             .map_err(|e| anyhow!("starting Raft group {group}: {e}"))?;
         #[cfg(feature = "raft-stats")]
         log_runtime_stats(group, &raft);
-        Ok(raft)
+        Ok((raft, log))
     }
 
     async fn open_meta(self: &Arc<Self>) -> Result<()> {
@@ -231,12 +233,13 @@ impl Node {
         let sm = GroupStateMachine::open_meta(&dir.join("sm"))
             .with_context(|| format!("opening the catalogue in {}", dir.display()))?;
         let faults = GroupFaults::default();
-        let raft = self.open_raft(META_GROUP, sm.clone(), &dir, &faults).await?;
+        let (raft, log) = self.open_raft(META_GROUP, sm.clone(), &dir, &faults).await?;
         let group = Arc::new(Group {
             id: META_GROUP,
             raft,
             sm,
             dir,
+            log,
             volume: None,
             faults,
         });
@@ -454,13 +457,14 @@ impl Node {
         let faults = GroupFaults::default();
         let sm = GroupStateMachine::open_volume_with_faults(&dir.join("sm"), info.size_bytes, faults.image.clone())
             .with_context(|| format!("opening the image of volume {} in {}", info.name, dir.display()))?;
-        let raft = self.open_raft(info.id, sm.clone(), &dir, &faults).await?;
+        let (raft, log) = self.open_raft(info.id, sm.clone(), &dir, &faults).await?;
         let volume = VolumeRuntime::new(self.clone(), info, raft.clone(), sm.clone())?;
         let group = Arc::new(Group {
             id: info.id,
             raft: raft.clone(),
             sm,
             dir,
+            log,
             volume: Some(volume.clone()),
             faults,
         });

@@ -93,6 +93,10 @@ pub enum TailError {
     TooLong { offset: usize, len: u32 },
     #[error("record at offset {offset}: crc32c {actual:#010x} != stored {stored:#010x}")]
     CrcMismatch { offset: usize, stored: u32, actual: u32 },
+    /// Only from [`decode_log_records`]: a magic followed by zeros reads as a valid empty record
+    /// (the crc32c of nothing is 0), which is what a header torn over preallocated zeros leaves.
+    #[error("record at offset {offset}: empty payload where a log entry must be")]
+    Empty { offset: usize },
 }
 
 impl TailError {
@@ -102,7 +106,8 @@ impl TailError {
             Self::Truncated { offset, .. }
             | Self::BadMagic { offset, .. }
             | Self::TooLong { offset, .. }
-            | Self::CrcMismatch { offset, .. } => *offset,
+            | Self::CrcMismatch { offset, .. }
+            | Self::Empty { offset } => *offset,
         }
     }
 }
@@ -178,6 +183,20 @@ pub fn decode_records(buf: &[u8]) -> (Vec<Record<'_>>, usize, Option<TailError>)
         pos += needed;
     }
     (records, pos, None)
+}
+
+/// [`decode_records`] for a log segment, whose records are entries and never empty: decoding
+/// stops at the first empty record ([`TailError::Empty`]).
+pub fn decode_log_records(buf: &[u8]) -> (Vec<Record<'_>>, usize, Option<TailError>) {
+    let (mut records, valid, err) = decode_records(buf);
+    match records.iter().position(|r| r.payload.is_empty()) {
+        Some(i) => {
+            let offset = records[i].offset;
+            records.truncate(i);
+            (records, offset, Some(TailError::Empty { offset }))
+        }
+        None => (records, valid, err),
+    }
 }
 
 /// A log id: leader term, leader node id, index.
@@ -652,9 +671,31 @@ mod tests {
         let mut bad = buf.clone();
         bad[first] = 0;
         assert!(matches!(decode_records(&bad).2, Some(TailError::BadMagic { .. })));
-        let mut bad = buf;
+        let mut bad = buf.clone();
         bad[first + LEN_OFFSET + 3] = 0xff;
         assert!(matches!(decode_records(&bad).2, Some(TailError::TooLong { .. })));
+        // A header torn after its magic, over zeros: a valid empty record to `decode_records`,
+        // the end of the records to `decode_log_records`.
+        let mut torn = buf[..first + 4].to_vec();
+        torn.resize(first + 64, 0);
+        let (recs, _, err) = decode_records(&torn);
+        assert_eq!(
+            (recs.len(), recs[1].payload.len(), err),
+            (
+                2,
+                0,
+                Some(TailError::BadMagic {
+                    offset: first + HEADER_LEN,
+                    found: 0
+                })
+            )
+        );
+        let (recs, valid, err) = decode_log_records(&torn);
+        assert_eq!(
+            (recs.len(), valid, err),
+            (1, first, Some(TailError::Empty { offset: first }))
+        );
+        assert_eq!(decode_log_records(&buf), decode_records(&buf));
     }
 
     proptest! {
