@@ -103,15 +103,15 @@ start_raftsan() {
 }
 
 # start_cluster_demo FIRST_ADDR DIR LOG [SIZE]: `raftsan demo` (three nodes on FIRST_ADDR and the
-# next two addresses, one replicated volume "demo" of SIZE) in the background; waits until it is
-# ready. STARTED_PID is the demo process (SIGINT/SIGTERM stops the nodes).
+# next two addresses, one replicated volume "demo" of SIZE, no demo client) in the background;
+# waits until it is ready. STARTED_PID is the demo process (SIGINT/SIGTERM stops the nodes).
 start_cluster_demo() {
     local first=$1 dir=$2 logfile=$3 size=${4:-256M} bin i
     require_loopback "$first"
     bin="$(raftsan_bin)"
     [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
     mkdir -p "$dir"
-    RUST_LOG="${RUST_LOG:-info}" "$bin" demo --no-client-writes --first-address "$first" --dir "$dir" --size "$size" \
+    RUST_LOG="${RUST_LOG:-info}" "$bin" demo --no-client --first-address "$first" --dir "$dir" --size "$size" \
         --fsync "${DEMO_FSYNC:-always}" >"$logfile" 2>&1 &
     STARTED_PID=$!
     for ((i = 0; i < 1200; i++)); do

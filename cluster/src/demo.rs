@@ -13,6 +13,7 @@
 //! the others carrying on and the client failing over. Unless `--no-client-writes` is given, it
 //! also writes 4 KiB every 20 ms through the NBD export (a minimal NBD client below) and prints
 //! every write that took longer than 100 ms: the stall an application sees during a failover.
+//! `--no-client` starts no client at all (the benchmarks bring their own).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,8 @@ impl DemoNode {
 pub struct Options {
     /// Stop after the client check instead of serving until Ctrl-C.
     pub check_only: bool,
+    /// Start the client (`raftsan-initiator attach` over NBD) and check it.
+    pub client: bool,
     /// While serving, write through the client's NBD export in the background and report stalls.
     pub client_writes: bool,
     /// The `[raft] fsync` policy of the nodes ("always" or "on-flush").
@@ -359,7 +362,7 @@ async fn drive(
         Err(e) => println!("client check: FAILED: {e:#}"),
     }
     let mut client = None;
-    if checked.is_ok() {
+    if checked.is_ok() && opts.client {
         match Client::start(nodes, &volume, dir).await {
             Ok(Some(c)) => {
                 let nbd = c.check(nodes, &volume, dir).await;
@@ -584,6 +587,9 @@ async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64, client: Option<&Clie
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let start = Instant::now();
+    // One admin connection per node, kept while it answers (a TLS handshake per poll would cost
+    // the nodes more CPU than the polls themselves).
+    let mut admins: Vec<Option<AdminClient>> = nodes.iter().map(|_| None).collect();
     loop {
         tokio::select! {
             _ = &mut ctrl_c => { println!("stopping the nodes"); return; }
@@ -603,12 +609,17 @@ async fn watch(nodes: &[DemoNode], pki: &Path, volume: u64, client: Option<&Clie
         }
         // Ask any node that answers.
         let mut seen = None;
-        for n in nodes {
-            if let Ok(mut c) = admin(n, pki)
-                && let Some(s) = status(&mut c).await
-            {
-                seen = Some(s);
-                break;
+        for (n, cached) in nodes.iter().zip(admins.iter_mut()) {
+            if cached.is_none() {
+                *cached = admin(n, pki).ok();
+            }
+            let Some(c) = cached.as_mut() else { continue };
+            match status(c).await {
+                Some(s) => {
+                    seen = Some(s);
+                    break;
+                }
+                None => *cached = None,
             }
         }
         let Some(s) = seen else { continue };

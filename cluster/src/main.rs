@@ -102,6 +102,11 @@ enum Cmd {
         /// export, reporting every write that stalls), e.g. when benchmarking the cluster.
         #[arg(long)]
         no_client_writes: bool,
+        /// Do not start the demo client (`raftsan-initiator attach` exporting the volume over NBD)
+        /// at all, nor its background writer: only the three nodes, e.g. when benchmarking the
+        /// cluster with your own clients.
+        #[arg(long)]
+        no_client: bool,
         /// The nodes' Raft log fsync policy: `always` (every append batch is durable before it
         /// counts towards a quorum) or `on-flush` (durable on SYNCHRONIZE CACHE and FUA; see
         /// docs/configuration.md).
@@ -184,13 +189,15 @@ fn run() -> Result<()> {
             size,
             check_only,
             no_client_writes,
+            no_client,
             fsync,
         } => {
             let size = cli::parse_size(&size)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let opts = demo::Options {
                 check_only,
-                client_writes: !no_client_writes,
+                client: !no_client,
+                client_writes: !no_client_writes && !no_client,
                 fsync: if fsync == "on-flush" { "on-flush" } else { "always" },
             };
             rt.block_on(demo::run(first_address, dir, size, opts))
