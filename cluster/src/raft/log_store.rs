@@ -1470,9 +1470,12 @@ mod tests {
         assert_eq!(all_entries(&mut s).await, entries[..28].to_vec());
     }
 
-    /// A record after a run of zeros is damage, not the end of the log.
-    #[tokio::test]
-    async fn a_record_after_zeros_fails_open() {
+    /// A durable log of five 300-byte entries in one segment, with `damage` done to the bytes
+    /// of its segment file (given the offset and frame length of the third record): the store's
+    /// directory, the segment's path and the bytes now in it.
+    async fn log_with_damaged_third_record(
+        damage: impl FnOnce(&mut [u8], usize, usize),
+    ) -> (TempDir, PathBuf, Vec<u8>) {
         let dir = TempDir::new().unwrap();
         {
             let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Always)).unwrap();
@@ -1482,11 +1485,19 @@ mod tests {
         }
         let seg = seg_files(dir.path()).remove(0);
         let mut bytes = fs::read(&seg).unwrap();
-        let (recs, _, _) = record::decode_records(&bytes);
-        let r = &recs[2];
-        let (from, to) = (r.offset, r.offset + r.frame_len());
-        bytes[from..to].fill(0);
+        let (offset, frame_len) = {
+            let (recs, _, _) = record::decode_records(&bytes);
+            (recs[2].offset, recs[2].frame_len())
+        };
+        damage(&mut bytes, offset, frame_len);
         fs::write(&seg, &bytes).unwrap();
+        (dir, seg, bytes)
+    }
+
+    /// A record after a run of zeros is damage, not the end of the log.
+    #[tokio::test]
+    async fn a_record_after_zeros_fails_open() {
+        let (dir, seg, bytes) = log_with_damaged_third_record(|b, at, len| b[at..at + len].fill(0)).await;
         let err = LogStore::open(dir.path(), LogStoreOptions::default()).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(err.to_string().contains("corrupt log record"), "{err}");
@@ -1496,19 +1507,7 @@ mod tests {
     /// DESIGN.md invariant 7: corruption that is not a torn tail is a storage error, never hidden.
     #[tokio::test]
     async fn corrupt_middle_record_fails_open() {
-        let dir = TempDir::new().unwrap();
-        {
-            let mut s = LogStore::open(dir.path(), opts(FsyncPolicy::Always)).unwrap();
-            append_durable(&mut s, (0..5).map(|i| write_entry(1, i, 300)).collect())
-                .await
-                .unwrap();
-        }
-        let seg = seg_files(dir.path()).remove(0);
-        let mut bytes = fs::read(&seg).unwrap();
-        let (recs, _, _) = record::decode_records(&bytes);
-        let off = recs[2].offset + record::HEADER_LEN + 10;
-        bytes[off] ^= 0x40;
-        fs::write(&seg, &bytes).unwrap();
+        let (dir, seg, bytes) = log_with_damaged_third_record(|b, at, _| b[at + record::HEADER_LEN + 10] ^= 0x40).await;
         let err = LogStore::open(dir.path(), LogStoreOptions::default()).err().unwrap();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let msg = err.to_string();
