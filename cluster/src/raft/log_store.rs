@@ -60,6 +60,9 @@ pub const COMMITTED_FILE: &str = "committed";
 /// restart (losing it is allowed), so writing it once per group-commit round is not worth the
 /// rename each write costs.
 pub const COMMITTED_EVERY: Duration = Duration::from_millis(100);
+/// Default for [`LogStoreOptions::background_sync`]: with [`FsyncPolicy::OnFlush`], written
+/// segments are fdatasynced in the background once they have waited this long.
+pub const DEFAULT_BACKGROUND_SYNC: Duration = Duration::from_secs(1);
 /// Suffix of segment files.
 pub const SEGMENT_SUFFIX: &str = ".seg";
 /// Default segment size at which the active segment is rotated.
@@ -84,7 +87,11 @@ pub enum FsyncPolicy {
     /// Appends count as flushed once written (page cache), unless they hold a flush entry
     /// ([`Request::Flush`](super::types::Request::Flush)) or a membership change: those wait for
     /// the flusher's fdatasync, which also covers everything written before them. Callbacks
-    /// still complete in order (an append never overtakes one that waits for a sync).
+    /// still complete in order (an append never overtakes one that waits for a sync). Otherwise
+    /// the flusher fdatasyncs written segments only once they have waited
+    /// [`LogStoreOptions::background_sync`], and no zeros are written ahead (`prealloc_bytes`
+    /// is ignored: appends are not synced one round at a time, and the zeros would double the
+    /// bytes written).
     OnFlush,
 }
 
@@ -98,8 +105,15 @@ pub struct LogStoreOptions {
     /// [`DEFAULT_PREALLOC_BYTES`], never past `segment_bytes`), so the appends after it overwrite
     /// blocks that already exist: their fdatasync writes data only, not the file's size and block
     /// map (on ext4 about 40 % less kernel time and latency per round). Zeros after the last
-    /// record are the log's normal end on open. 0 turns it off.
+    /// record are the log's normal end on open. 0 turns it off; [`FsyncPolicy::OnFlush`] ignores
+    /// it.
     pub prealloc_bytes: u64,
+    /// With [`FsyncPolicy::OnFlush`]: how long written segments may wait for a background
+    /// fdatasync (a flush entry syncs them at once). This bounds what a power loss on a majority
+    /// at once can take of acknowledged writes that no SYNCHRONIZE CACHE covered, without an
+    /// fdatasync (and a flusher wake-up) per append. Unused by the other policies, which sync
+    /// every append.
+    pub background_sync: Duration,
     /// Fsync policy of appends.
     pub fsync: FsyncPolicy,
     /// Byte cap of one `limited_get_log_entries` result (at least one entry is always returned).
@@ -117,6 +131,7 @@ impl Default for LogStoreOptions {
         Self {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             prealloc_bytes: DEFAULT_PREALLOC_BYTES,
+            background_sync: DEFAULT_BACKGROUND_SYNC,
             fsync: FsyncPolicy::Batch,
             max_read_bytes: DEFAULT_MAX_READ_BYTES,
             cache_bytes: DEFAULT_CACHE_BYTES,
@@ -163,6 +178,9 @@ struct Inner {
 struct FlushQueue {
     waiters: Vec<Callback>,
     files: Vec<Arc<File>>,
+    /// When `files` last went from empty to not empty (how long the oldest unsynced write has
+    /// waited).
+    files_since: Option<Instant>,
     sync_dir: bool,
     /// Highest log index written to a file (durable or not).
     written_index: Option<u64>,
@@ -184,6 +202,9 @@ struct FlushCtl {
     round: Mutex<()>,
     fsyncs: AtomicU64,
     faults: Arc<FaultSwitch>,
+    /// `Some(wait)` with [`FsyncPolicy::OnFlush`]: written files alone start a round only once
+    /// they have waited this long. `None`: at once.
+    lazy: Option<Duration>,
 }
 
 struct Shared {
@@ -290,7 +311,7 @@ impl FlushCtl {
     /// queued before the round began, then write a pending committed id the log now covers (at
     /// most every [`COMMITTED_EVERY`]).
     fn round(&self) {
-        self.round_inner(false);
+        self.round_inner(false, true);
     }
 
     /// Whether the committed hint may be written now (or `force`d, at shutdown).
@@ -298,16 +319,23 @@ impl FlushCtl {
         force || q.committed_written_at.is_none_or(|t| t.elapsed() >= COMMITTED_EVERY)
     }
 
-    fn round_inner(&self, force_committed: bool) {
+    /// A round; without `sync` it only writes a committed hint the log already holds durably
+    /// (written files, callbacks and the directory wait for a round that syncs).
+    fn round_inner(&self, force_committed: bool, sync: bool) {
         let _round = lock(&self.round);
         let (waiters, files, sync_dir, written) = {
             let mut q = lock(&self.queue);
-            (
-                std::mem::take(&mut q.waiters),
-                std::mem::take(&mut q.files),
-                std::mem::take(&mut q.sync_dir),
-                q.written_index,
-            )
+            if sync {
+                q.files_since = None;
+                (
+                    std::mem::take(&mut q.waiters),
+                    std::mem::take(&mut q.files),
+                    std::mem::take(&mut q.sync_dir),
+                    q.written_index,
+                )
+            } else {
+                (Vec::new(), Vec::new(), false, q.durable_index)
+            }
         };
         let mut result = Ok(());
         if let Some(e) = lock(&self.queue).error.clone() {
@@ -361,22 +389,45 @@ impl FlushCtl {
         }
     }
 
+    /// How long the written files may still wait for a round: `None` when none wait, zero when
+    /// they are due.
+    fn files_left(&self, q: &FlushQueue) -> Option<Duration> {
+        if q.files.is_empty() {
+            return None;
+        }
+        Some(match (self.lazy, q.files_since) {
+            (Some(wait), Some(since)) => wait.saturating_sub(since.elapsed()),
+            _ => Duration::ZERO,
+        })
+    }
+
+    /// Whether a round must sync now: callbacks or the directory wait, written files are due,
+    /// or the store shuts down.
+    fn sync_due(&self, q: &FlushQueue) -> bool {
+        q.shutdown || !q.waiters.is_empty() || q.sync_dir || self.files_left(q) == Some(Duration::ZERO)
+    }
+
     fn run(self: Arc<Self>) {
         loop {
-            {
+            let sync = {
                 let mut q = lock(&self.queue);
                 loop {
-                    let committed_pending = matches!(&q.pending_committed, Some(c) if Some(c.index) <= q.written_index);
-                    let committed_ready = committed_pending && Self::committed_due(&q, false);
-                    if q.shutdown || !q.waiters.is_empty() || !q.files.is_empty() || q.sync_dir || committed_ready {
+                    // A hint waits until the log holds it durably (a round that syncs appends
+                    // makes it so; none is started for the hint alone), and for its turn. None
+                    // is written once the log has failed (it is out of service).
+                    let hint_waits = q.error.is_none()
+                        && matches!(&q.pending_committed, Some(c) if Some(c.index) <= q.durable_index);
+                    let hint_ready = hint_waits && Self::committed_due(&q, false);
+                    if hint_ready || self.sync_due(&q) {
                         break;
                     }
-                    q = match q.committed_written_at.filter(|_| committed_pending) {
-                        // A hint waits for its turn (or for the next round to take it along).
-                        Some(t) => {
-                            let left = COMMITTED_EVERY.saturating_sub(t.elapsed());
-                            self.cv.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0
-                        }
+                    let hint_left = q
+                        .committed_written_at
+                        .filter(|_| hint_waits)
+                        .map(|t| COMMITTED_EVERY.saturating_sub(t.elapsed()));
+                    q = match [hint_left, self.files_left(&q)].into_iter().flatten().min() {
+                        // The hint or the written files wait for their turn.
+                        Some(left) => self.cv.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0,
                         None => self.cv.wait(q).unwrap_or_else(|e| e.into_inner()),
                     };
                 }
@@ -384,12 +435,13 @@ impl FlushCtl {
                     let last_hint = q.pending_committed.is_some();
                     drop(q);
                     if last_hint {
-                        self.round_inner(true);
+                        self.round_inner(true, false);
                     }
                     return;
                 }
-            }
-            self.round();
+                self.sync_due(&q)
+            };
+            self.round_inner(false, sync);
         }
     }
 }
@@ -533,6 +585,7 @@ impl LogStore {
             round: Mutex::new(()),
             fsyncs: AtomicU64::new(0),
             faults: opts.faults.clone(),
+            lazy: (opts.fsync == FsyncPolicy::OnFlush).then_some(opts.background_sync),
         });
         let flusher = {
             let ctl = ctl.clone();
@@ -808,7 +861,10 @@ impl Shared {
             .and_then(|()| seg.file.write_all_at(bytes, seg.len))
             .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", seg.path.display())))?;
         seg.len += bytes.len() as u64;
-        let step = self.opts.prealloc_bytes.min(DEFAULT_PREALLOC_BYTES);
+        let step = match self.opts.fsync {
+            FsyncPolicy::OnFlush => 0,
+            FsyncPolicy::Always | FsyncPolicy::Batch => self.opts.prealloc_bytes.min(DEFAULT_PREALLOC_BYTES),
+        };
         if step > 0 && seg.len >= seg.alloc {
             let end = ((seg.len / step + 1) * step).min(self.opts.segment_bytes);
             let from = seg.len.max(seg.alloc);
@@ -841,6 +897,14 @@ impl Shared {
             self.cache_insert(inner, entry, frame_len as usize);
         }
         let mut q = lock(&self.ctl.queue);
+        if q.files.is_empty() {
+            q.files_since = Some(Instant::now());
+            if self.ctl.lazy.is_some() {
+                // The flusher learns when to sync these in the background (the other policies
+                // wake it with their callbacks).
+                self.ctl.cv.notify_one();
+            }
+        }
         if !q.files.iter().any(|f| Arc::ptr_eq(f, &file)) {
             q.files.push(file);
         }
@@ -996,8 +1060,11 @@ impl RaftLogStorage<C> for LogStore {
         let mut inner = lock(&self.shared.inner);
         inner.committed = committed;
         if let Some(c) = committed {
-            lock(&self.shared.ctl.queue).pending_committed = Some(c);
-            self.shared.ctl.cv.notify_one();
+            let mut q = lock(&self.shared.ctl.queue);
+            // The flusher already waits for a pending hint's turn; only a first one wakes it.
+            if q.pending_committed.replace(c).is_none() {
+                self.shared.ctl.cv.notify_one();
+            }
         }
         Ok(())
     }
@@ -1644,6 +1711,47 @@ mod tests {
             "a flush entry must be durable before its callback"
         );
         assert_eq!(all_entries(&mut s).await.len(), 11);
+    }
+
+    #[tokio::test]
+    async fn on_flush_syncs_written_segments_in_the_background_once_they_waited() {
+        let dir = TempDir::new().unwrap();
+        let o = |wait| LogStoreOptions {
+            background_sync: wait,
+            ..opts(FsyncPolicy::OnFlush)
+        };
+        {
+            // Appends never wait, and while the written segment waits nothing is synced.
+            let mut s = LogStore::open(dir.path(), o(Duration::from_secs(3600))).unwrap();
+            s.sync().unwrap();
+            let base = s.fsync_count();
+            for i in 0..20 {
+                append_durable(&mut s, vec![write_entry(1, i, 4096)]).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(s.fsync_count(), base, "no sync before the segment waited its time");
+            // No zeros are written ahead under on-flush.
+            let seg = seg_files(dir.path()).remove(0);
+            assert_eq!(fs::metadata(&seg).unwrap().len(), s.record_bytes());
+        } // a clean close syncs what waits
+        let mut s = LogStore::open(dir.path(), o(Duration::from_millis(100))).unwrap();
+        assert_eq!(all_entries(&mut s).await.len(), 20);
+        let base = s.fsync_count();
+        let t0 = Instant::now();
+        append_durable(&mut s, vec![write_entry(1, 20, 4096)]).await.unwrap();
+        while s.fsync_count() == base {
+            assert!(t0.elapsed() < Duration::from_secs(10), "written segment never synced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            t0.elapsed() >= Duration::from_millis(100),
+            "synced before it waited: {:?}",
+            t0.elapsed()
+        );
+        // Once synced, nothing waits: no further round.
+        let after = s.fsync_count();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(s.fsync_count(), after);
     }
 
     #[tokio::test]
