@@ -136,7 +136,17 @@ pub async fn run(first_ip: Ipv4Addr, dir: Option<PathBuf>, volume_bytes: u64, op
     result
 }
 
+/// Async worker threads of each demo node: the three nodes share this host's CPUs, so each gets
+/// a third of them (at least one). A runtime per node with a thread per CPU would put three times
+/// as many busy threads as CPUs on the host, and the context switches between them cost more
+/// than the parallelism gains (on 2 CPUs: about 20 % less CPU per replicated write with one
+/// thread per node; bench/README.md).
+fn demo_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get() / 3).max(1)
+}
+
 fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path, fsync: &str) -> String {
+    let workers = demo_worker_threads();
     format!(
         "# raftsan demo node {id}\n\
          [node]\n\
@@ -146,6 +156,7 @@ fn node_toml(id: u64, ip: IpAddr, dir: &Path, pki: &Path, fsync: &str) -> String
          rpc_listen = \"{ip}:{RPC_PORT}\"\n\
          metrics = \"{ip}:{METRICS_PORT}\"\n\
          admin_socket = \"{sock}\"\n\
+         worker_threads = {workers}\n\
          \n[tls]\n\
          ca = \"{pki}/ca.crt\"\n\
          cert = \"{pki}/node-{id}.crt\"\n\

@@ -157,7 +157,11 @@ fn run() -> Result<()> {
             if admin_socket.is_some() {
                 cfg.admin_socket = admin_socket;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cfg.worker_threads {
+                rt.worker_threads(n);
+            }
+            let rt = rt.enable_all().build()?;
             match cfg.cluster.clone() {
                 Some(cs) => rt.block_on(cli::serve_cluster(cfg, cs)),
                 None => rt.block_on(serve(cfg)),

@@ -55,6 +55,9 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Unix socket for `raftsan show`, as configured; see [`NodeConfig::admin_socket_path`].
     pub admin_socket: Option<PathBuf>,
+    /// Threads of the daemon's async runtime (none: one per CPU). Fewer when several daemons
+    /// share a host's cores, as `raftsan demo`'s three nodes do.
+    pub worker_threads: Option<usize>,
     pub limits: Limits,
     pub iscsi: IscsiSettings,
     pub catalog: Catalog,
@@ -135,6 +138,7 @@ impl NodeConfig {
             data_dir: None,
             metrics_listen: None,
             admin_socket: None,
+            worker_threads: None,
             limits: Limits::default(),
             iscsi: IscsiSettings::default(),
             catalog: Catalog::default(),

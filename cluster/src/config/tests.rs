@@ -646,6 +646,7 @@ const TOML_SV1: &str = r#"[node]
 portals = ["127.0.0.1:3260", "[::1]:3260", "10.0.0.5"]
 data_dir = "state"
 metrics = "127.0.0.1:9860"
+worker_threads = 3
 
 [limits]
 max_cmds_per_session = 64
@@ -690,6 +691,7 @@ fn toml_parses_to_the_expected_config() {
     assert_eq!(c.data_dir, Some(d.path("state")));
     assert_eq!(c.admin_socket_path(), d.path("state/admin.sock"));
     assert_eq!(c.metrics_listen, Some("127.0.0.1:9860".parse().unwrap()));
+    assert_eq!(c.worker_threads, Some(3));
     assert_eq!(
         c.limits,
         Limits {
@@ -733,7 +735,7 @@ fn toml_error_messages() {
     let cases: Vec<(&str, &str)> = vec![
         (
             "[node]\nportal = []\n",
-            "DIR/main.conf:2: unknown field `portal`, expected one of `portals`, `data_dir`, `metrics`, `admin_socket`, `id`, `rpc_listen`, `rpc_advertise`; see docs/configuration.md",
+            "DIR/main.conf:2: unknown field `portal`, expected one of `portals`, `data_dir`, `metrics`, `admin_socket`, `worker_threads`, `id`, `rpc_listen`, `rpc_advertise`; see docs/configuration.md",
         ),
         (
             "[node]\nportals = [\"nonsense\"]\n",
@@ -742,6 +744,10 @@ fn toml_error_messages() {
         (
             "[node]\nportals = []\n",
             "DIR/main.conf:2: portals is empty; list at least one address or leave the key out for 0.0.0.0:3260",
+        ),
+        (
+            "[node]\nworker_threads = 0\n",
+            "DIR/main.conf:2: worker_threads = 0 is out of range 1..=1024; leave it out for one per CPU",
         ),
         (
             "[node]\nmetrics = \"127.0.0.1\"\n",

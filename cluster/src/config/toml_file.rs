@@ -19,6 +19,9 @@ use super::{
     RaftSettings, TlsPaths,
 };
 
+/// Upper bound of `[node] worker_threads`.
+const MAX_WORKER_THREADS: u64 = 1024;
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -69,6 +72,7 @@ struct NodeSection {
     data_dir: Option<String>,
     metrics: Option<Spanned<String>>,
     admin_socket: Option<String>,
+    worker_threads: Option<Spanned<u64>>,
     /// Cluster mode: this node's id (never reused) and RPC listener.
     id: Option<Spanned<u64>>,
     rpc_listen: Option<Spanned<String>>,
@@ -218,6 +222,17 @@ pub fn parse(text: &str, origin: &Path) -> Result<NodeConfig, ConfigError> {
     }
     config.data_dir = node.data_dir.map(|d| base.join(d));
     config.admin_socket = node.admin_socket.map(|d| base.join(d));
+    if let Some(w) = node.worker_threads {
+        let at = lines.of(&w);
+        let n = *w.get_ref();
+        if !(1..=MAX_WORKER_THREADS).contains(&n) {
+            return Err(ConfigError::invalid(
+                &at,
+                format!("worker_threads = {n} is out of range 1..={MAX_WORKER_THREADS}; leave it out for one per CPU"),
+            ));
+        }
+        config.worker_threads = Some(n as usize);
+    }
     if let Some(m) = node.metrics {
         let at = lines.of(&m);
         let addr = socket_addr(m.get_ref(), 0).filter(|a| a.port() != 0).ok_or_else(|| {
