@@ -656,34 +656,48 @@ fn prometheus_scrapes_a_live_cluster_and_answers_every_dashboard_and_alert_query
     drive_io(&attach.uri(), dir)?;
 
     // 1. Every name the kit uses is exported by some daemon, whose exposition passes promtool.
+    // The nodes sample Raft and ALUA state every second, so a gauge of the new volume may take
+    // that long to appear after its group starts: scrape until every name is there (or 15 s).
     let mut endpoints: Vec<(String, String)> = Vec::new();
     for node in &c.nodes {
         endpoints.push((format!("node {}", node.id), node.metrics_url()));
     }
     endpoints.push(("raftsan-initiator".into(), format!("http://{client_metrics}/metrics")));
-    let mut exported = BTreeSet::new();
-    for (who, url) in &endpoints {
-        match http_get_ok(url) {
-            Ok(text) => {
-                exported.extend(exported_names(&text));
-                let check = promtool(&["check", "metrics"], Some(&text))?;
-                if !check.success() {
-                    let lint: Vec<&str> = check.stdout.lines().chain(check.stderr.lines()).collect();
-                    problems.push(format!(
-                        "promtool check metrics on {who} ({url}) exited {}: {}",
-                        check.status,
-                        lint.join("; ")
-                    ));
+    let scraped = Instant::now();
+    let (texts, missing, exported) = loop {
+        let mut texts: Vec<(String, String, String)> = Vec::new();
+        let mut exported = BTreeSet::new();
+        for (who, url) in &endpoints {
+            match http_get_ok(url) {
+                Ok(text) => {
+                    exported.extend(exported_names(&text));
+                    texts.push((who.clone(), url.clone(), text));
                 }
+                Err(e) => problems.push(format!("{who}: cannot fetch {url}: {e:#}")),
             }
-            Err(e) => problems.push(format!("{who}: cannot fetch {url}: {e:#}")),
+        }
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|(name, _)| !exported.contains(name.as_str()))
+            .map(|(name, places)| format!("{name}  (used by {})", places.join("; ")))
+            .collect();
+        if missing.is_empty() || !problems.is_empty() || scraped.elapsed() > Duration::from_secs(15) {
+            break (texts, missing, exported);
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    println!("scraped the daemons for {:?} after the I/O", scraped.elapsed());
+    for (who, url, text) in &texts {
+        let check = promtool(&["check", "metrics"], Some(text))?;
+        if !check.success() {
+            let lint: Vec<&str> = check.stdout.lines().chain(check.stderr.lines()).collect();
+            problems.push(format!(
+                "promtool check metrics on {who} ({url}) exited {}: {}",
+                check.status,
+                lint.join("; ")
+            ));
         }
     }
-    let missing: Vec<String> = wanted
-        .iter()
-        .filter(|(name, _)| !exported.contains(name.as_str()))
-        .map(|(name, places)| format!("{name}  (used by {})", places.join("; ")))
-        .collect();
     if !missing.is_empty() {
         problems.push(format!(
             "{} metric names used by the dashboards/alerts are exported by no daemon:\n    {}",
