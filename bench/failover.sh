@@ -13,7 +13,7 @@
 #   -o FILE        JSON results                                                      [bench/failover.json]
 #
 # Starts `raftsan demo` (three real `raftsan serve` processes, one replicated volume "demo",
-# fsync = always, heartbeat 50 ms, election timeout 300-600 ms). Each trial:
+# fsync = on-flush unless DEMO_FSYNC says otherwise, heartbeat 50 ms, election timeout 300-600 ms). Each trial:
 #   1. waits until all three nodes answer and have applied the same index of the volume's group,
 #      and reads the volume leader L from `raftsan status --json`;
 #   2. bench/failover_writer.py logs in to the portal of another node S (a survivor), writes 4 KiB

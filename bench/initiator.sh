@@ -14,7 +14,7 @@
 #   -o FILE        JSON results                                                                [bench/initiator.json]
 #
 # Cluster: `raftsan demo` (three `raftsan serve`, volume "demo" = iqn.2026-11.org.raftsan:demo
-# LUN 1, fsync = always). Initiator: `raftsan-initiator attach` (release build) given node 1's
+# LUN 1, fsync = $DEMO_FSYNC or on-flush). Initiator: `raftsan-initiator attach` (release build) given node 1's
 # portal (SendTargets adds the other two), exporting on a Unix socket; it sends I/O down the
 # active/optimized path, the leader's. Direct runs go to the portal of the node leading the volume
 # at that moment (`raftsan status --json`). Workloads, pairs of (direct, via initiator+NBD):
@@ -280,7 +280,7 @@ json_num() { if [[ $1 == n/a ]]; then echo null; else echo "$1"; fi; }
 
 printf '\n%-20s %12s %12s %12s %12s %6s\n' workload "direct IOPS" "direct MB/s" "via IOPS" "via MB/s" ratio
 {
-    printf '{\n  "what": "raftsan demo cluster (3 nodes, fsync = always): direct on the volume leader portal vs through raftsan-initiator attach + NBD Unix socket",\n'
+    printf '{\n  "what": "raftsan demo cluster (3 nodes, fsync = '"${DEMO_FSYNC:-on-flush}"'): direct on the volume leader portal vs through raftsan-initiator attach + NBD Unix socket",\n'
     printf '  "rounds": %d, "seconds_per_run": %d, "qemu_count_4k_read": %d, "volume_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n' \
         "$ROUNDS" "$SECS" "$QEMU_COUNT" "$BYTES" "$ELAPSED" "$(nproc)"
     printf '  "initiator_counters": %s,\n  "results": [\n' "$SESSION"

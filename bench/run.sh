@@ -15,7 +15,7 @@
 #
 # Subjects: A = tgtd on 127.0.0.51:3260, B on 127.0.0.52:3260, each with one LUN on its own
 # pre-filled file of SIZE in the same directory (same filesystem). C = `raftsan demo` on
-# 127.0.0.53-55: three `raftsan serve` processes, one replicated volume of SIZE (fsync = always),
+# 127.0.0.53-55: three `raftsan serve` processes, one replicated volume of SIZE (fsync = on-flush, the default; DEMO_FSYNC=always for the other policy),
 # pre-filled with the same bytes through qemu-img convert; every run goes to the portal of the
 # node that leads the volume at that moment (from `raftsan status --json`). Tests, each at
 # 512-byte blocks:
@@ -237,7 +237,7 @@ header=$(printf '%-20s %10s %9s %12s %10s %6s' "test" "tgtd IOPS" "tgtd MB/s" "$
 printf '\n%s\n' "$header"
 {
     printf '{\n  "a": "tgtd", "b": "%s", "c": %s, "rounds": %d, "iscsi_perf_seconds": %d, "qemu_count": %d,\n' \
-        "$B_SUBJECT" "$([[ $CLUSTER == 1 ]] && echo '"cluster (raftsan demo, 3 nodes, I/O through the volume leader portal)"' || echo null)" \
+        "$B_SUBJECT" "$([[ $CLUSTER == 1 ]] && echo "\"cluster (raftsan demo, 3 nodes, fsync = ${DEMO_FSYNC:-on-flush}, I/O through the volume leader portal)\"" || echo null)" \
         "$ROUNDS" "$SECS" "$QEMU_COUNT"
     printf '  "backing_bytes": %d, "elapsed_seconds": %d, "host_cpus": %d,\n  "results": [\n' \
         "$BYTES" "$ELAPSED" "$(nproc)"

@@ -112,7 +112,7 @@ start_cluster_demo() {
     [[ -x "$bin" ]] || die "raftsan binary not found at $bin (cargo build --release -p raftsan-cluster, or set RAFTSAN_BIN)"
     mkdir -p "$dir"
     RUST_LOG="${RUST_LOG:-info}" "$bin" demo --no-client --first-address "$first" --dir "$dir" --size "$size" \
-        --fsync "${DEMO_FSYNC:-always}" >"$logfile" 2>&1 &
+        --fsync "${DEMO_FSYNC:-on-flush}" >"$logfile" 2>&1 &
     STARTED_PID=$!
     for ((i = 0; i < 1200; i++)); do
         grep -q "running until Ctrl-C" "$logfile" 2>/dev/null && return 0

@@ -107,10 +107,10 @@ enum Cmd {
         /// cluster with your own clients.
         #[arg(long)]
         no_client: bool,
-        /// The nodes' Raft log fsync policy: `always` (every append batch is durable before it
-        /// counts towards a quorum) or `on-flush` (durable on SYNCHRONIZE CACHE and FUA; see
-        /// docs/configuration.md).
-        #[arg(long, default_value = "always", value_parser = ["always", "on-flush"])]
+        /// The nodes' Raft log fsync policy: `on-flush` (the default: durable on SYNCHRONIZE CACHE
+        /// and FUA, like a disk's write cache) or `always` (every append batch is durable before
+        /// it counts towards a quorum); see docs/configuration.md.
+        #[arg(long, default_value = "on-flush", value_parser = ["always", "on-flush"])]
         fsync: String,
     },
 }
@@ -202,7 +202,7 @@ fn run() -> Result<()> {
                 check_only,
                 client: !no_client,
                 client_writes: !no_client_writes && !no_client,
-                fsync: if fsync == "on-flush" { "on-flush" } else { "always" },
+                fsync: if fsync == "always" { "always" } else { "on-flush" },
             };
             rt.block_on(demo::run(first_address, dir, size, opts))
         }
