@@ -8,12 +8,12 @@
 #   -z SIZE        size of the demo volume                                           [256M]
 #   -w WARMUP_S    seconds of writes before each kill                                [1]
 #   -e MIN,MAX     election timeout range in ms: rewrite it in every node.toml and restart the
-#                  nodes one by one before the first trial                   [the demo's: 300,600]
+#                  nodes one by one before the first trial                   [the demo's: 150,300]
 #   -a FIRST_ADDR  node 1's loopback address; nodes 2 and 3 take the next two        [127.0.0.53]
 #   -o FILE        JSON results                                                      [bench/failover.json]
 #
 # Starts `raftsan demo` (three real `raftsan serve` processes, one replicated volume "demo",
-# fsync = on-flush unless DEMO_FSYNC says otherwise, heartbeat 50 ms, election timeout 300-600 ms). Each trial:
+# fsync = on-flush unless DEMO_FSYNC says otherwise, heartbeat 50 ms, election timeout 150-300 ms). Each trial:
 #   1. waits until all three nodes answer and have applied the same index of the volume's group,
 #      and reads the volume leader L from `raftsan status --json`;
 #   2. bench/failover_writer.py logs in to the portal of another node S (a survivor), writes 4 KiB

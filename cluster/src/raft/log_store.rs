@@ -1733,7 +1733,8 @@ mod tests {
             // No zeros are written ahead under on-flush.
             let seg = seg_files(dir.path()).remove(0);
             assert_eq!(fs::metadata(&seg).unwrap().len(), s.record_bytes());
-        } // a clean close syncs what waits
+        }
+        // Reopened: every entry is there (from the page cache or the disk alike).
         let mut s = LogStore::open(dir.path(), o(Duration::from_millis(100))).unwrap();
         assert_eq!(all_entries(&mut s).await.len(), 20);
         let base = s.fsync_count();
