@@ -117,6 +117,11 @@ enum Cmd {
 
 const DEFAULT_ADMIN_SOCKET: &str = "/run/raftsan/admin.sock";
 
+/// mimalloc: the I/O path allocates and frees a few buffers per command on every node; glibc's
+/// malloc was 7 % of a replicated write's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Err(e) = run() {
         // The error chain says what was being done and why; no backtrace for operators.

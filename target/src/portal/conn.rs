@@ -1215,6 +1215,13 @@ async fn writer(
     let mut buf = BytesMut::with_capacity(256 * 1024);
     let mut closing = false;
     while let Some(first) = rx.recv().await {
+        // Commands that complete together (the writes of one replicated log entry) are woken
+        // together, and the first reply wakes this task before the others have queued theirs.
+        // With other commands in flight, let every task that is ready run once, so their
+        // replies go in the same send (one syscall and segment instead of one per reply).
+        if window.in_flight.load(Ordering::Acquire) > 1 {
+            tokio::task::yield_now().await;
+        }
         let mut next = Some(first);
         // Drain what is already queued (bounded, so one busy session cannot starve the write).
         let mut batched = 0;
