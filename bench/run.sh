@@ -212,6 +212,9 @@ for ((round = 1; round <= ROUNDS; round++)); do
                 c_last=$c_node
                 ;;
             esac
+            # Dirty pages left by the previous run (or the pre-fill) are written back first, so
+            # no subject pays for another's writeback during its measurement.
+            sync
             read -r iops mibps < <(run_one "$test" "$addr" "$iqn")
             if [[ $iops == 0 ]]; then
                 # A failed run (error logged by run_one) is counted, not averaged in as 0 IOPS.

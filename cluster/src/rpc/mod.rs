@@ -53,6 +53,14 @@ pub use tls::{TlsFiles, client_tls, create_ca, issue_admin_cert, issue_node_cert
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// Encoded entry bytes per AppendEntries request (the first entry always goes, whatever its size).
 pub const MAX_APPEND_BYTES: usize = 8 << 20;
+/// Largest HTTP/2 frame a node accepts (SETTINGS_MAX_FRAME_SIZE; the protocol default is 16 KiB).
+/// With the default, an AppendEntries of a few writes went out as several DATA frames, each its
+/// own write to the socket and read on the other side; with this, one message is one frame.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
+/// HTTP/2 flow-control windows a node grants per stream and per connection: a full
+/// AppendEntries ([`MAX_APPEND_BYTES`]) fits a stream's window, and window updates are rare.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = MAX_APPEND_BYTES as u32;
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 * MAX_APPEND_BYTES as u32;
 /// Timeout of establishing a connection to a peer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(300);
 /// HTTP/2 keepalive ping interval and timeout (a dead peer is noticed on idle connections too).
@@ -122,6 +130,9 @@ impl Channels {
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
+            .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
             .local_address(self.local);
         if let Some(tls) = &self.tls {
             ep = ep.tls_config(tls.clone()).map_err(|e| bad(&e))?;
@@ -150,7 +161,10 @@ pub fn server_builder(tls: Option<&TlsFiles>) -> io::Result<Server> {
     let mut b = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES);
     if let Some(files) = tls {
         b = b
             .tls_config(server_tls(files)?)
