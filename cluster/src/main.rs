@@ -162,10 +162,17 @@ fn run() -> Result<()> {
             if admin_socket.is_some() {
                 cfg.admin_socket = admin_socket;
             }
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = cfg.worker_threads {
-                rt.worker_threads(n);
-            }
+            // One worker thread: a current-thread runtime (every task on this thread, no work
+            // stealing or cross-thread wake-ups); blocking work still goes to the blocking pool.
+            let mut rt = match cfg.worker_threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n);
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
             let rt = rt.enable_all().build()?;
             match cfg.cluster.clone() {
                 Some(cs) => rt.block_on(cli::serve_cluster(cfg, cs)),
