@@ -401,6 +401,12 @@ impl BackingStore for VolumeImage {
             .write_at(buf, offset)
             .map_err(|e| self.failed(StorageOp::Write, &format!("write at byte {offset}"), e))
     }
+    fn write_vectored_at(&self, bufs: &[&[u8]], offset: u64) -> io::Result<()> {
+        self.store.write_vectored_at(bufs, offset).map_err(|e| {
+            let len: usize = bufs.iter().map(|b| b.len()).sum();
+            self.failed(StorageOp::Write, &format!("write of {len} bytes at byte {offset}"), e)
+        })
+    }
     fn flush(&self) -> io::Result<()> {
         self.store
             .flush()
@@ -793,21 +799,38 @@ impl Inner {
                 }
                 (Kind::Volume(img), Request::Writes(items)) => {
                     // In order, each as a `Write` of its own: a later item over an earlier one
-                    // wins, and every replica refuses the same items.
+                    // wins, and every replica refuses the same items. Items written back to back
+                    // (each starting where the one before it ended) go to the image as one
+                    // vectored write: same bytes, same order, one call.
                     response.items.reserve_exact(items.len());
+                    let mut run: Vec<&[u8]> = Vec::new();
+                    let mut run_start = 0u64;
+                    let mut run_end = 0u64;
                     for (i, w) in items.iter().enumerate() {
                         let fenced = w.origin != 0 && lock(&self.live).fenced.contains_key(&w.origin);
                         let result = if fenced {
                             tracing::debug!(dir = %self.dir.display(), index, item = i, "write of a fenced session refused");
                             WriteResult::Fenced
                         } else if img.in_range(w.offset_bytes, w.data.len() as u64) {
-                            img.write_at(&w.data, w.offset_bytes)?;
+                            if !run.is_empty() && w.offset_bytes != run_end {
+                                img.write_vectored_at(&run, run_start)?;
+                                run.clear();
+                            }
+                            if run.is_empty() {
+                                run_start = w.offset_bytes;
+                                run_end = w.offset_bytes;
+                            }
+                            run.push(&w.data);
+                            run_end += w.data.len() as u64;
                             WriteResult::Written
                         } else {
                             let what = format!("item {i} of {req}, write({}+{})", w.offset_bytes, w.data.len());
                             WriteResult::Refused(self.out_of_range_msg(index, &what, img.size_bytes()))
                         };
                         response.items.push(result);
+                    }
+                    if !run.is_empty() {
+                        img.write_vectored_at(&run, run_start)?;
                     }
                 }
                 (

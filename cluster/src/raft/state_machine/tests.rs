@@ -366,6 +366,74 @@ async fn coalesced_writes_apply_in_order_each_with_its_own_checks() {
     assert_eq!(image_bytes(db.path()), expected);
 }
 
+/// Items written back to back go to the image as one vectored write: runs broken by gaps, by
+/// fenced or out-of-range items between them, and later items over earlier runs all end in the
+/// bytes of applying every item on its own, in order (checked against the model, also for
+/// random entries).
+#[tokio::test]
+async fn back_to_back_items_written_as_one_run_match_item_by_item() {
+    let d = TempDir::new().unwrap();
+    let (s1, s2) = (0x71, 0x72);
+    let entries = vec![
+        normal(1, Request::Fence { keys: vec![s2] }),
+        normal(
+            2,
+            Request::Writes(vec![
+                item(0, 1, 4096, s1),
+                item(4096, 2, 4096, s1),
+                // Fenced, back to back with the run: refused, the run goes on after it.
+                item(8192, 3, 4096, s2),
+                item(8192, 4, 512, s1),
+                // Beyond the end between two back-to-back items.
+                item(64 * KIB - 10, 5, 100, s1),
+                item(8704, 6, 3584, s1),
+                // A gap, then a new run; then an item over the first run (written after it).
+                item(20480, 7, 4096, s1),
+                item(24576, 8, 0, s1),
+                item(24576, 9, 1024, s1),
+                item(2048, 10, 4096, s1),
+                item(6144, 11, 100, s1),
+            ]),
+        ),
+    ];
+    let sm = GroupStateMachine::open_volume(d.path(), 64 * KIB).unwrap();
+    let responses = apply_sync(&sm, entries.clone()).unwrap();
+    assert_eq!(responses[1].items[2], WriteResult::Fenced);
+    assert!(matches!(responses[1].items[4], WriteResult::Refused(_)));
+    assert_eq!(image_bytes(d.path()), model(64 * KIB, &entries));
+
+    let mut rng = rand::rng();
+    for round in 0..40u8 {
+        use rand::Rng as _;
+        let d = TempDir::new().unwrap();
+        let mut at = 0u64;
+        let items: Vec<WriteItem> = (0..rng.random_range(1..24u8))
+            .map(|i| {
+                // Mostly back to back, sometimes a jump (backwards too) or an item past the end.
+                if rng.random_bool(0.25) {
+                    at = rng.random_range(0..72u64) * 1024;
+                }
+                let len = rng.random_range(0..5usize) * 1024 + rng.random_range(0..2usize) * 512;
+                let origin = if rng.random_bool(0.15) { s2 } else { s1 };
+                let w = item(at, round.wrapping_mul(31).wrapping_add(i + 1), len, origin);
+                at += len as u64;
+                w
+            })
+            .collect();
+        let entries = vec![
+            normal(1, Request::Fence { keys: vec![s2] }),
+            normal(2, Request::Writes(items)),
+        ];
+        let sm = GroupStateMachine::open_volume(d.path(), 64 * KIB).unwrap();
+        apply_sync(&sm, entries.clone()).unwrap();
+        assert_eq!(
+            image_bytes(d.path()),
+            model(64 * KIB, &entries),
+            "round {round}: {entries:?}"
+        );
+    }
+}
+
 #[test]
 fn coalesced_writes_up_to_the_inline_bound_are_cheap() {
     let dir = TempDir::new().unwrap();
